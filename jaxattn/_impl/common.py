@@ -1,0 +1,192 @@
+"""What every implementation shares: normalized arguments, masks built from
+positions, and the counter-based dropout hash.
+
+The public function validates and normalizes once; implementations receive an
+`AttentionInputs` (arrays) and an `AttentionConfig` (static, hashable) and
+never re-validate. Masks are computed from query and key *positions*, so the
+materialized implementation evaluates them on the full (T, S) grid and a
+blocked one on each (query block, key block) tile, with the same function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class AttentionInputs(NamedTuple):
+  """Normalized array arguments (4D layouts, B filled in).
+
+  query: (B, T, N, H); key, value: (B, S, K, H).
+  bias: None or 4D broadcastable to (B, N, T, S), each dim 1 or full.
+  mask: None or boolean, same rule as bias.
+  query_seq_lengths, key_value_seq_lengths: None or int32 (B,).
+  query_segment_ids: None or int32 (B, T); key_value_segment_ids: (B, S).
+  dropout_key: None or a raw uint32 key of shape (2,).
+  """
+  query: jax.Array
+  key: jax.Array
+  value: jax.Array
+  bias: jax.Array | None = None
+  mask: jax.Array | None = None
+  query_seq_lengths: jax.Array | None = None
+  key_value_seq_lengths: jax.Array | None = None
+  query_segment_ids: jax.Array | None = None
+  key_value_segment_ids: jax.Array | None = None
+  dropout_key: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Static options, hashable so they can be jit static arguments.
+
+  q_offset: position of query row 0 in key coordinates (0 for top-left causal
+    alignment, S - T for bottom-right); causal and window masks compare
+    `q_idx + q_offset` with `kv_idx`.
+  window: (left, right) or None; either side may be None for unbounded.
+  """
+  scale: float
+  is_causal: bool = False
+  q_offset: int = 0
+  window: tuple[int | None, int | None] | None = None
+  logits_soft_cap: float | None = None
+  dropout_rate: float = 0.0
+
+  @property
+  def has_structural_mask(self) -> bool:
+    return self.is_causal or self.window is not None
+
+
+def positional_mask(config: AttentionConfig, q_idx, kv_idx):
+  """Causal and window mask from absolute positions.
+
+  Args:
+    config: static options.
+    q_idx: int32 array of query row indices, broadcastable against kv_idx.
+    kv_idx: int32 array of key column indices.
+
+  Returns:
+    A boolean array of the broadcast shape, or None if neither applies.
+  """
+  pos = q_idx + config.q_offset
+  out = None
+
+  def conj(a, b):
+    return b if a is None else a & b
+
+  if config.is_causal:
+    out = conj(out, kv_idx <= pos)
+  if config.window is not None:
+    left, right = config.window
+    if left is not None:
+      out = conj(out, kv_idx >= pos - left)
+    if right is not None:
+      out = conj(out, kv_idx <= pos + right)
+  return out
+
+
+def tile_mask(inputs: AttentionInputs, config: AttentionConfig, q_idx, kv_idx,
+              mask_tile=None):
+  """The full boolean mask for a (query, key) tile, shape (B|1, N|1, tq, tk).
+
+  Args:
+    inputs: normalized inputs (lengths and segment ids are read from them).
+    config: static options.
+    q_idx: int32 (tq,) absolute query positions of the tile.
+    kv_idx: int32 (tk,) absolute key positions of the tile.
+    mask_tile: the user mask sliced to the tile (4D) or None.
+
+  Returns:
+    A boolean array broadcastable to (B, N, tq, tk), or None when nothing in
+    the problem masks anything.
+  """
+  out = mask_tile
+  qi = q_idx[:, None]
+  ki = kv_idx[None, :]
+
+  def conj(a, b):
+    return b if a is None else a & b
+
+  pm = positional_mask(config, qi, ki)
+  if pm is not None:
+    out = conj(out, pm[None, None])
+  if inputs.query_seq_lengths is not None:
+    out = conj(out, (qi[None] < inputs.query_seq_lengths[:, None, None])[:, None])
+  if inputs.key_value_seq_lengths is not None:
+    out = conj(out, (ki[None] < inputs.key_value_seq_lengths[:, None, None])[:, None])
+  if inputs.query_segment_ids is not None:
+    qs = jnp.take(inputs.query_segment_ids, q_idx, axis=1)
+    ks = jnp.take(inputs.key_value_segment_ids, kv_idx, axis=1)
+    out = conj(out, (qs[:, :, None] == ks[:, None, :])[:, None])
+  return out
+
+
+def soft_cap(logits, cap):
+  """`cap * tanh(logits / cap)` (Gemma 2); identity when cap is None."""
+  if cap is None:
+    return logits
+  return cap * jnp.tanh(logits / cap)
+
+
+# Dropout: a keep decision for element (b, n, i, j) depends only on the key and
+# those four indices, so any implementation, materialized or blocked, in any
+# order, draws the same mask. The hash is a few rounds of a 32-bit integer
+# mixer (the murmur3 finalizer) over the indices and the two key words.
+def _fmix32(h):
+  h = h ^ (h >> 16)
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * np.uint32(0xC2B2AE35)
+  h = h ^ (h >> 16)
+  return h
+
+
+def dropout_keep(key_data, rate: float, b_idx, n_idx, q_idx, kv_idx):
+  """Boolean keep mask for attention-probability dropout.
+
+  Args:
+    key_data: uint32 (2,) raw key.
+    rate: probability of dropping an element, in [0, 1).
+    b_idx, n_idx, q_idx, kv_idx: int32 index arrays that broadcast together.
+
+  Returns:
+    A boolean array of the broadcast shape; True keeps the element.
+  """
+  u = lambda a: jnp.asarray(a).astype(jnp.uint32)
+  h = _fmix32(u(key_data[0]) ^ _fmix32(u(b_idx) * np.uint32(0x9E3779B1) + u(n_idx)))
+  h = _fmix32(h ^ u(q_idx) * np.uint32(0x85EBCA77))
+  h = _fmix32(h ^ u(kv_idx) * np.uint32(0xC2B2AE3D) ^ u(key_data[1]))
+  threshold = np.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
+  return h >= threshold
+
+
+def dropout_keep_numpy(key_data, rate: float, b_idx, n_idx, q_idx, kv_idx):
+  """NumPy twin of `dropout_keep`, for the float64 reference."""
+  def fmix(h):
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+  with np.errstate(over="ignore"):
+    u = lambda a: np.asarray(a).astype(np.uint32)
+    k = np.asarray(key_data).astype(np.uint32)
+    h = fmix(k[0] ^ fmix(u(b_idx) * np.uint32(0x9E3779B1) + u(n_idx)))
+    h = fmix(h ^ u(q_idx) * np.uint32(0x85EBCA77))
+    h = fmix(h ^ u(kv_idx) * np.uint32(0xC2B2AE3D) ^ k[1])
+  threshold = np.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
+  return h >= threshold
+
+
+def dot_precision(dtype):
+  """bf16/f16 products accumulated in float32, as jax.nn does."""
+  if dtype == jnp.bfloat16:
+    return jax.lax.DotAlgorithmPreset.BF16_BF16_F32
+  if dtype == jnp.float16:
+    return jax.lax.DotAlgorithmPreset.F16_F16_F32
+  return None

@@ -1,0 +1,324 @@
+"""`dot_product_attention`: validation, normalization and dispatch.
+
+A drop-in superset of `jax.nn.dot_product_attention`. Everything is checked
+here, once, from static shapes and dtypes; the chosen implementation (see
+`jaxattn._impl`) receives normalized 4D arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattn import _impl
+from jaxattn._impl import common
+
+_FN = "dot_product_attention"
+
+# Below this many logits per (batch, head) the materialized path wins on CPU.
+_CHUNKED_MIN_LOGITS = 256 * 256
+
+
+def _fmt(shape) -> str:
+  return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def _err(arg: str, msg: str) -> ValueError:
+  return ValueError(f"{_FN}: {arg} {msg}")
+
+
+def _check_float(name, x):
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{_FN}: {name} must have a floating point dtype; got {x.dtype}.")
+
+
+def _broadcastable_4d(name: str, x, full: tuple[int, int, int, int], rank3: bool):
+  """Checks that x broadcasts to (B, N, T, S) dim by dim; returns it as 4D."""
+  letters = "(N, T, S)" if rank3 else "(B, N, T, S)"
+  shown = full[1:] if rank3 else full
+  if x.ndim < 2 or x.ndim > 4:
+    raise _err(name, f"must have rank 2 to 4 and broadcast to {letters} = "
+               f"{_fmt(shown)}; got shape {_fmt(x.shape)}.")
+  x4 = x.reshape((1,) * (4 - x.ndim) + x.shape)
+  for have, want in zip(x4.shape, full):
+    if have not in (1, want):
+      raise _err(name, f"must broadcast to {letters} = {_fmt(shown)} (each dim 1 "
+                 f"or full); got shape {_fmt(x.shape)}.")
+  return x4
+
+
+def _check_lengths(name, x, B, rank3):
+  if x is None:
+    return None
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{_FN}: {name} must have an integer dtype; got {x.dtype}.")
+  if x.shape != (B,):
+    want = "(B,) = " + _fmt((B,)) if not rank3 else "(1,) for the 3D (T, N, H) layout"
+    raise _err(name, f"must have shape {want}; got {_fmt(x.shape)}.")
+  return x.astype(jnp.int32)
+
+
+def _check_segments(name, x, B, L, letter, rank3):
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{_FN}: {name} must have an integer dtype; got {x.dtype}.")
+  want = (L,) if rank3 else (B, L)
+  if x.shape != want:
+    letters = f"({letter},)" if rank3 else f"(B, {letter})"
+    raise _err(name, f"must have shape {letters} = {_fmt(want)}; got {_fmt(x.shape)}.")
+  return x.reshape(B, L).astype(jnp.int32)
+
+
+def _check_window(w):
+  if w is None:
+    return None
+  if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
+    w = (int(w), int(w))
+  if not (isinstance(w, tuple) and len(w) == 2):
+    raise _err("local_window_size", f"must be an int or a (left, right) tuple of "
+               f"ints (None for unbounded); got {w!r}.")
+  for side in w:
+    if side is not None and (isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 0):
+      raise _err("local_window_size", f"sides must be non-negative ints or None; got {w!r}.")
+  return tuple(None if s is None else int(s) for s in w)
+
+
+def _dropout_words(dropout_key):
+  """Two uint32 words that seed the dropout hash, from a typed or raw key."""
+  k = jnp.asarray(dropout_key) if not isinstance(dropout_key, jax.Array) else dropout_key
+  if not jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key):
+    if k.dtype != jnp.uint32:
+      raise TypeError(f"{_FN}: dropout_key must be a key from jax.random.key or "
+                      f"jax.random.PRNGKey; got dtype {k.dtype}.")
+    k = jax.random.wrap_key_data(k)
+  if k.shape != ():
+    raise _err("dropout_key", f"must be a single key (shape ()); got key shape {_fmt(k.shape)}.")
+  return jax.random.bits(k, (2,), jnp.uint32)
+
+
+def normalize(query, key, value, bias=None, mask=None, *, scale=None,
+              is_causal=False, query_seq_lengths=None,
+              key_value_seq_lengths=None, local_window_size=None,
+              query_segment_ids=None, key_value_segment_ids=None,
+              logits_soft_cap=None, causal_alignment="top_left",
+              dropout_rate=0.0, dropout_key=None):
+  """Validates public arguments; returns (inputs, config, rank3)."""
+  query, key, value = (jnp.asarray(x) for x in (query, key, value))
+  if query.ndim not in (3, 4):
+    raise _err("query", f"must have shape (B, T, N, H) or (T, N, H); got rank "
+               f"{query.ndim} shape {_fmt(query.shape)}.")
+  rank3 = query.ndim == 3
+  shown = (lambda shape: shape[1:]) if rank3 else (lambda shape: shape)
+  for name, x in (("key", key), ("value", value)):
+    if x.ndim != query.ndim:
+      letters = "(S, K, H)" if rank3 else "(B, S, K, H)"
+      raise _err(name, f"must have shape {letters}, the rank of query "
+                 f"{_fmt(query.shape)}; got {_fmt(x.shape)}.")
+  if rank3:
+    query, key, value = query[None], key[None], value[None]
+  B, T, N, H = query.shape
+  _, S, K, _ = key.shape
+  if key.shape[0] != B or key.shape[3] != H:
+    letters = "(S, K, H)" if rank3 else "(B, S, K, H)"
+    raise _err("key", f"must have shape {letters} = {_fmt(shown((B, S, K, H)))} "
+               f"to match query {_fmt(shown(query.shape))}; got {_fmt(shown(key.shape))}.")
+  if value.shape != key.shape:
+    raise _err("value", f"must have the key's shape {_fmt(shown(key.shape))}; "
+               f"got {_fmt(shown(value.shape))}.")
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    _check_float(name, x)
+  if key.dtype != query.dtype or value.dtype != query.dtype:
+    raise TypeError(f"{_FN}: query, key and value must share one dtype; got "
+                    f"{query.dtype}, {key.dtype}, {value.dtype}.")
+  if K == 0 or N % K != 0:
+    raise _err("key", f"heads K={K} must divide the query heads N={N} (GQA/MQA); "
+               f"got query {_fmt(shown(query.shape))} and key {_fmt(shown(key.shape))}.")
+  for name, n in (("T", T), ("S", S), ("H", H), ("N", N)):
+    if n == 0:
+      raise _err("query" if name != "S" else "key", f"has a zero-sized {name} dimension.")
+
+  full = (B, N, T, S)
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    if not jnp.issubdtype(bias.dtype, jnp.floating):
+      raise TypeError(f"{_FN}: bias must have a floating point dtype (use mask= for "
+                      f"boolean masks); got {bias.dtype}.")
+    bias = _broadcastable_4d("bias", bias, full, rank3)
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+      raise TypeError(f"{_FN}: mask must be boolean (True = attend; pass additive "
+                      f"masks as bias=); got {mask.dtype}.")
+    mask = _broadcastable_4d("mask", mask, full, rank3)
+
+  query_seq_lengths = _check_lengths("query_seq_lengths", query_seq_lengths, B, rank3)
+  key_value_seq_lengths = _check_lengths("key_value_seq_lengths", key_value_seq_lengths, B, rank3)
+
+  if key_value_segment_ids is not None and query_segment_ids is None:
+    raise _err("query_segment_ids", "is required when key_value_segment_ids is given.")
+  if query_segment_ids is not None:
+    query_segment_ids = _check_segments("query_segment_ids", query_segment_ids, B, T, "T", rank3)
+    if key_value_segment_ids is None:
+      if S != T:
+        raise _err("key_value_segment_ids", f"is required when T != S (T={T}, S={S}).")
+      key_value_segment_ids = query_segment_ids
+    else:
+      key_value_segment_ids = _check_segments("key_value_segment_ids", key_value_segment_ids, B, S, "S", rank3)
+
+  window = _check_window(local_window_size)
+  if not isinstance(is_causal, (bool, np.bool_)):
+    raise TypeError(f"{_FN}: is_causal must be a Python bool; got {type(is_causal).__name__}.")
+  if causal_alignment not in ("top_left", "bottom_right"):
+    raise _err("causal_alignment", f"must be 'top_left' or 'bottom_right'; got {causal_alignment!r}.")
+  if scale is None:
+    scale = 1.0 / float(np.sqrt(H))
+  elif isinstance(scale, jax.core.Tracer):
+    raise TypeError(f"{_FN}: scale must be a static Python number; got a traced value.")
+  scale = float(scale)
+  if logits_soft_cap is not None:
+    logits_soft_cap = float(logits_soft_cap)
+    if not logits_soft_cap > 0:
+      raise _err("logits_soft_cap", f"must be positive; got {logits_soft_cap}.")
+  dropout_rate = float(dropout_rate)
+  if not 0.0 <= dropout_rate < 1.0:
+    raise _err("dropout_rate", f"must be in [0, 1); got {dropout_rate}.")
+  words = None
+  if dropout_rate > 0.0:
+    if dropout_key is None:
+      raise _err("dropout_key", f"is required when dropout_rate > 0 (got rate {dropout_rate}).")
+    words = _dropout_words(dropout_key)
+
+  inputs = common.AttentionInputs(
+      query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
+      query_segment_ids, key_value_segment_ids, words)
+  config = common.AttentionConfig(
+      scale=scale, is_causal=bool(is_causal),
+      q_offset=(S - T) if causal_alignment == "bottom_right" else 0,
+      window=window, logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate)
+  return inputs, config, rank3
+
+
+def choose_implementation(inputs: common.AttentionInputs,
+                          config: common.AttentionConfig) -> str:
+  """What `implementation=None` runs, from the backend and static shapes."""
+  del config
+  T, S = inputs.query.shape[1], inputs.key.shape[1]
+  if "chunked" in _impl.names() and T * S >= _CHUNKED_MIN_LOGITS:
+    return "chunked"
+  return "xla"
+
+
+@functools.partial(jax.jit, static_argnames=("name", "config", "options"))
+def _run(inputs, *, name, config, options):
+  return _impl.get(name)(inputs, config, **dict(options))
+
+
+def dot_product_attention(
+    query, key, value, bias=None, mask=None, *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size: int | tuple[int | None, int | None] | None = None,
+    implementation: str | None = None,
+    return_residual: bool = False,
+    query_segment_ids=None,
+    key_value_segment_ids=None,
+    logits_soft_cap: float | None = None,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    dropout_rate: float = 0.0,
+    dropout_key=None,
+    block_sizes: tuple[int, int] | None = None,
+):
+  r"""Scaled dot-product attention; a drop-in superset of jax.nn's.
+
+  .. math:: \mathrm{softmax}(\mathrm{cap}(s \cdot QK^T) + \mathrm{bias},
+     \text{where}=\mathrm{mask}) V
+
+  Shapes use B batch, T query length, S key length, N query heads, K key/value
+  heads (N % K == 0: GQA, MQA when K == 1; K/V are never copied per group), H
+  head dim.
+
+  Args:
+    query: (B, T, N, H) or (T, N, H).
+    key: (B, S, K, H) or (S, K, H), the query's dtype.
+    value: the key's shape and dtype.
+    bias: optional float array added to the logits, broadcastable dim by dim
+      to (B, N, T, S) (or (N, T, S)); differentiable.
+    mask: optional boolean array, True = attend, broadcastable like bias.
+    scale: logit scale, default 1/sqrt(H).
+    is_causal: mask keys after the query's position.
+    query_seq_lengths: int (B,); query rows at or past the length give 0.
+    key_value_seq_lengths: int (B,); keys at or past the length are masked.
+    local_window_size: `w` or `(left, right)`: query at position p sees keys
+      in [p - left, p + right]; a side may be None (unbounded).
+    implementation: None (choose per backend and shape), or a registered
+      name: see `jaxattn.implementations()`.
+    return_residual: also return the logsumexp of the masked logits, (B, T, N)
+      or (T, N), differentiable (-inf for a fully masked row).
+    query_segment_ids: int (B, T); a query attends only to keys with the same
+      id (packed documents).
+    key_value_segment_ids: int (B, S); defaults to query_segment_ids if T == S.
+    logits_soft_cap: `cap * tanh(logits / cap)` applied to the scaled logits,
+      before the bias (Gemma 2).
+    causal_alignment: "top_left" (jax.nn's: query i at key position i) or
+      "bottom_right" (query i at position S - T + i: decoding against a
+      cache). Applies to is_causal and local_window_size.
+    dropout_rate: probability of dropping an attention weight; kept weights
+      are scaled by 1 / (1 - rate). The logsumexp is unaffected.
+    dropout_key: a `jax.random.key`, required when dropout_rate > 0. The same
+      key draws the same mask in every implementation.
+    block_sizes: (query block, key block) for blocked implementations.
+
+  Returns:
+    The output, shaped like query in its dtype; with return_residual, the
+    tuple (output, logsumexp).
+
+  Raises:
+    ValueError: a shape or value does not fit (the message names the argument
+      and the expected shape); unknown implementation.
+    TypeError: a dtype does not fit.
+    NotImplementedError: the named implementation cannot serve this input.
+
+  Differences from jax.nn: a query row with no key to attend to gives 0 (jax.nn
+  gives the mean of V), its logsumexp is -inf, and the residual is
+  differentiable.
+
+  >>> import jax, jaxattn
+  >>> q = k = v = jax.random.normal(jax.random.key(0), (2, 5, 4, 8))
+  >>> jaxattn.dot_product_attention(q, k, v, is_causal=True).shape
+  (2, 5, 4, 8)
+  """
+  if implementation is not None and implementation not in _impl.names():
+    raise ValueError(f"{_FN}: implementation must be None or one of "
+                     f"{', '.join(map(repr, _impl.names()))}; got {implementation!r}.")
+  if block_sizes is not None:
+    if not (isinstance(block_sizes, tuple) and len(block_sizes) == 2 and
+            all(isinstance(b, int) and b > 0 for b in block_sizes)):
+      raise _err("block_sizes", f"must be a tuple of two positive ints; got {block_sizes!r}.")
+  inputs, config, rank3 = normalize(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      local_window_size=local_window_size, query_segment_ids=query_segment_ids,
+      key_value_segment_ids=key_value_segment_ids,
+      logits_soft_cap=logits_soft_cap, causal_alignment=causal_alignment,
+      dropout_rate=dropout_rate, dropout_key=dropout_key)
+  name = implementation or choose_implementation(inputs, config)
+  options = () if block_sizes is None or name == "xla" else (("block_sizes", block_sizes),)
+  out, lse = _run(inputs, name=name, config=config, options=options)
+  if rank3:
+    out, lse = out[0], lse[0]
+  if return_residual:
+    return out, lse.astype(out.dtype)
+  return out
+
+
+def implementations() -> tuple[str, ...]:
+  """Names accepted by `dot_product_attention(implementation=...)`."""
+  return _impl.names()

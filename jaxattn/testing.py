@@ -1,0 +1,239 @@
+"""Test helpers for jaxattn and for users' own attention tests.
+
+- `reference_attention`: NumPy float64 attention covering every argument of
+  `jaxattn.dot_product_attention`, written without JAX so it can judge it.
+- `reference_attention_vjp`: its analytic gradients (also float64 NumPy).
+- `assert_attention_close`: chex comparison with per-dtype tolerances.
+- `random_qkv`, `random_mask`, `random_lengths`, `random_segment_ids`: random
+  (never zero) inputs from an explicit key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattn import attention as _attention
+from jaxattn._impl import common
+
+# (atol, rtol) of an implementation in a given input dtype against float64.
+TOLERANCES = {
+    jnp.dtype(jnp.float64): (1e-10, 1e-10),
+    jnp.dtype(jnp.float32): (2e-5, 2e-5),
+    jnp.dtype(jnp.float16): (4e-3, 4e-3),
+    jnp.dtype(jnp.bfloat16): (3e-2, 3e-2),
+}
+
+
+def tolerance(dtype) -> tuple[float, float]:
+  """(atol, rtol) for results computed from inputs of `dtype`."""
+  return TOLERANCES[jnp.dtype(dtype)]
+
+
+def assert_attention_close(actual, expected, *, dtype=None, atol=None, rtol=None,
+                           scale_by_magnitude: bool = True):
+  """Asserts two attention results (arrays or pytrees) agree for `dtype`.
+
+  Args:
+    actual: result of the implementation under test.
+    expected: reference, e.g. from `reference_attention` (float64).
+    dtype: the input dtype whose tolerance applies (default: actual's dtype).
+    atol, rtol: override the per-dtype tolerance.
+    scale_by_magnitude: multiply atol by max(1, max |expected|), so large
+      outputs (e.g. gradients of sums) are judged relative to their size.
+  """
+  leaves = jax.tree_util.tree_leaves(actual)
+  dtype = jnp.dtype(dtype or leaves[0].dtype)
+  d_atol, d_rtol = tolerance(dtype)
+  atol = d_atol if atol is None else atol
+  rtol = d_rtol if rtol is None else rtol
+  chex.assert_trees_all_equal_shapes(actual, expected)
+  def check(a, e):
+    a = np.asarray(a).astype(np.float64)
+    e = np.asarray(e).astype(np.float64)
+    finite = np.isfinite(e)
+    np.testing.assert_array_equal(np.isfinite(a), finite, err_msg="non-finite entries differ")
+    np.testing.assert_array_equal(a[~finite], e[~finite], err_msg="infinite entries differ")
+    mag = max(1.0, float(np.max(np.abs(e[finite])))) if scale_by_magnitude and finite.any() else 1.0
+    np.testing.assert_allclose(a[finite], e[finite], atol=atol * mag, rtol=rtol)
+  jax.tree_util.tree_map(check, actual, expected)
+
+
+# ---------------------------------------------------------------------------
+# float64 reference
+
+
+def _np(x):
+  return None if x is None else np.asarray(x)
+
+
+def _reference_problem(query, key, value, bias, mask, kwargs):
+  """Normalizes arguments like the library, then builds dense float64 terms."""
+  inputs, config, rank3 = _attention.normalize(query, key, value, bias, mask, **kwargs)
+  q = _np(inputs.query).astype(np.float64)
+  k = _np(inputs.key).astype(np.float64)
+  v = _np(inputs.value).astype(np.float64)
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G = N // K
+  kk, vv = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
+  raw = np.einsum("btnh,bsnh->bnts", q, kk) * config.scale
+  s = raw if config.logits_soft_cap is None else (
+      config.logits_soft_cap * np.tanh(raw / config.logits_soft_cap))
+  if inputs.bias is not None:
+    s = s + _np(inputs.bias).astype(np.float64)
+  # The mask is rebuilt here from first principles, not with the library's code.
+  allowed = np.ones((B, N, T, S), bool)
+  if inputs.mask is not None:
+    allowed &= np.asarray(inputs.mask)
+  i = np.arange(T)[:, None] + config.q_offset
+  j = np.arange(S)[None, :]
+  if config.is_causal:
+    allowed &= j <= i
+  if config.window is not None:
+    left, right = config.window
+    if left is not None:
+      allowed &= j >= i - left
+    if right is not None:
+      allowed &= j <= i + right
+  if inputs.query_seq_lengths is not None:
+    ql = np.asarray(inputs.query_seq_lengths)
+    allowed &= (np.arange(T)[None, :] < ql[:, None])[:, None, :, None]
+  if inputs.key_value_seq_lengths is not None:
+    kl = np.asarray(inputs.key_value_seq_lengths)
+    allowed &= (np.arange(S)[None, :] < kl[:, None])[:, None, None, :]
+  if inputs.query_segment_ids is not None:
+    qs = np.asarray(inputs.query_segment_ids)
+    ks = np.asarray(inputs.key_value_segment_ids)
+    allowed &= (qs[:, :, None] == ks[:, None, :])[:, None]
+  allowed &= s > -np.inf
+  with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+    s_masked = np.where(allowed, s, -np.inf)
+    m = np.max(s_masked, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.where(allowed, np.exp(s_masked - m), 0.0)
+    z = e.sum(-1, keepdims=True)
+    p = e / np.where(z == 0, 1.0, z)
+    lse = (m + np.log(z))[..., 0]
+  keep_scale = np.ones_like(p)
+  if config.dropout_rate > 0:
+    b = np.arange(B)[:, None, None, None]
+    n = np.arange(N)[None, :, None, None]
+    keep = common.dropout_keep_numpy(np.asarray(inputs.dropout_key), config.dropout_rate,
+                                     b, n, np.arange(T)[None, None, :, None],
+                                     np.arange(S)[None, None, None, :])
+    keep_scale = keep / (1.0 - config.dropout_rate)
+  return dict(inputs=inputs, config=config, rank3=rank3, q=q, kk=kk, vv=vv,
+              raw=raw, p=p, pd=p * keep_scale, keep_scale=keep_scale,
+              lse=np.transpose(lse, (0, 2, 1)), G=G, K=K)
+
+
+def reference_attention(query, key, value, bias=None, mask=None, *,
+                        return_residual: bool = False, **kwargs):
+  """Attention in NumPy float64 with `dot_product_attention`'s arguments.
+
+  Args:
+    query, key, value, bias, mask: as for `jaxattn.dot_product_attention`.
+    return_residual: also return the logsumexp, (B, T, N) or (T, N).
+    **kwargs: any other keyword argument of `dot_product_attention`
+      (implementation and block_sizes are ignored).
+
+  Returns:
+    float64 NumPy output shaped like query (and the logsumexp).
+  """
+  kwargs.pop("implementation", None)
+  kwargs.pop("block_sizes", None)
+  r = _reference_problem(query, key, value, bias, mask, kwargs)
+  out = np.einsum("bnts,bsnh->btnh", r["pd"], r["vv"])
+  lse = r["lse"]
+  if r["rank3"]:
+    out, lse = out[0], lse[0]
+  return (out, lse) if return_residual else out
+
+
+def reference_attention_vjp(query, key, value, bias=None, mask=None, *,
+                            d_out, d_lse=None, **kwargs) -> dict[str, Any]:
+  """Analytic float64 gradients of `reference_attention`.
+
+  Args:
+    query, key, value, bias, mask, **kwargs: as for `reference_attention`.
+    d_out: cotangent of the output (query's shape).
+    d_lse: optional cotangent of the logsumexp residual ((B, T, N) or (T, N)).
+
+  Returns:
+    dict with "query", "key", "value" and, when bias is given, "bias"
+    gradients (float64, in the caller's shapes).
+  """
+  kwargs.pop("implementation", None)
+  kwargs.pop("block_sizes", None)
+  r = _reference_problem(query, key, value, bias, mask, kwargs)
+  rank3 = r["rank3"]
+  do = np.asarray(d_out, np.float64)
+  do = do[None] if rank3 else do
+  B, T, N, H = do.shape
+  K, G = r["K"], r["G"]
+  p, pd = r["p"], r["pd"]
+  dvv = np.einsum("bnts,btnh->bsnh", pd, do)
+  dp = np.einsum("btnh,bsnh->bnts", do, r["vv"]) * r["keep_scale"]
+  ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+  if d_lse is not None:
+    dl = np.asarray(d_lse, np.float64)
+    dl = dl[None] if rank3 else dl
+    ds = ds + p * np.transpose(dl, (0, 2, 1))[..., None]
+  grads = {}
+  if bias is not None:
+    b4 = r["inputs"].bias
+    axes = tuple(a for a in range(4) if b4.shape[a] == 1)
+    db = ds.sum(axis=axes, keepdims=True).reshape(np.shape(bias))
+    grads["bias"] = db
+  cap = r["config"].logits_soft_cap
+  if cap is not None:
+    ds = ds * (1.0 - np.tanh(r["raw"] / cap) ** 2)
+  scale = r["config"].scale
+  dq = scale * np.einsum("bnts,bsnh->btnh", ds, r["kk"])
+  dkk = scale * np.einsum("bnts,btnh->bsnh", ds, r["q"])
+  S = dkk.shape[1]
+  dk = dkk.reshape(B, S, K, G, H).sum(3)
+  dv = dvv.reshape(B, S, K, G, H).sum(3)
+  if rank3:
+    dq, dk, dv = dq[0], dk[0], dv[0]
+  grads.update(query=dq, key=dk, value=dv)
+  return grads
+
+
+# ---------------------------------------------------------------------------
+# random inputs
+
+
+def random_qkv(key, *, B=2, T=5, S=7, N=6, K=3, H=11, dtype=jnp.float32,
+               layout: str = "BTNH", scale: float = 1.0):
+  """Random normal query (B, T, N, H), key and value (B, S, K, H).
+
+  `layout="TNH"` drops B. Sizes default to distinct numbers so a swapped
+  axis fails loudly.
+  """
+  kq, kk, kv = jax.random.split(key, 3)
+  lead = () if layout == "TNH" else (B,)
+  def draw(k, shape):
+    return (scale * jax.random.normal(k, lead + shape, jnp.float32)).astype(dtype)
+  return draw(kq, (T, N, H)), draw(kk, (S, K, H)), draw(kv, (S, K, H))
+
+
+def random_mask(key, shape, p_keep: float = 0.7):
+  """Boolean mask of `shape`, True (attend) with probability p_keep."""
+  return jax.random.bernoulli(key, p_keep, shape)
+
+
+def random_lengths(key, B: int, max_length: int, min_length: int = 0):
+  """int32 (B,) lengths in [min_length, max_length]."""
+  return jax.random.randint(key, (B,), min_length, max_length + 1, jnp.int32)
+
+
+def random_segment_ids(key, B: int, L: int, num_segments: int = 3):
+  """int32 (B, L) ids of contiguous documents (sorted, as in packing)."""
+  cuts = jax.random.randint(key, (B, L), 0, L) < (num_segments - 1)
+  return jnp.cumsum(cuts, axis=1).astype(jnp.int32)
