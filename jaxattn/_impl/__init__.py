@@ -27,8 +27,9 @@ def names() -> tuple[str, ...]:
 
 
 def _register_builtins():
-  from jaxattn._impl import xla
+  from jaxattn._impl import chunked, xla
   register("xla", xla.xla_attention)
+  register("chunked", chunked.chunked_attention)
 
 
 _register_builtins()
