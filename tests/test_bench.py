@@ -1,0 +1,79 @@
+"""Smoke test of `python -m bench` and checks of its case specs.
+
+The benchmark itself runs in a subprocess from the repository root, as users
+run it, on one tiny case of the quick preset; tokamax is hidden from it so the
+"not installed" path runs even where the peers are installed.
+"""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ is a top-level folder of the repository, not installed
+
+from bench import specs  # noqa: E402
+
+HIDE_TOKAMAX = """
+import sys
+sys.modules["tokamax"] = None  # import tokamax now raises ImportError
+from bench.runner import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_quick_preset_writes_table_jsonl_and_plot(tmp_path):
+  cmd = [sys.executable, "-c", HIDE_TOKAMAX, "--quick", "--cases", "fwd-causal-T128",
+         "--impls", "jaxattn,jax.nn,tokamax,numpy", "--out", str(tmp_path)]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  table = (tmp_path / "results.md").read_text()
+  assert "| case | implementation | ms | vs jax.nn |" in table
+  assert "Not installed: tokamax" in table
+  assert table in proc.stdout
+
+  records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+  by_impl = {r["impl"]: r for r in records}
+  assert {"jax.nn", "tokamax", "numpy"} <= set(by_impl)
+  assert all(r["case"] == "fwd-causal-T128-B2-N4-K2-H32" for r in records)
+  assert by_impl["tokamax"]["status"].startswith("not installed")
+  for name, r in by_impl.items():
+    if name == "tokamax":
+      continue
+    assert r["status"] == "ok", r
+    assert r["time_s"] > 0 and r["gflops_effective"] < r["gflops"]
+    assert r["max_abs_err"] < 1e-4
+    assert {"platform", "cpu_count", "jax", "device_kind", "git_commit"} <= set(r["machine"])
+  for r in records:
+    if r["framework"] == "jax" and r["status"] == "ok":
+      assert r["lower_s"] > 0 and r["compile_s"] > 0 and r["temp_bytes"] > 0
+
+  if importlib.util.find_spec("matplotlib"):
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("mask", specs.MASKS)
+def test_attended_fraction_counts_the_dense_mask(mask):
+  case = specs.Case("fwd", mask, T=37, B=3, N=4, K=2, H=8, window=5, documents=3)
+  aux = {n: np.asarray(a) for n, a in specs.make_inputs(case).aux.items()}
+  dense = specs.dense_mask(case, aux, np)
+  expected = 1.0 if dense is None else np.broadcast_to(dense, (3, 1, 37, 37)).mean()
+  assert specs.attended_fraction(case, aux) == pytest.approx(expected)
+
+
+def test_case_names_filter_and_reject_bad_cases():
+  names = [c.name for c in specs.select("default")]
+  assert len(names) == len(set(names))
+  assert "fwd-causal-T8192" in names and "fwdbwd-causal-T4096" in names
+  assert [c.name for c in specs.select("default", "fwd-none-*")] == [
+      "fwd-none-T1024", "fwd-none-T4096"]
+  assert specs.select("default", "window,documents") == [
+      specs.Case("fwd", "window", 4096), specs.Case("fwd", "documents", 4096)]
+  with pytest.raises(ValueError, match="documents need T == S"):
+    specs.Case("fwd", "documents", 8, S=16)
