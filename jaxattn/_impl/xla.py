@@ -50,7 +50,8 @@ def xla_attention(inputs: common.AttentionInputs, config: common.AttentionConfig
     b = jnp.arange(B)[:, None, None, None, None]
     n = (jnp.arange(K)[:, None] * G + jnp.arange(G)[None, :])[None, :, :, None, None]
     keep = common.dropout_keep(inputs.dropout_key, config.dropout_rate, b, n,
-                               jnp.arange(T)[:, None], jnp.arange(S)[None, :])
+                               jnp.arange(T)[None, None, None, :, None],
+                               jnp.arange(S)[None, None, None, None, :])
     probs = jnp.where(keep, probs / (1.0 - config.dropout_rate), 0.0)
 
   out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v,

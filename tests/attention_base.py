@@ -1,0 +1,216 @@
+"""The shared test base: every implementation of dot_product_attention
+subclasses `AttentionTestBase` and must pass the same checks against the
+float64 reference (outputs and gradients) and against jax.nn.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+from jaxattn import testing
+
+B, T, S, N, K, H = 2, 5, 7, 6, 3, 11
+
+
+def option_grid(key, *, B=B, T=T, S=S, N=N):
+  """Named keyword sets covering every argument, on random (never zero) data."""
+  ks = jax.random.split(key, 8)
+  bias_full = jax.random.normal(ks[0], (B, N, T, S))
+  mask_full = testing.random_mask(ks[1], (B, N, T, S))
+  q_len = jnp.array([T, max(T // 2, 1)] + [T] * (B - 2), jnp.int32)[:B]
+  kv_len = jnp.array([max(S // 3, 1), S] + [S] * (B - 2), jnp.int32)[:B]
+  q_seg = testing.random_segment_ids(ks[2], B, T)
+  kv_seg = testing.random_segment_ids(ks[3], B, S)
+  return {
+      "plain": {},
+      "scale": dict(scale=0.37),
+      "causal": dict(is_causal=True),
+      "causal_bottom_right": dict(is_causal=True, causal_alignment="bottom_right"),
+      "window": dict(local_window_size=(2, 1)),
+      "window_int": dict(local_window_size=1),
+      "window_left_only_br": dict(local_window_size=(3, None), causal_alignment="bottom_right"),
+      "causal_window": dict(is_causal=True, local_window_size=(2, 0)),
+      "bias_full": dict(bias=bias_full),
+      "bias_bcast_heads": dict(bias=bias_full[:, :1]),
+      "bias_bcast_batch_q": dict(bias=bias_full[:1, :, :1]),
+      "mask_full": dict(mask=mask_full),
+      "mask_bcast": dict(mask=mask_full[:1, :1]),
+      "bias_and_mask": dict(bias=bias_full[:1], mask=mask_full[:, :1]),
+      "q_lengths": dict(query_seq_lengths=q_len),
+      "kv_lengths": dict(key_value_seq_lengths=kv_len),
+      "both_lengths_causal": dict(query_seq_lengths=q_len, key_value_seq_lengths=kv_len, is_causal=True),
+      "segments": dict(query_segment_ids=q_seg, key_value_segment_ids=kv_seg),
+      "soft_cap": dict(logits_soft_cap=1.5, bias=bias_full[:, :, :1, :]),
+      "dropout": dict(dropout_rate=0.25, dropout_key=ks[4]),
+      "dropout_causal_raw_key": dict(dropout_rate=0.5, dropout_key=jax.random.PRNGKey(3), is_causal=True),
+      "everything": dict(bias=bias_full[:, :1], mask=mask_full[:1], is_causal=True,
+                         causal_alignment="bottom_right", local_window_size=(4, 1),
+                         key_value_seq_lengths=kv_len, query_segment_ids=q_seg,
+                         key_value_segment_ids=kv_seg, logits_soft_cap=3.0, scale=0.2,
+                         dropout_rate=0.1, dropout_key=ks[5]),
+  }
+
+
+GRID_NAMES = list(option_grid(jax.random.key(0)))
+# jax.nn has these arguments; rows it masks completely are the only difference.
+JAX_NN_NAMES = ["plain", "scale", "causal", "window", "window_int", "causal_window", "bias_full",
+                "bias_bcast_heads", "bias_bcast_batch_q", "mask_full", "mask_bcast",
+                "bias_and_mask", "q_lengths", "kv_lengths", "both_lengths_causal"]
+
+
+def _split(kw):
+  kw = dict(kw)
+  return kw.pop("bias", None), kw.pop("mask", None), kw
+
+
+def random_cotangents(key, out, lse):
+  k1, k2 = jax.random.split(key)
+  do = jax.random.normal(k1, out.shape, jnp.float32).astype(out.dtype)
+  dl = jax.random.normal(k2, lse.shape, jnp.float32).astype(lse.dtype)
+  return do, jnp.where(jnp.isfinite(lse), dl, 0)
+
+
+class AttentionTestBase:
+  """Subclass and set `implementation` (and optionally `block_sizes`)."""
+
+  implementation: str = ""
+  block_sizes: tuple[int, int] | None = None
+
+  def attend(self, *args, **kw):
+    if self.block_sizes is not None:
+      kw.setdefault("block_sizes", self.block_sizes)
+    return jaxattn.dot_product_attention(*args, implementation=self.implementation, **kw)
+
+  def qkv(self, seed=0, dtype=jnp.float32, **sizes):
+    dims = dict(B=B, T=T, S=S, N=N, K=K, H=H)
+    dims.update(sizes)
+    return testing.random_qkv(jax.random.key(seed), dtype=dtype, **dims)
+
+  @pytest.mark.parametrize("name", GRID_NAMES)
+  def test_matches_float64_reference_values_and_gradients(self, name):
+    q, k, v = self.qkv()
+    bias, mask, kw = _split(option_grid(jax.random.key(1))[name])
+
+    def f(q, k, v, bias):
+      return self.attend(q, k, v, bias, mask, return_residual=True, **kw)
+
+    (out, lse), vjp = jax.vjp(f, q, k, v, bias)
+    ref_out, ref_lse = testing.reference_attention(q, k, v, bias, mask, return_residual=True, **kw)
+    testing.assert_attention_close(out, ref_out)
+    testing.assert_attention_close(lse, ref_lse)
+    chex.assert_tree_all_finite(out)
+    do, dl = random_cotangents(jax.random.key(2), out, lse)
+    grads = vjp((do, dl))
+    ref = testing.reference_attention_vjp(q, k, v, bias, mask, d_out=do, d_lse=dl, **kw)
+    testing.assert_attention_close(grads[:3], (ref["query"], ref["key"], ref["value"]))
+    if bias is not None:
+      testing.assert_attention_close(grads[3], ref["bias"])
+    chex.assert_tree_all_finite(grads[:3])
+
+  @pytest.mark.parametrize("name", JAX_NN_NAMES)
+  @pytest.mark.parametrize("layout", ["BTNH", "TNH"])
+  def test_matches_jax_nn(self, name, layout):
+    grid = option_grid(jax.random.key(1), B=1 if layout == "TNH" else B)
+    bias, mask, kw = _split(grid[name])
+    q, k, v = self.qkv(seed=3, layout=layout)
+    if layout == "TNH":
+      bias = None if bias is None else bias[0]
+      mask = None if mask is None else mask[0]
+    ours, ours_lse = self.attend(q, k, v, bias, mask, return_residual=True, **kw)
+    theirs, theirs_lse = jax.nn.dot_product_attention(q, k, v, bias, mask, return_residual=True, **kw)
+    # Rows with no key to attend to: ours 0 (lse -inf), jax.nn the mean of V.
+    live = np.isfinite(np.asarray(ours_lse))
+    np.testing.assert_allclose(np.asarray(ours)[live], np.asarray(theirs)[live], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours_lse)[live], np.asarray(theirs_lse)[live], atol=1e-5, rtol=1e-5)
+    assert np.all(np.asarray(ours)[~live] == 0)
+    # gradients of the output (jax.nn's residual is not differentiable)
+    w = jax.random.normal(jax.random.key(4), q.shape)
+    gours = jax.grad(lambda *a: jnp.sum(self.attend(*a, bias, mask, **kw) * w), (0, 1, 2))(q, k, v)
+    gtheirs = jax.grad(lambda *a: jnp.sum(jax.nn.dot_product_attention(*a, bias, mask, **kw) * w * live[..., None]), (0, 1, 2))(q, k, v)
+    chex.assert_trees_all_close(gours, gtheirs, atol=1e-5, rtol=1e-5)
+
+  @pytest.mark.parametrize("heads", [(6, 6), (6, 2), (6, 1)], ids=["MHA", "GQA", "MQA"])
+  def test_head_groupings(self, heads):
+    n, kh = heads
+    q, k, v = self.qkv(seed=5, N=n, K=kh)
+    out = self.attend(q, k, v, is_causal=True)
+    testing.assert_attention_close(out, testing.reference_attention(q, k, v, is_causal=True))
+
+  @pytest.mark.parametrize("sizes", [dict(T=1, S=9), dict(T=9, S=1), dict(T=1, S=1), dict(T=13, S=4)])
+  def test_odd_sizes_and_decoding(self, sizes):
+    q, k, v = self.qkv(seed=6, **sizes)
+    for kw in (dict(), dict(is_causal=True, causal_alignment="bottom_right")):
+      out, lse = self.attend(q, k, v, return_residual=True, **kw)
+      ref, ref_lse = testing.reference_attention(q, k, v, return_residual=True, **kw)
+      testing.assert_attention_close(out, ref)
+      testing.assert_attention_close(lse, ref_lse)
+
+  def test_fully_masked_rows_give_zero_and_finite_gradients(self):
+    q, k, v = self.qkv(seed=7)
+    mask = jnp.ones((B, N, T, S), bool).at[0, :, 1].set(False).at[1, 2].set(False)
+    bias = jnp.zeros((B, N, T, S)).at[1, 0, 3].set(-jnp.inf)
+    kv_len = jnp.array([0, S], jnp.int32)
+
+    def loss(q, k, v, bias):
+      out, lse = self.attend(q, k, v, bias, mask, key_value_seq_lengths=kv_len, return_residual=True)
+      return jnp.sum(out * out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
+
+    grads, (out, lse) = jax.grad(loss, (0, 1, 2, 3), has_aux=True)(q, k, v, bias)
+    assert np.all(np.asarray(out[0]) == 0) and np.all(np.asarray(lse[0]) == -np.inf)
+    assert np.all(np.asarray(out[1, :, 2]) == 0)      # head 2 masked in batch 1
+    assert np.all(np.asarray(out[1, 3, 0]) == 0)      # -inf bias row
+    chex.assert_tree_all_finite(grads)
+    ref = testing.reference_attention(q, k, v, bias, mask, key_value_seq_lengths=kv_len)
+    testing.assert_attention_close(out, ref)
+
+  @pytest.mark.parametrize("magnitude", [1e2, 1e4])
+  def test_large_logits(self, magnitude):
+    q, k, v = self.qkv(seed=8)
+    q = q * magnitude  # logits around +-magnitude^1 * |k|
+    out, lse = self.attend(q, k, v, is_causal=True, return_residual=True)
+    chex.assert_tree_all_finite((out, lse))
+    ref, ref_lse = testing.reference_attention(q, k, v, is_causal=True, return_residual=True)
+    # float32 logits of size ~magnitude carry rounding error ~1e-7 * magnitude * sqrt(H).
+    testing.assert_attention_close(out, ref, atol=1e-4)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-7 * magnitude * H)
+    g = jax.grad(lambda q: jnp.sum(self.attend(q, k, v, is_causal=True)))(q)
+    chex.assert_tree_all_finite(g)
+
+  @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+  def test_low_precision(self, dtype):
+    q, k, v = self.qkv(seed=9, dtype=dtype)
+    bias = (10.0 * jax.random.normal(jax.random.key(1), (1, N, T, S))).astype(dtype)
+    out, lse = self.attend(q, k, v, bias, is_causal=True, return_residual=True)
+    assert out.dtype == dtype and lse.dtype == dtype
+    ref, ref_lse = testing.reference_attention(q, k, v, bias, is_causal=True, return_residual=True)
+    testing.assert_attention_close(out, ref, dtype=dtype)
+    testing.assert_attention_close(lse, ref_lse, dtype=dtype)
+    g = jax.grad(lambda q: jnp.sum(self.attend(q, k, v, bias, is_causal=True).astype(jnp.float32)))(q)
+    assert g.dtype == dtype
+    chex.assert_tree_all_finite(g)
+
+  def test_jit_and_vmap(self):
+    q, k, v = self.qkv(seed=10)
+    ref = testing.reference_attention(q, k, v, is_causal=True)
+    f = jax.jit(lambda q, k, v: self.attend(q, k, v, is_causal=True))
+    testing.assert_attention_close(f(q, k, v), ref)
+    # vmap over the batch of the 3D layout equals the 4D call
+    per_example = jax.vmap(lambda q, k, v: self.attend(q, k, v, is_causal=True))(q, k, v)
+    testing.assert_attention_close(per_example, ref)
+
+  def test_no_retrace_on_repeated_shapes(self):
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(q, k, v):
+      return self.attend(q, k, v, is_causal=True)
+
+    for seed in range(3):
+      q2, k2, v2 = self.qkv(seed=20 + seed)
+      f(q2, k2, v2).block_until_ready()

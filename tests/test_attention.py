@@ -1,0 +1,70 @@
+"""Every implementation against the float64 reference and jax.nn."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+from jaxattn import testing
+
+from attention_base import AttentionTestBase, B, H, K, N, S, T
+
+
+class TestXla(AttentionTestBase):
+  implementation = "xla"
+
+  def test_forward_mode_autodiff(self):
+    q, k, v = self.qkv()
+    tangent = jax.random.normal(jax.random.key(1), q.shape)
+    f = lambda q: self.attend(q, k, v, is_causal=True)
+    _, jvp_out = jax.jvp(f, (q,), (tangent,))
+    eps = 1e-3
+    fd = (f(q + eps * tangent) - f(q - eps * tangent)) / (2 * eps)
+    np.testing.assert_allclose(jvp_out, fd, atol=2e-3)
+
+
+class TestChunkedSmallBlocks(AttentionTestBase):
+  """Blocks that do not divide T or S, so every path (pad, partial, full, skip) runs."""
+  implementation = "chunked"
+  block_sizes = (2, 3)
+
+
+class TestChunkedOneBlock(AttentionTestBase):
+  implementation = "chunked"
+  block_sizes = None
+
+
+def test_chunked_forward_mode_is_a_clear_error():
+  q, k, v = testing.random_qkv(jax.random.key(0))
+  f = lambda q: jaxattn.dot_product_attention(q, k, v, implementation="chunked")
+  with pytest.raises(TypeError, match="custom_vjp|forward-mode"):
+    jax.jvp(f, (q,), (q,))
+
+
+def test_bottom_right_alignment_is_decoding():
+  """The last T queries against S keys equal the last rows of full causal self-attention."""
+  q, k, v = testing.random_qkv(jax.random.key(1), T=7, S=7)
+  full = jaxattn.dot_product_attention(q, k, v, is_causal=True)
+  for impl in ("xla", "chunked"):
+    tail = jaxattn.dot_product_attention(q[:, 4:], k, v, is_causal=True,
+                                         causal_alignment="bottom_right", implementation=impl)
+    np.testing.assert_allclose(tail, full[:, 4:], atol=1e-6)
+
+
+def test_dropout_is_the_same_mask_in_every_implementation_and_varies_with_key():
+  q, k, v = testing.random_qkv(jax.random.key(2))
+  outs = {impl: jaxattn.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_key=jax.random.key(0),
+                                              implementation=impl, block_sizes=(2, 3) if impl == "chunked" else None)
+          for impl in ("xla", "chunked")}
+  np.testing.assert_allclose(outs["xla"], outs["chunked"], atol=1e-5)
+  other = jaxattn.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_key=jax.random.key(1))
+  assert np.abs(np.asarray(other - outs["xla"])).max() > 1e-2
+  # The keep rate is close to 1 - rate over many draws.
+  keep = jaxattn._impl.common.dropout_keep(jnp.array([1, 2], jnp.uint32), 0.3,
+                                           0, 0, jnp.arange(256)[:, None], jnp.arange(256)[None, :])
+  assert abs(float(keep.mean()) - 0.7) < 0.01
+
+
+def test_implementations_registry():
+  assert {"xla", "chunked"} <= set(jaxattn.implementations())
