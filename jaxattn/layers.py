@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxattn import attention as _attention
 from jaxattn import rope as _rope
-from jaxattn import softmax as _softmax
+from jaxattn.softmax import logsumexp as _logsumexp, softmax as _softmax
 
 
 class SelfAttentionParams(NamedTuple):
@@ -87,7 +87,7 @@ def self_attention(params: SelfAttentionParams, x, *, mask=None,
   where = jnp.ones((T, T), bool) if mask is None else mask
   if is_causal:
     where = where & jnp.tril(jnp.ones((T, T), bool))
-  weights = _softmax.softmax(scores, axis=-1, where=where)
+  weights = _softmax(scores, axis=-1, where=where)
   return weights @ v, weights
 
 
