@@ -1,18 +1,32 @@
 """jaxattn: attention for JAX, exact, stable and fast on every backend."""
 
 from jaxattn.attention import dot_product_attention, implementations
-from jaxattn.layers import SelfAttentionParams, init_self_attention, self_attention
+from jaxattn.layers import (
+    MultiHeadParams,
+    SelfAttentionParams,
+    init_multi_head_attention,
+    init_self_attention,
+    multi_head_attention,
+    self_attention,
+)
+from jaxattn.rope import RopeConfig, apply_rope, rope_frequencies
 from jaxattn.softmax import log_softmax, logsumexp, softmax
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MultiHeadParams",
+    "RopeConfig",
     "SelfAttentionParams",
+    "apply_rope",
     "dot_product_attention",
     "implementations",
+    "init_multi_head_attention",
     "init_self_attention",
     "log_softmax",
     "logsumexp",
+    "multi_head_attention",
+    "rope_frequencies",
     "self_attention",
     "softmax",
 ]

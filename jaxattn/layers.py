@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxattn import attention as _attention
 from jaxattn import rope as _rope
-from jaxattn.softmax import logsumexp as _logsumexp, softmax as _softmax
+from jaxattn.softmax import softmax as _softmax
 
 
 class SelfAttentionParams(NamedTuple):

@@ -428,47 +428,79 @@ def _to_row_layout(x, st: _Static, Tp):
   return x.reshape((B, K, Tp * st.G) + rest)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, inputs: common.AttentionInputs):
-  out, lse, _ = _flash_fwd_impl(st, inputs)
-  return out, lse
-
-
-def _flash_fwd_impl(st, inputs):
-  p = _prepare(inputs, st)
-  bm = block_map(inputs, st)
-  out_rows, lse_rows = _forward(p, bm, st)
-  out, lse = _finish(inputs, st, out_rows, lse_rows)
-  return out, lse, (out_rows, lse_rows)
-
-
-def _flash_fwd(st, inputs):
-  out, lse, (out_rows, lse_rows) = _flash_fwd_impl(st, inputs)
-  return (out, lse), (inputs, out_rows, lse_rows)
-
-
-def _flash_bwd(st, res, cts):
-  inputs, out_rows, lse_rows = res
-  d_out, d_lse = cts
-  p = _prepare(inputs, st)
-  bm = block_map(inputs, st)
-  Tp = out_rows.shape[2] // st.G
-  do_rows = _to_row_layout(d_out.astype(inputs.query.dtype), st, Tp)
-  dl_rows = None
-  if d_lse is not None and not isinstance(d_lse, jax.custom_derivatives.SymbolicZero):
-    dl_rows = _to_row_layout(d_lse.astype(jnp.float32), st, Tp)
-  dq, dk, dv, dbias = _backward(p, bm, st, out_rows, lse_rows, do_rows, dl_rows)
+def _static(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
   B, T, N, H = inputs.query.shape
+  S, K = inputs.key.shape[1], inputs.key.shape[2]
+  bq, bk = block_sizes or default_block_sizes(T, S)
+  return _Static(config=config, T=T, S=S, bq=min(bq, T), bk=min(bk, S), G=N // K)
+
+
+def forward(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
+            block_sizes: tuple[int, int] | None = None):
+  """The blocked forward without a VJP rule: (output (B, T, N, H), lse (B, T, N) f32).
+
+  For kernels built on this one (ring attention) that define their own VJP
+  with `backward`.
+  """
+  st = _static(inputs, config, block_sizes)
+  p = _prepare(inputs, st)
+  out_rows, lse_rows = _forward(p, block_map(inputs, st), st)
+  return _finish(inputs, st, out_rows, lse_rows)
+
+
+def backward(inputs: common.AttentionInputs, config: common.AttentionConfig, out, lse,
+             d_out, d_lse=None, *, block_sizes: tuple[int, int] | None = None):
+  """Gradients of `forward` given its output and logsumexp.
+
+  `out` and `lse` may be those of a larger problem that this one is a part of
+  (the same queries against more keys, as in ring attention): the
+  probabilities are recomputed as exp(logits - lse), so the returned dK, dV
+  are this part's exact share and dQ its additive contribution.
+
+  Args:
+    inputs, config: as for `forward`.
+    out: (B, T, N, H) attention output; lse: (B, T, N) float32 logsumexp.
+    d_out: cotangent of out; d_lse: optional cotangent of lse.
+    block_sizes: as for `forward`.
+
+  Returns:
+    (dq, dk, dv, dbias) in float32; dbias is None without a bias.
+  """
+  st = _static(inputs, config, block_sizes)
+  p = _prepare(inputs, st)
+  bm = block_map(inputs, st)
+  Tp = _blocks(st.T, st.bq) * st.bq
+  out_rows = _to_row_layout(out, st, Tp)
+  lse_rows = _to_row_layout(lse.astype(jnp.float32), st, Tp)
+  do_rows = _to_row_layout(d_out.astype(inputs.query.dtype), st, Tp)
+  dl_rows = None if d_lse is None else _to_row_layout(d_lse.astype(jnp.float32), st, Tp)
+  dq, dk, dv, dbias = _backward(p, bm, st, out_rows, lse_rows, do_rows, dl_rows)
   dq, _ = _finish(inputs, st, dq, lse_rows)
-  dk = dk.transpose(0, 2, 1, 3)[:, :st.S].astype(inputs.key.dtype)
-  dv = dv.transpose(0, 2, 1, 3)[:, :st.S].astype(inputs.value.dtype)
+  dk = dk.transpose(0, 2, 1, 3)[:, :st.S]
+  dv = dv.transpose(0, 2, 1, 3)[:, :st.S]
   if dbias is not None:
-    dbias = dbias[:, :, :inputs.bias.shape[2], :inputs.bias.shape[3]].astype(inputs.bias.dtype)
-  zero = lambda x: None
+    dbias = dbias[:, :, :inputs.bias.shape[2], :inputs.bias.shape[3]]
+  return dq, dk, dv, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(config, block_sizes, inputs: common.AttentionInputs):
+  return forward(inputs, config, block_sizes=block_sizes)
+
+
+def _flash_fwd(config, block_sizes, inputs):
+  out, lse = forward(inputs, config, block_sizes=block_sizes)
+  return (out, lse), (inputs, out, lse)
+
+
+def _flash_bwd(config, block_sizes, res, cts):
+  inputs, out, lse = res
+  d_out, d_lse = cts
+  dq, dk, dv, dbias = backward(inputs, config, out, lse, d_out, d_lse, block_sizes=block_sizes)
+  cast = lambda g, x: None if g is None else g.astype(x.dtype)
   return (common.AttentionInputs(
-      query=dq.astype(inputs.query.dtype), key=dk, value=dv, bias=dbias,
-      mask=zero(inputs.mask), query_seq_lengths=None, key_value_seq_lengths=None,
-      query_segment_ids=None, key_value_segment_ids=None, dropout_key=None),)
+      query=cast(dq, inputs.query), key=cast(dk, inputs.key), value=cast(dv, inputs.value),
+      bias=cast(dbias, inputs.bias)),)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -477,9 +509,4 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def chunked_attention(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
                       block_sizes: tuple[int, int] | None = None):
   """Returns (output (B, T, N, H) in query dtype, lse (B, T, N) float32)."""
-  B, T, N, H = inputs.query.shape
-  S, K = inputs.key.shape[1], inputs.key.shape[2]
-  bq, bk = block_sizes or default_block_sizes(T, S)
-  bq, bk = min(bq, T), min(bk, S)
-  st = _Static(config=config, T=T, S=S, bq=bq, bk=bk, G=N // K)
-  return _flash(st, inputs)
+  return _flash(config, block_sizes, inputs)
