@@ -127,9 +127,10 @@ def normalize(query, key, value, bias=None, mask=None, *, scale=None,
     letters = "(S, K, H)" if rank3 else "(B, S, K, H)"
     raise _err("key", f"must have shape {letters} = {_fmt(shown((B, S, K, H)))} "
                f"to match query {_fmt(shown(query.shape))}; got {_fmt(shown(key.shape))}.")
-  if value.shape != key.shape:
-    raise _err("value", f"must have the key's shape {_fmt(shown(key.shape))}; "
-               f"got {_fmt(shown(value.shape))}.")
+  if value.shape[:3] != key.shape[:3]:
+    letters = "(S, K, Hv)" if rank3 else "(B, S, K, Hv)"
+    raise _err("value", f"must have shape {letters} with the key's leading dims "
+               f"{_fmt(shown(key.shape[:3]))}; got {_fmt(shown(value.shape))}.")
   for name, x in (("query", query), ("key", key), ("value", value)):
     _check_float(name, x)
   if key.dtype != query.dtype or value.dtype != query.dtype:
@@ -247,7 +248,8 @@ def dot_product_attention(
   Args:
     query: (B, T, N, H) or (T, N, H).
     key: (B, S, K, H) or (S, K, H), the query's dtype.
-    value: the key's shape and dtype.
+    value: (B, S, K, Hv) or (S, K, Hv), the query's dtype; Hv may differ
+      from H (jax.nn requires Hv == H).
     bias: optional float array added to the logits, broadcastable dim by dim
       to (B, N, T, S) (or (N, T, S)); differentiable.
     mask: optional boolean array, True = attend, broadcastable like bias.
@@ -276,7 +278,7 @@ def dot_product_attention(
     block_sizes: (query block, key block) for blocked implementations.
 
   Returns:
-    The output, shaped like query in its dtype; with return_residual, the
+    The output, (B, T, N, Hv) or (T, N, Hv) in the query's dtype; with return_residual, the
     tuple (output, logsumexp).
 
   Raises:

@@ -197,8 +197,8 @@ def reference_attention_vjp(query, key, value, bias=None, mask=None, *,
   dq = scale * np.einsum("bnts,bsnh->btnh", ds, r["kk"])
   dkk = scale * np.einsum("bnts,btnh->bsnh", ds, r["q"])
   S = dkk.shape[1]
-  dk = dkk.reshape(B, S, K, G, H).sum(3)
-  dv = dvv.reshape(B, S, K, G, H).sum(3)
+  dk = dkk.reshape(B, S, K, G, dkk.shape[-1]).sum(3)
+  dv = dvv.reshape(B, S, K, G, dvv.shape[-1]).sum(3)
   if rank3:
     dq, dk, dv = dq[0], dk[0], dv[0]
   grads.update(query=dq, key=dk, value=dv)

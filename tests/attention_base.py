@@ -214,3 +214,14 @@ class AttentionTestBase:
     for seed in range(3):
       q2, k2, v2 = self.qkv(seed=20 + seed)
       f(q2, k2, v2).block_until_ready()
+
+  def test_value_head_dim_may_differ(self):
+    q, k, _ = self.qkv(seed=12)
+    v = jax.random.normal(jax.random.key(13), (B, S, K, 4))
+    f = lambda q, k, v: self.attend(q, k, v, is_causal=True)
+    out, vjp = jax.vjp(f, q, k, v)
+    assert out.shape == (B, T, N, 4)
+    testing.assert_attention_close(out, testing.reference_attention(q, k, v, is_causal=True))
+    do = jax.random.normal(jax.random.key(14), out.shape)
+    ref = testing.reference_attention_vjp(q, k, v, d_out=do, is_causal=True)
+    testing.assert_attention_close(vjp(do), (ref["query"], ref["key"], ref["value"]))

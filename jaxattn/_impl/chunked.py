@@ -269,6 +269,7 @@ def _row_slice(x, i, rows):
 
 def _forward(p: _Prepared, bm, st: _Static):
   B, K, R, H = p.q.shape
+  Hv = p.v.shape[-1]
   rows = st.bq * st.G
   nq = R // rows
   lo, hi = _ranges(bm > 0, axis=1)
@@ -304,7 +305,7 @@ def _forward(p: _Prepared, bm, st: _Static):
       ], acc_state)
 
     init = (jnp.full((B, K, rows), -jnp.inf, jnp.float32), jnp.zeros((B, K, rows), jnp.float32),
-            jnp.zeros((B, K, rows, H), jnp.float32))
+            jnp.zeros((B, K, rows, Hv), jnp.float32))
     m, l, acc = lax.fori_loop(lo[i], hi[i], body, init)
     o = acc / jnp.where(l == 0, 1.0, l)[..., None]
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)
@@ -313,7 +314,7 @@ def _forward(p: _Prepared, bm, st: _Static):
     lse = lax.dynamic_update_slice_in_dim(lse, lse_i, i * rows, axis=2)
     return out, lse
 
-  out = jnp.zeros((B, K, R, H), p.q.dtype)
+  out = jnp.zeros((B, K, R, Hv), p.q.dtype)
   lse = jnp.zeros((B, K, R), jnp.float32)
   return lax.fori_loop(0, nq, q_block, (out, lse))
 
@@ -376,8 +377,9 @@ def _backward(p: _Prepared, bm, st: _Static, out, lse, d_out, d_lse):
           lambda s: q_step(i, s, False),
       ], state)
 
-    zeros = jnp.zeros((B, K, st.bk, H), jnp.float32)
-    dk, dv, dq, dbias = lax.fori_loop(lo[j], hi[j], body, (zeros, zeros, dq, dbias))
+    dk0 = jnp.zeros((B, K, st.bk, H), jnp.float32)
+    dv0 = jnp.zeros((B, K, st.bk, p.v.shape[-1]), jnp.float32)
+    dk, dv, dq, dbias = lax.fori_loop(lo[j], hi[j], body, (dk0, dv0, dq, dbias))
     return (dq, dbias), (dk, dv)
 
   dq0 = jnp.zeros((B, K, R, H), jnp.float32)
@@ -387,7 +389,7 @@ def _backward(p: _Prepared, bm, st: _Static, out, lse, d_out, d_lse):
   (dq, dbias), (dk, dv) = lax.scan(lambda c_, j: kv_block(j, c_), (dq0, dbias0), jnp.arange(nk))
   # (nk, B, K, bk, H) -> (B, K, Sp, H)
   dk = dk.transpose(1, 2, 0, 3, 4).reshape(B, K, nk * st.bk, H)
-  dv = dv.transpose(1, 2, 0, 3, 4).reshape(B, K, nk * st.bk, H)
+  dv = dv.transpose(1, 2, 0, 3, 4).reshape(B, K, nk * st.bk, p.v.shape[-1])
   return dq, dk, dv, dbias
 
 
@@ -410,7 +412,8 @@ def _accumulate_bias(dbias, ds, st: _Static, i, j, K):
 
 def _finish(inputs, st: _Static, out_rows, lse_rows):
   """(B, K, Tp*G, H) rows -> (B, T, N, H); lse rows -> (B, T, N)."""
-  B, T, N, H = inputs.query.shape
+  B, T, N = inputs.query.shape[:3]
+  H = out_rows.shape[-1]
   K = N // st.G
   Tp = out_rows.shape[2] // st.G
   out = out_rows.reshape(B, K, Tp, st.G, H).transpose(0, 2, 1, 3, 4).reshape(B, Tp, N, H)[:, :T]

@@ -1,0 +1,109 @@
+"""The chunked implementation: O(T) memory, the block map, and dispatch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import jaxattn
+from jaxattn import testing
+from jaxattn._impl import chunked, common
+
+
+def _temp_bytes(fn, *args):
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def _shapes(T, H=64):
+  return [jax.ShapeDtypeStruct((1, T, 1, H), jnp.float32)] * 3
+
+
+def _fwd(q, k, v):
+  return jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation="chunked")
+
+
+def _grad(q, k, v):
+  return jax.grad(lambda q, k, v: jnp.sum(_fwd(q, k, v)), argnums=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize("fn,limit_mib", [(_fwd, 32), (_grad, 64)], ids=["forward", "gradient"])
+def test_memory_is_linear_in_sequence_length(fn, limit_mib):
+  small, large = _temp_bytes(fn, *_shapes(16384)), _temp_bytes(fn, *_shapes(32768))
+  assert large <= limit_mib * 2**20, large / 2**20
+  assert large <= 2.1 * small, (small, large)  # doubling T at most doubles it
+  dense = _temp_bytes(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+                      *_shapes(16384))
+  assert dense > 8 * small  # the materialized path is quadratic
+
+
+def _dense_allowed(inputs, config, T, S):
+  """The (T, S) mask of every query/key pair, or-ed over the batch and heads."""
+  m = common.tile_mask(inputs, config, jnp.arange(T), jnp.arange(S))
+  if m is None:
+    return None
+  return np.asarray(jnp.broadcast_to(m, m.shape[:2] + (T, S)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 40), S=st.integers(1, 40), bq=st.integers(1, 9), bk=st.integers(1, 9),
+       causal=st.booleans(), bottom_right=st.booleans(),
+       left=st.one_of(st.none(), st.integers(0, 12)), right=st.one_of(st.none(), st.integers(0, 12)),
+       use_lengths=st.booleans(), use_segments=st.booleans(), seed=st.integers(0, 1000))
+def test_block_map_is_sound_and_exact(T, S, bq, bk, causal, bottom_right, left, right,
+                                      use_lengths, use_segments, seed):
+  """Empty blocks have no allowed pair, full blocks no masked pair (so skipping is exact)."""
+  key = jax.random.key(seed)
+  B = 2
+  q, k, v = testing.random_qkv(key, B=B, T=T, S=S, N=1, K=1, H=2)
+  window = None if left is None and right is None else (left, right)
+  kw = dict(is_causal=causal, local_window_size=window,
+            causal_alignment="bottom_right" if bottom_right else "top_left")
+  if use_lengths:
+    kw["key_value_seq_lengths"] = testing.random_lengths(key, B, S)
+    kw["query_seq_lengths"] = testing.random_lengths(jax.random.fold_in(key, 1), B, T)
+  if use_segments:
+    kw["query_segment_ids"] = testing.random_segment_ids(key, B, T)
+    kw["key_value_segment_ids"] = testing.random_segment_ids(jax.random.fold_in(key, 2), B, S)
+  inputs, config, _ = jaxattn.attention.normalize(q, k, v, **kw)
+  st_ = chunked._Static(config=config, T=T, S=S, bq=min(bq, T), bk=min(bk, S), G=1)
+  bm = np.asarray(chunked.block_map(inputs, st_))
+  allowed = _dense_allowed(inputs, config, T, S)
+  if allowed is None:
+    allowed = np.ones((1, 1, T, S), bool)
+  for i in range(bm.shape[0]):
+    for j in range(bm.shape[1]):
+      tile = allowed[:, :, i * st_.bq:(i + 1) * st_.bq, j * st_.bk:(j + 1) * st_.bk]
+      if bm[i, j] == 0:
+        assert not tile.any(), (i, j)
+      if bm[i, j] == 2:
+        assert tile.all(), (i, j)
+      if not use_lengths and not use_segments and bm[i, j] == 1:
+        # Static masks are classified exactly: a partial block is really mixed
+        # (the last key block is partial when its padding needs masking).
+        assert (not tile.all() or (S % st_.bk and j == bm.shape[1] - 1)) and tile.any()
+
+
+def test_causal_block_skipping_does_about_half_the_work():
+  q, k, v = testing.random_qkv(jax.random.key(0), B=1, T=64, S=64, N=1, K=1, H=4)
+  inputs, config, _ = jaxattn.attention.normalize(q, k, v, is_causal=True)
+  bm = np.asarray(chunked.block_map(inputs, chunked._Static(config, 64, 64, 8, 8, 1)))
+  assert (bm == 0).sum() == 28 and (bm == 1).sum() == 8 and (bm == 2).sum() == 28
+
+
+@pytest.mark.parametrize("T,expected", [(16, "xla"), (1024, "chunked")])
+def test_dispatch_picks_chunked_on_cpu_for_all_but_tiny_shapes(T, expected):
+  q, k, v = testing.random_qkv(jax.random.key(0), B=1, T=T, S=T, N=2, K=2, H=8)
+  inputs, config, _ = jaxattn.attention.normalize(q, k, v, is_causal=True)
+  assert jaxattn.attention.choose_implementation(inputs, config) == expected
+  # ... and visible in the lowered program: the chunked path loops, the xla one does not.
+  text = jax.jit(lambda q, k, v: jaxattn.dot_product_attention(q, k, v, is_causal=True)).lower(q, k, v).as_text()
+  assert ("stablehlo.while" in text) == (expected == "chunked")
+
+
+def test_long_keys_and_single_query():
+  q, k, v = testing.random_qkv(jax.random.key(3), B=1, T=1, S=3000, N=4, K=2, H=8)
+  lens = jnp.array([2500], jnp.int32)
+  out = jaxattn.dot_product_attention(q, k, v, key_value_seq_lengths=lens, implementation="chunked",
+                                      block_sizes=(1, 256))
+  testing.assert_attention_close(out, testing.reference_attention(q, k, v, key_value_seq_lengths=lens))

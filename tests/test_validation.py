@@ -1,0 +1,88 @@
+"""Bad input: a clear ValueError or TypeError at trace time naming the argument and shapes."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxattn
+from jaxattn import testing
+
+B, T, S, N, K, H = 2, 5, 7, 6, 3, 11
+q, k, v = testing.random_qkv(jax.random.key(0), B=B, T=T, S=S, N=N, K=K, H=H)
+q3, k3, v3 = q[0], k[0], v[0]
+i32 = jnp.int32
+
+# (id, args, kwargs, error type, regex the message must match)
+BAD = [
+    ("query_rank", (q[0, 0], k, v), {}, ValueError,
+     r"query must have shape \(B, T, N, H\) or \(T, N, H\); got rank 2 shape \(6, 11\)"),
+    ("key_rank_mismatch", (q, k3, v), {}, ValueError,
+     r"key must have shape \(B, S, K, H\), the rank of query \(2, 5, 6, 11\); got \(7, 3, 11\)"),
+    ("batch_mismatch", (q, k[:1], v[:1]), {}, ValueError,
+     r"key must have shape \(B, S, K, H\) = \(2, 7, 3, 11\) to match query \(2, 5, 6, 11\); got \(1, 7, 3, 11\)"),
+    ("head_dim_mismatch", (q, jnp.ones((B, S, K, 12)), jnp.ones((B, S, K, 12))), {}, ValueError,
+     r"key must have shape \(B, S, K, H\) = \(2, 7, 3, 11\) .*got \(2, 7, 3, 12\)"),
+    ("value_shape", (q, k, v[:, :6]), {}, ValueError,
+     r"value must have shape \(B, S, K, Hv\) with the key's leading dims \(2, 7, 3\); got \(2, 6, 3, 11\)"),
+    ("heads_not_multiple", (q, jnp.ones((B, S, 4, H)), jnp.ones((B, S, 4, H))), {}, ValueError,
+     r"key heads K=4 must divide the query heads N=6"),
+    ("non_float_query", (q.astype(i32), k.astype(i32), v.astype(i32)), {}, TypeError,
+     r"query must have a floating point dtype; got int32"),
+    ("mixed_dtypes", (q, k.astype(jnp.bfloat16), v), {}, TypeError,
+     r"query, key and value must share one dtype; got float32, bfloat16, float32"),
+    ("bool_bias", (q, k, v, jnp.ones((B, N, T, S), bool)), {}, TypeError,
+     r"bias must have a floating point dtype \(use mask= for boolean masks\); got bool"),
+    ("bias_shape", (q, k, v, jnp.ones((B, N, T, 8))), {}, ValueError,
+     r"bias must broadcast to \(B, N, T, S\) = \(2, 6, 5, 7\) \(each dim 1 or full\); got shape \(2, 6, 5, 8\)"),
+    ("bias_rank", (q, k, v, jnp.ones((1, B, N, T, S))), {}, ValueError,
+     r"bias must have rank 2 to 4 and broadcast to \(B, N, T, S\) = \(2, 6, 5, 7\); got shape \(1, 2, 6, 5, 7\)"),
+    ("mask_not_bool", (q, k, v, None, jnp.ones((B, N, T, S))), {}, TypeError,
+     r"mask must be boolean \(True = attend; pass additive masks as bias=\); got float32"),
+    ("mask_shape", (q, k, v, None, jnp.ones((B, 4, T, S), bool)), {}, ValueError,
+     r"mask must broadcast to \(B, N, T, S\) = \(2, 6, 5, 7\) .*got shape \(2, 4, 5, 7\)"),
+    ("mask_shape_3d_layout", (q3, k3, v3, None, jnp.ones((N, T, 3), bool)), {}, ValueError,
+     r"mask must broadcast to \(N, T, S\) = \(6, 5, 7\) .*got shape \(6, 5, 3\)"),
+    ("negative_window", (q, k, v), dict(local_window_size=(-1, 2)), ValueError,
+     r"local_window_size sides must be non-negative ints or None; got \(-1, 2\)"),
+    ("window_type", (q, k, v), dict(local_window_size=2.5), ValueError,
+     r"local_window_size must be an int or a \(left, right\) tuple"),
+    ("unknown_implementation", (q, k, v), dict(implementation="flash"), ValueError,
+     r"implementation must be None or one of 'chunked', 'xla'.*; got 'flash'"),
+    ("lengths_shape", (q, k, v), dict(key_value_seq_lengths=jnp.array([3, 4, 5], i32)), ValueError,
+     r"key_value_seq_lengths must have shape \(B,\) = \(2\); got \(3\)"),
+    ("lengths_dtype", (q, k, v), dict(query_seq_lengths=jnp.array([3.0, 4.0])), TypeError,
+     r"query_seq_lengths must have an integer dtype; got float32"),
+    ("segment_shape", (q, k, v), dict(query_segment_ids=jnp.zeros((B, T + 1), i32),
+                                      key_value_segment_ids=jnp.zeros((B, S), i32)), ValueError,
+     r"query_segment_ids must have shape \(B, T\) = \(2, 5\); got \(2, 6\)"),
+    ("segment_missing_kv", (q, k, v), dict(query_segment_ids=jnp.zeros((B, T), i32)), ValueError,
+     r"key_value_segment_ids is required when T != S \(T=5, S=7\)"),
+    ("causal_alignment", (q, k, v), dict(is_causal=True, causal_alignment="bottom"), ValueError,
+     r"causal_alignment must be 'top_left' or 'bottom_right'; got 'bottom'"),
+    ("soft_cap", (q, k, v), dict(logits_soft_cap=-1.0), ValueError,
+     r"logits_soft_cap must be positive; got -1.0"),
+    ("dropout_rate", (q, k, v), dict(dropout_rate=1.0, dropout_key=jax.random.key(0)), ValueError,
+     r"dropout_rate must be in \[0, 1\); got 1.0"),
+    ("dropout_without_key", (q, k, v), dict(dropout_rate=0.1), ValueError,
+     r"dropout_key is required when dropout_rate > 0"),
+    ("block_sizes", (q, k, v), dict(block_sizes=(0, 4)), ValueError,
+     r"block_sizes must be a tuple of two positive ints; got \(0, 4\)"),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,error,message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_raises_clear_error(args, kwargs, error, message):
+  with pytest.raises(error, match=r"^dot_product_attention: " + message):
+    jaxattn.dot_product_attention(*args, **kwargs)
+
+
+def test_errors_are_raised_at_trace_time_under_jit():
+  f = jax.jit(lambda q, k, v: jaxattn.dot_product_attention(q, k, v[:, :6]))
+  with pytest.raises(ValueError, match="value must have shape"):
+    f.lower(q, k, v)
+
+
+def test_there_are_at_least_fifteen_kinds():
+  assert len({b[0] for b in BAD}) >= 15
