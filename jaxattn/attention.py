@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn import _impl
+from jaxattn import masks as _masks
+from jaxattn import scores as _scores
 from jaxattn._impl import common
 
 _FN = "dot_product_attention"
@@ -106,7 +108,7 @@ def normalize(query, key, value, bias=None, mask=None, *, scale=None,
               key_value_seq_lengths=None, local_window_size=None,
               query_segment_ids=None, key_value_segment_ids=None,
               logits_soft_cap=None, causal_alignment="top_left",
-              dropout_rate=0.0, dropout_key=None):
+              dropout_rate=0.0, dropout_key=None, mask_fn=None, score_fn=None):
   """Validates public arguments; returns (inputs, config, rank3)."""
   query, key, value = (jnp.asarray(x) for x in (query, key, value))
   if query.ndim not in (3, 4):
@@ -194,9 +196,24 @@ def normalize(query, key, value, bias=None, mask=None, *, scale=None,
       raise _err("dropout_key", f"is required when dropout_rate > 0 (got rate {dropout_rate}).")
     words = _dropout_words(dropout_key)
 
+  if mask_fn is not None:
+    if not isinstance(mask_fn, _masks.Mask):
+      if not callable(mask_fn):
+        raise TypeError(f"{_FN}: mask_fn must be a jaxattn.masks.Mask or a function "
+                        f"(b, h, q_idx, kv_idx) -> bool; got {type(mask_fn).__name__}.")
+      mask_fn = _masks.from_function(mask_fn)
+    mask_fn.validate(_FN, B, N, T, S)
+  if score_fn is not None:
+    if not isinstance(score_fn, _scores.ScoreMod):
+      if not callable(score_fn):
+        raise TypeError(f"{_FN}: score_fn must be a jaxattn.scores.ScoreMod or a function "
+                        f"(score, b, h, q_idx, kv_idx) -> score; got {type(score_fn).__name__}.")
+      score_fn = _scores.from_function(score_fn)
+    score_fn.validate(_FN, B, N, T, S)
+
   inputs = common.AttentionInputs(
       query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
-      query_segment_ids, key_value_segment_ids, words)
+      query_segment_ids, key_value_segment_ids, words, mask_fn, score_fn)
   config = common.AttentionConfig(
       scale=scale, is_causal=bool(is_causal),
       q_offset=(S - T) if causal_alignment == "bottom_right" else 0,
@@ -234,6 +251,8 @@ def dot_product_attention(
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
     dropout_rate: float = 0.0,
     dropout_key=None,
+    mask_fn=None,
+    score_fn=None,
     block_sizes: tuple[int, int] | None = None,
 ):
   r"""Scaled dot-product attention; a drop-in superset of jax.nn's.
@@ -275,6 +294,13 @@ def dot_product_attention(
       are scaled by 1 / (1 - rate). The logsumexp is unaffected.
     dropout_key: a `jax.random.key`, required when dropout_rate > 0. The same
       key draws the same mask in every implementation.
+    mask_fn: a `jaxattn.masks.Mask` or a function (b, h, q_idx, kv_idx) ->
+      bool over broadcastable int32 index arrays (True = attend); combined
+      with every other mask argument. Blocked implementations skip the blocks
+      it leaves empty (see jaxattn.masks).
+    score_fn: a `jaxattn.scores.ScoreMod` or a function (score, b, h, q_idx,
+      kv_idx) -> score, applied to the scaled logits before the soft-cap and
+      the bias; arrays held by a ScoreMod get gradients.
     block_sizes: (query block, key block) for blocked implementations.
 
   Returns:
@@ -310,7 +336,7 @@ def dot_product_attention(
       local_window_size=local_window_size, query_segment_ids=query_segment_ids,
       key_value_segment_ids=key_value_segment_ids,
       logits_soft_cap=logits_soft_cap, causal_alignment=causal_alignment,
-      dropout_rate=dropout_rate, dropout_key=dropout_key)
+      dropout_rate=dropout_rate, dropout_key=dropout_key, mask_fn=mask_fn, score_fn=score_fn)
   name = implementation or choose_implementation(inputs, config)
   options = () if block_sizes is None or name == "xla" else (("block_sizes", block_sizes),)
   out, lse = _run(inputs, name=name, config=config, options=options)

@@ -38,11 +38,14 @@ def test_memory_is_linear_in_sequence_length(fn, limit_mib):
 
 
 def _dense_allowed(inputs, config, T, S):
-  """The (T, S) mask of every query/key pair, or-ed over the batch and heads."""
-  m = common.tile_mask(inputs, config, jnp.arange(T), jnp.arange(S))
+  """The (T, S) mask of every query/key pair per batch element (heads broadcast)."""
+  m = common.combined_mask(inputs, config)
   if m is None:
     return None
-  return np.asarray(jnp.broadcast_to(m, m.shape[:2] + (T, S)))
+  B = inputs.query.shape[0]
+  idx = (jnp.arange(B)[:, None, None, None], jnp.zeros((1, 1, 1, 1), jnp.int32),
+         jnp.arange(T)[None, None, :, None], jnp.arange(S)[None, None, None, :])
+  return np.asarray(jnp.broadcast_to(m(*idx), (B, 1, T, S)))
 
 
 @settings(max_examples=40, deadline=None)
@@ -89,6 +92,11 @@ def test_causal_block_skipping_does_about_half_the_work():
   inputs, config, _ = jaxattn.attention.normalize(q, k, v, is_causal=True)
   bm = np.asarray(chunked.block_map(inputs, chunked._Static(config, 64, 64, 8, 8, 1)))
   assert (bm == 0).sum() == 28 and (bm == 1).sum() == 8 and (bm == 2).sum() == 28
+  # (a sliding window of 16 keys: 2 partial + 1 full block per row at most)
+  inputs, config, _ = jaxattn.attention.normalize(q, k, v, is_causal=True, local_window_size=(16, 0))
+  bm = np.asarray(chunked.block_map(inputs, chunked._Static(config, 64, 64, 8, 8, 1)))
+  assert (bm > 0).sum(1).max() == 3
+  assert (bm == 2).sum() == 7 and (bm == 1).sum() == 14 and (bm == 0).sum() == 43
 
 
 @pytest.mark.parametrize("T,expected", [(16, "xla"), (1024, "chunked")])

@@ -17,13 +17,15 @@ rows of one matmul, so K and V are never repeated.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxattn import masks as _masks
+from jaxattn import scores as _scores
 from jaxattn._impl import common
 
 # Block sizes measured on 2-core x86 CPUs (bench/, float32, H=64): larger
@@ -56,101 +58,47 @@ def default_block_sizes(T: int, S: int, backend: str | None = None) -> tuple[int
 
 
 # ---------------------------------------------------------------------------
-# The block map.
+# Block classification.
 
 
-def _positional_block_map(st: _Static):
-  """Static (nq, nk) int8: 0 empty, 1 partial, 2 full, from causal/window/padding."""
-  nq, nk = _blocks(st.T, st.bq), _blocks(st.S, st.bk)
-  q0 = np.arange(nq) * st.bq
-  q1 = np.minimum(q0 + st.bq, st.T) - 1  # last real query of the block
-  k0 = np.arange(nk) * st.bk
-  k1 = np.minimum(k0 + st.bk, st.S) - 1
-  # Over a block, the allowed band [pos - left, pos + right] (pos = q + offset)
-  # is monotone in q, so corner checks decide empty and full exactly.
-  lo_first = np.full(nq, -np.inf)  # smallest allowed key for the first query
-  lo_last = np.full(nq, -np.inf)
-  hi_first = np.full(nq, np.inf)
-  hi_last = np.full(nq, np.inf)
-  c = st.config
-  pos0, pos1 = q0 + c.q_offset, q1 + c.q_offset
-  if c.is_causal:
-    hi_first, hi_last = np.minimum(hi_first, pos0), np.minimum(hi_last, pos1)
-  if c.window is not None:
-    left, right = c.window
-    if left is not None:
-      lo_first, lo_last = np.maximum(lo_first, pos0 - left), np.maximum(lo_last, pos1 - left)
-    if right is not None:
-      hi_first, hi_last = np.minimum(hi_first, pos0 + right), np.minimum(hi_last, pos1 + right)
-  # Empty: every query's band misses the key range [k0, k1].
-  empty = (hi_last[:, None] < k0[None, :]) | (lo_first[:, None] > k1[None, :])
-  empty |= lo_first[:, None] > hi_first[:, None]  # a degenerate band (not reachable with valid args)
-  full = (lo_last[:, None] <= k0[None, :]) & (hi_first[:, None] >= k1[None, :])
-  # Padded key columns (past S) must be masked, so the last block is partial.
-  if st.S % st.bk:
-    full[:, -1] = False
-  return np.where(empty, 0, np.where(full, 2, 1)).astype(np.int8)
+def _geometry(inputs: common.AttentionInputs, st: _Static) -> _masks.BlockGeometry:
+  B, _, N, _ = inputs.query.shape
+  return _masks.BlockGeometry(B=B, N=N, T=st.T, S=st.S, bq=st.bq, bk=st.bk)
 
 
-def _segment_minmax(ids, L, b, pad_value):
-  n = _blocks(L, b)
-  x = jnp.pad(ids, ((0, 0), (0, n * b - L)), constant_values=pad_value).reshape(ids.shape[0], n, b)
-  if L % b:  # padding must not widen the range
-    valid = (jnp.arange(n * b) < L).reshape(n, b)
-    big = jnp.iinfo(jnp.int32).max
-    return (jnp.min(jnp.where(valid, x, big), -1), jnp.max(jnp.where(valid, x, -big), -1))
-  return jnp.min(x, -1), jnp.max(x, -1)
+def _kinds(mask_fn, summary, dense_mask: bool, g: _masks.BlockGeometry, qb, kb):
+  """Block kinds for query blocks qb x key blocks kb: 0 empty, 1 partial, 2 full."""
+  shape = jnp.broadcast_shapes(jnp.shape(qb), jnp.shape(kb))
+  if mask_fn is None:
+    empty, full = jnp.zeros(shape, bool), jnp.ones(shape, bool)
+  else:
+    empty, full = mask_fn.classify(summary, g, qb, kb)
+  if dense_mask:
+    full = jnp.zeros(shape, bool)
+  if g.S % g.bk:  # padded key columns must be masked
+    full = full & (kb != g.nk - 1)
+  return jnp.where(empty, 0, jnp.where(full, 2, 1)).astype(jnp.int32)
 
 
 def block_map(inputs: common.AttentionInputs, st: _Static):
-  """(nq, nk) int8 block map: 0 empty (skipped), 1 partial (masked), 2 full.
+  """(nq, nk) int32 block map: 0 empty (skipped), 1 partial (masked), 2 full.
 
-  Static masks (causal, window) are decided analytically; lengths and segment
-  ids per block from their min/max over the batch, in O(B * blocks) memory.
-  A user mask makes every non-empty block partial.
+  The kernels never build this table: they classify one row (forward) or
+  column (backward) at a time inside their loops. It is for inspection.
   """
-  bm = _positional_block_map(st)
-  dynamic = (inputs.query_seq_lengths is not None or inputs.key_value_seq_lengths is not None
-             or inputs.query_segment_ids is not None)
-  if not dynamic:
-    if inputs.mask is not None:
-      bm = np.minimum(bm, 1)
-    return jnp.asarray(bm)
-  nq, nk = bm.shape
-  q0 = jnp.arange(nq) * st.bq
-  q1 = jnp.minimum(q0 + st.bq, st.T)
-  k0 = jnp.arange(nk) * st.bk
-  k1 = jnp.minimum(k0 + st.bk, st.S)
-  B = inputs.query.shape[0]
-  empty_b = jnp.zeros((B, nq, nk), bool)
-  full_b = jnp.ones((B, nq, nk), bool)
-  if inputs.query_seq_lengths is not None:
-    ql = inputs.query_seq_lengths[:, None, None]
-    empty_b |= q0[None, :, None] >= ql
-    full_b &= q1[None, :, None] <= ql
-  if inputs.key_value_seq_lengths is not None:
-    kl = inputs.key_value_seq_lengths[:, None, None]
-    empty_b |= k0[None, None, :] >= kl
-    full_b &= k1[None, None, :] <= kl
-  if inputs.query_segment_ids is not None:
-    qmin, qmax = _segment_minmax(inputs.query_segment_ids, st.T, st.bq, 0)
-    kmin, kmax = _segment_minmax(inputs.key_value_segment_ids, st.S, st.bk, 0)
-    empty_b |= (qmax[:, :, None] < kmin[:, None, :]) | (kmax[:, None, :] < qmin[:, :, None])
-    full_b &= ((qmin == qmax)[:, :, None] & (kmin == kmax)[:, None, :]
-               & (qmin[:, :, None] == kmin[:, None, :]))
-  bm = jnp.asarray(bm)
-  bm = jnp.where(jnp.all(empty_b, 0), 0, jnp.where(jnp.all(full_b, 0), bm, jnp.minimum(bm, 1)))
-  if inputs.mask is not None:
-    bm = jnp.minimum(bm, 1)
-  return bm.astype(jnp.int8)
+  g = _geometry(inputs, st)
+  mask_fn = common.combined_mask(inputs, st.config)
+  summary = None if mask_fn is None else mask_fn.summary(g)
+  return _kinds(mask_fn, summary, inputs.mask is not None, g,
+                jnp.arange(g.nq)[:, None], jnp.arange(g.nk)[None, :])
 
 
-def _ranges(needed, axis):
-  """First and one-past-last True index along `axis` (0, 0 where none)."""
-  n = needed.shape[axis]
-  any_ = jnp.any(needed, axis=axis)
-  first = jnp.argmax(needed, axis=axis)
-  last = n - jnp.argmax(jnp.flip(needed, axis=axis), axis=axis)
+def _ranges(needed):
+  """First and one-past-last True index of a 1D array (0, 0 where none)."""
+  n = needed.shape[0]
+  any_ = jnp.any(needed)
+  first = jnp.argmax(needed)
+  last = n - jnp.argmax(needed[::-1])
   return jnp.where(any_, first, 0), jnp.where(any_, last, 0)
 
 
@@ -190,9 +138,14 @@ def _to_rows(x, K, G, bq):
 class _Prepared(NamedTuple):
   q: jax.Array  # (B, K, Tp * G, H), rows ordered (t, g)
   k: jax.Array  # (B, K, Sp, H)
-  v: jax.Array
+  v: jax.Array  # (B, K, Sp, Hv)
   bias: jax.Array | None  # padded (B|1, N|1, Tp|1, Sp|1)
-  inputs: common.AttentionInputs  # mask padded like bias
+  mask: jax.Array | None  # the dense user mask, padded like bias
+  mask_fn: Any  # every other mask, as one jaxattn.masks.Mask (or None)
+  summary: Any  # mask_fn's per-block summary
+  score_fn: Any  # score modifiers incl. the soft-cap (or None)
+  dropout_key: jax.Array | None
+  geometry: _masks.BlockGeometry
 
 
 def _prepare(inputs: common.AttentionInputs, st: _Static) -> _Prepared:
@@ -209,39 +162,51 @@ def _prepare(inputs: common.AttentionInputs, st: _Static) -> _Prepared:
   mask = inputs.mask
   if mask is not None:
     mask = _pad_to(_pad_to(mask, 2, Tp), 3, Sp)
-  qseg, kseg = inputs.query_segment_ids, inputs.key_value_segment_ids
-  if qseg is not None:
-    qseg = jnp.pad(qseg, ((0, 0), (0, Tp - T)), constant_values=-1)
-    kseg = jnp.pad(kseg, ((0, 0), (0, Sp - st.S)), constant_values=-2)
-  return _Prepared(q, k, v, bias, inputs._replace(
-      mask=mask, query_segment_ids=qseg, key_value_segment_ids=kseg))
+  g = _geometry(inputs, st)
+  mask_fn = common.combined_mask(inputs, st.config)
+  summary = None if mask_fn is None else mask_fn.summary(g)
+  return _Prepared(q, k, v, bias, mask, mask_fn, summary,
+                   common.combined_score(inputs, st.config), inputs.dropout_key, g)
 
 
-def _logits(p: _Prepared, st: _Static, i, j, qi, kj, masked: bool):
-  """Float32 logits of tile (i, j), (B, K, bq*G, bk); masked entries -inf.
+def _tile_index(p: _Prepared, st: _Static, i, j):
+  """(b, h, q_idx, kv_idx) index arrays of tile (i, j) in the (B, K, rows, bk) layout."""
+  B, K = p.q.shape[:2]
+  r = jnp.arange(st.bq * st.G)
+  b = jnp.arange(B).reshape(B, 1, 1, 1)
+  if st.G == 1:
+    h = jnp.arange(K).reshape(1, K, 1, 1)
+  else:
+    h = (jnp.arange(K)[:, None] * st.G + (r % st.G)[None, :])[None, :, :, None]
+  q_idx = (i * st.bq + r // st.G)[None, None, :, None]
+  kv_idx = (j * st.bk + jnp.arange(st.bk))[None, None, None, :]
+  return b, h, q_idx, kv_idx
 
-  Returns (logits, raw scaled logits before the soft-cap, mask or None).
-  """
-  c = st.config
+
+def _raw_logits(st: _Static, qi, kj):
+  return jnp.einsum("bkrh,bkch->bkrc", qi, kj, precision=common.dot_precision(qi.dtype),
+                    preferred_element_type=jnp.float32) * jnp.float32(st.config.scale)
+
+
+def _post(p: _Prepared, st: _Static, i, j, raw, score_fn, masked: bool):
+  """Score modifiers, bias and (for partial blocks) the mask: raw -> logits."""
   K = p.k.shape[1]
-  raw = jnp.einsum("bkrh,bkch->bkrc", qi, kj, precision=common.dot_precision(qi.dtype),
-                   preferred_element_type=jnp.float32) * jnp.float32(c.scale)
-  s = common.soft_cap(raw, c.logits_soft_cap)
+  idx = _tile_index(p, st, i, j)
+  s = raw if score_fn is None else score_fn(raw, *idx)
   if p.bias is not None:
     s = s + _to_rows(_tile(p.bias, i * st.bq, st.bq, j * st.bk, st.bk), K, st.G, st.bq).astype(jnp.float32)
-  mask = None
   if masked:
-    q_idx = i * st.bq + jnp.arange(st.bq)
-    k_idx = j * st.bk + jnp.arange(st.bk)
-    user = None if p.inputs.mask is None else _tile(p.inputs.mask, i * st.bq, st.bq, j * st.bk, st.bk)
-    mask = common.tile_mask(p.inputs, c, q_idx, k_idx, user)
+    mask = None if p.mask_fn is None else p.mask_fn(*idx)
+    if p.mask is not None:
+      user = _tile(p.mask, i * st.bq, st.bq, j * st.bk, st.bk)
+      user = _to_rows(jnp.broadcast_to(user, user.shape[:2] + (st.bq, st.bk)), K, st.G, st.bq)
+      mask = user if mask is None else mask & user
     if st.S % st.bk:
-      pad_ok = (k_idx < st.S)[None, None, None, :]
+      pad_ok = idx[3] < st.S
       mask = pad_ok if mask is None else mask & pad_ok
-    if mask is not None:  # None: this branch is traced but no mask applies
-      mask = _to_rows(jnp.broadcast_to(mask, mask.shape[:2] + (st.bq, st.bk)), K, st.G, st.bq)
+    if mask is not None:  # None: this branch is traced but nothing masks
       s = jnp.where(mask, s, -jnp.inf)
-  return s, raw, mask
+  return s
 
 
 def _dropout_scale(p: _Prepared, st: _Static, i, j):
@@ -249,13 +214,8 @@ def _dropout_scale(p: _Prepared, st: _Static, i, j):
   c = st.config
   if c.dropout_rate == 0.0:
     return None
-  B, K = p.q.shape[0], p.q.shape[1]
-  r = jnp.arange(st.bq * st.G)
-  b = jnp.arange(B)[:, None, None, None]
-  n = (jnp.arange(K)[:, None] * st.G + (r % st.G)[None, :])[None, :, :, None]
-  q_idx = (i * st.bq + r // st.G)[None, None, :, None]
-  k_idx = (j * st.bk + jnp.arange(st.bk))[None, None, None, :]
-  keep = common.dropout_keep(p.inputs.dropout_key, c.dropout_rate, b, n, q_idx, k_idx)
+  b, h, q_idx, kv_idx = _tile_index(p, st, i, j)
+  keep = common.dropout_keep(p.dropout_key, c.dropout_rate, b, h, q_idx, kv_idx)
   return jnp.where(keep, jnp.float32(1.0 / (1.0 - c.dropout_rate)), jnp.float32(0.0))
 
 
@@ -267,23 +227,25 @@ def _row_slice(x, i, rows):
 # Forward.
 
 
-def _forward(p: _Prepared, bm, st: _Static):
+def _forward(p: _Prepared, st: _Static):
   B, K, R, H = p.q.shape
   Hv = p.v.shape[-1]
   rows = st.bq * st.G
   nq = R // rows
-  lo, hi = _ranges(bm > 0, axis=1)
+  g = p.geometry
   vdt = p.v.dtype
 
   def q_block(i, carry):
     out, lse = carry
     qi = _row_slice(p.q, i, rows)
+    kinds = _kinds(p.mask_fn, p.summary, p.mask is not None, g, i, jnp.arange(g.nk))
+    lo, hi = _ranges(kinds > 0)
 
     def kv_step(j, acc_state, masked):
       m, l, acc = acc_state
       kj = lax.dynamic_slice_in_dim(p.k, j * st.bk, st.bk, axis=2)
       vj = lax.dynamic_slice_in_dim(p.v, j * st.bk, st.bk, axis=2)
-      s, _, _ = _logits(p, st, i, j, qi, kj, masked)
+      s = _post(p, st, i, j, _raw_logits(st, qi, kj), p.score_fn, masked)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
       e = jnp.exp(s - m_safe[..., None])
@@ -297,8 +259,7 @@ def _forward(p: _Prepared, bm, st: _Static):
       return m_new, l, acc * alpha[..., None] + pv
 
     def body(j, acc_state):
-      kind = bm[i, j]
-      return lax.switch(jnp.clip(kind, 0, 2).astype(jnp.int32), [
+      return lax.switch(kinds[j], [
           lambda s: s,
           lambda s: kv_step(j, s, True),
           lambda s: kv_step(j, s, False),
@@ -306,7 +267,7 @@ def _forward(p: _Prepared, bm, st: _Static):
 
     init = (jnp.full((B, K, rows), -jnp.inf, jnp.float32), jnp.zeros((B, K, rows), jnp.float32),
             jnp.zeros((B, K, rows, Hv), jnp.float32))
-    m, l, acc = lax.fori_loop(lo[i], hi[i], body, init)
+    m, l, acc = lax.fori_loop(lo, hi, body, init)
     o = acc / jnp.where(l == 0, 1.0, l)[..., None]
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)
     lse_i = jnp.where(l == 0, -jnp.inf, m_safe + jnp.log(jnp.where(l == 0, 1.0, l)))
@@ -323,30 +284,52 @@ def _forward(p: _Prepared, bm, st: _Static):
 # Backward.
 
 
-def _backward(p: _Prepared, bm, st: _Static, out, lse, d_out, d_lse):
+def _split_float_leaves(tree):
+  """Leaves of `tree` that carry gradients (inexact dtypes) and a rebuild function."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  diff = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+
+  def rebuild(diff_leaves):
+    new = list(leaves)
+    for i, x in zip(diff, diff_leaves):
+      new[i] = x
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+  return [leaves[i] for i in diff], rebuild
+
+
+def _backward(p: _Prepared, st: _Static, out, lse, d_out, d_lse):
   B, K, R, H = p.q.shape
+  Hv = p.v.shape[-1]
   rows = st.bq * st.G
   nk = p.k.shape[2] // st.bk
-  lo, hi = _ranges(bm > 0, axis=0)
+  g = p.geometry
   # dS = P * (dP - D) with D = rowsum(dO * O) - dlse (the lse cotangent adds P * dlse).
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   if d_lse is not None:
     delta = delta - d_lse
   lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-  c = st.config
   dt = p.q.dtype
   prec = common.dot_precision(dt)
+  score_leaves, rebuild_score = _split_float_leaves(p.score_fn)
 
   def kv_block(j, carry):
-    dq, dbias = carry
+    dq, dbias, dscore = carry
     kj = lax.dynamic_slice_in_dim(p.k, j * st.bk, st.bk, axis=2)
     vj = lax.dynamic_slice_in_dim(p.v, j * st.bk, st.bk, axis=2)
+    kinds = _kinds(p.mask_fn, p.summary, p.mask is not None, g, jnp.arange(g.nq), j)
+    lo, hi = _ranges(kinds > 0)
 
     def q_step(i, state, masked):
-      dk, dv, dq, dbias = state
+      dk, dv, dq, dbias, dscore = state
       qi = _row_slice(p.q, i, rows)
       doi = _row_slice(d_out, i, rows)
-      s, raw, _ = _logits(p, st, i, j, qi, kj, masked)
+      raw = _raw_logits(st, qi, kj)
+      post = lambda raw, leaves: _post(p, st, i, j, raw, rebuild_score(leaves), masked)
+      if p.score_fn is not None:
+        s, pull = jax.vjp(post, raw, score_leaves)
+      else:
+        s = post(raw, score_leaves)
       prob = jnp.exp(s - _row_slice(lse_safe, i, rows)[..., None])
       drop = _dropout_scale(p, st, i, j)
       pd = prob if drop is None else prob * drop
@@ -359,38 +342,54 @@ def _backward(p: _Prepared, bm, st: _Static, out, lse, d_out, d_lse):
       ds = prob * (dp - _row_slice(delta, i, rows)[..., None])
       if dbias is not None:
         dbias = _accumulate_bias(dbias, ds, st, i, j, K)
-      if c.logits_soft_cap is not None:
-        t = jnp.tanh(raw / c.logits_soft_cap)
-        ds = ds * (1.0 - t * t)
-      ds = ds * jnp.float32(c.scale)
+      if p.score_fn is not None:
+        ds, d_leaves = pull(ds)
+        dscore = [a + b for a, b in zip(dscore, d_leaves)]
+      ds = ds * jnp.float32(st.config.scale)
       dk = dk + jnp.einsum("bkrc,bkrh->bkch", ds.astype(dt), qi, precision=prec,
                            preferred_element_type=jnp.float32)
       dqi = jnp.einsum("bkrc,bkch->bkrh", ds.astype(dt), kj, precision=prec,
                        preferred_element_type=jnp.float32)
       dq = lax.dynamic_update_slice_in_dim(dq, _row_slice(dq, i, rows) + dqi, i * rows, axis=2)
-      return dk, dv, dq, dbias
+      return dk, dv, dq, dbias, dscore
 
     def body(i, state):
-      return lax.switch(jnp.clip(bm[i, j], 0, 2).astype(jnp.int32), [
+      return lax.switch(kinds[i], [
           lambda s: s,
           lambda s: q_step(i, s, True),
           lambda s: q_step(i, s, False),
       ], state)
 
     dk0 = jnp.zeros((B, K, st.bk, H), jnp.float32)
-    dv0 = jnp.zeros((B, K, st.bk, p.v.shape[-1]), jnp.float32)
-    dk, dv, dq, dbias = lax.fori_loop(lo[j], hi[j], body, (dk0, dv0, dq, dbias))
-    return (dq, dbias), (dk, dv)
+    dv0 = jnp.zeros((B, K, st.bk, Hv), jnp.float32)
+    dk, dv, dq, dbias, dscore = lax.fori_loop(lo, hi, body, (dk0, dv0, dq, dbias, dscore))
+    return (dq, dbias, dscore), (dk, dv)
 
   dq0 = jnp.zeros((B, K, R, H), jnp.float32)
   dbias0 = None if p.bias is None else jnp.zeros(p.bias.shape, jnp.float32)
+  dscore0 = [jnp.zeros_like(x) for x in score_leaves]
   # A scan over key blocks: each step emits its (dK, dV) block, so no
   # read-modify-write of a full dK/dV carry is needed.
-  (dq, dbias), (dk, dv) = lax.scan(lambda c_, j: kv_block(j, c_), (dq0, dbias0), jnp.arange(nk))
+  (dq, dbias, dscore), (dk, dv) = lax.scan(lambda c_, j: kv_block(j, c_), (dq0, dbias0, dscore0),
+                                           jnp.arange(nk))
   # (nk, B, K, bk, H) -> (B, K, Sp, H)
   dk = dk.transpose(1, 2, 0, 3, 4).reshape(B, K, nk * st.bk, H)
-  dv = dv.transpose(1, 2, 0, 3, 4).reshape(B, K, nk * st.bk, p.v.shape[-1])
-  return dq, dk, dv, dbias
+  dv = dv.transpose(1, 2, 0, 3, 4).reshape(B, K, nk * st.bk, Hv)
+  d_score_fn = None if p.score_fn is None else _score_cotangent(p.score_fn, dscore)
+  return dq, dk, dv, dbias, d_score_fn
+
+
+def _score_cotangent(score_fn, dscore):
+  """Cotangent pytree for score_fn: gradients on float leaves, zeros elsewhere."""
+  leaves, treedef = jax.tree_util.tree_flatten(score_fn)
+  it = iter(dscore)
+  out = []
+  for x in leaves:
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      out.append(next(it).astype(jnp.result_type(x)))
+    else:
+      out.append(np.zeros(jnp.shape(x), jax.dtypes.float0))
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _accumulate_bias(dbias, ds, st: _Static, i, j, K):
@@ -440,14 +439,13 @@ def _static(inputs: common.AttentionInputs, config: common.AttentionConfig, bloc
 
 def forward(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
             block_sizes: tuple[int, int] | None = None):
-  """The blocked forward without a VJP rule: (output (B, T, N, H), lse (B, T, N) f32).
+  """The blocked forward without a VJP rule: (output (B, T, N, Hv), lse (B, T, N) f32).
 
   For kernels built on this one (ring attention) that define their own VJP
   with `backward`.
   """
   st = _static(inputs, config, block_sizes)
-  p = _prepare(inputs, st)
-  out_rows, lse_rows = _forward(p, block_map(inputs, st), st)
+  out_rows, lse_rows = _forward(_prepare(inputs, st), st)
   return _finish(inputs, st, out_rows, lse_rows)
 
 
@@ -462,28 +460,28 @@ def backward(inputs: common.AttentionInputs, config: common.AttentionConfig, out
 
   Args:
     inputs, config: as for `forward`.
-    out: (B, T, N, H) attention output; lse: (B, T, N) float32 logsumexp.
+    out: (B, T, N, Hv) attention output; lse: (B, T, N) float32 logsumexp.
     d_out: cotangent of out; d_lse: optional cotangent of lse.
     block_sizes: as for `forward`.
 
   Returns:
-    (dq, dk, dv, dbias) in float32; dbias is None without a bias.
+    (dq, dk, dv, dbias, d_score_fn) in float32; dbias is None without a bias,
+    d_score_fn None without score modifiers.
   """
   st = _static(inputs, config, block_sizes)
   p = _prepare(inputs, st)
-  bm = block_map(inputs, st)
   Tp = _blocks(st.T, st.bq) * st.bq
   out_rows = _to_row_layout(out, st, Tp)
   lse_rows = _to_row_layout(lse.astype(jnp.float32), st, Tp)
   do_rows = _to_row_layout(d_out.astype(inputs.query.dtype), st, Tp)
   dl_rows = None if d_lse is None else _to_row_layout(d_lse.astype(jnp.float32), st, Tp)
-  dq, dk, dv, dbias = _backward(p, bm, st, out_rows, lse_rows, do_rows, dl_rows)
+  dq, dk, dv, dbias, dscore = _backward(p, st, out_rows, lse_rows, do_rows, dl_rows)
   dq, _ = _finish(inputs, st, dq, lse_rows)
   dk = dk.transpose(0, 2, 1, 3)[:, :st.S]
   dv = dv.transpose(0, 2, 1, 3)[:, :st.S]
   if dbias is not None:
     dbias = dbias[:, :, :inputs.bias.shape[2], :inputs.bias.shape[3]]
-  return dq, dk, dv, dbias
+  return dq, dk, dv, dbias, dscore
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -499,11 +497,16 @@ def _flash_fwd(config, block_sizes, inputs):
 def _flash_bwd(config, block_sizes, res, cts):
   inputs, out, lse = res
   d_out, d_lse = cts
-  dq, dk, dv, dbias = backward(inputs, config, out, lse, d_out, d_lse, block_sizes=block_sizes)
+  dq, dk, dv, dbias, dscore = backward(inputs, config, out, lse, d_out, d_lse,
+                                       block_sizes=block_sizes)
   cast = lambda g, x: None if g is None else g.astype(x.dtype)
+  # score_fn's inputs may include the caller's score_fn only; the soft-cap has no leaves.
+  d_user_score = None
+  if inputs.score_fn is not None:
+    d_user_score = dscore.mods[0] if isinstance(dscore, _scores.Chain) and config.logits_soft_cap is not None else dscore
   return (common.AttentionInputs(
       query=cast(dq, inputs.query), key=cast(dk, inputs.key), value=cast(dv, inputs.value),
-      bias=cast(dbias, inputs.bias)),)
+      bias=cast(dbias, inputs.bias), score_fn=d_user_score),)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -11,22 +11,27 @@ blocked one on each (query block, key block) tile, with the same function.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxattn import masks as _masks
+from jaxattn import scores as _scores
+
 
 class AttentionInputs(NamedTuple):
   """Normalized array arguments (4D layouts, B filled in).
 
-  query: (B, T, N, H); key, value: (B, S, K, H).
+  query: (B, T, N, H); key: (B, S, K, H); value: (B, S, K, Hv).
   bias: None or 4D broadcastable to (B, N, T, S), each dim 1 or full.
   mask: None or boolean, same rule as bias.
   query_seq_lengths, key_value_seq_lengths: None or int32 (B,).
   query_segment_ids: None or int32 (B, T); key_value_segment_ids: (B, S).
-  dropout_key: None or a raw uint32 key of shape (2,).
+  dropout_key: None or uint32 (2,) words seeding the dropout hash.
+  mask_fn: None or a `jaxattn.masks.Mask` from the caller.
+  score_fn: None or a `jaxattn.scores.ScoreMod` from the caller.
   """
   query: jax.Array
   key: jax.Array
@@ -38,6 +43,8 @@ class AttentionInputs(NamedTuple):
   query_segment_ids: jax.Array | None = None
   key_value_segment_ids: jax.Array | None = None
   dropout_key: jax.Array | None = None
+  mask_fn: Any = None
+  score_fn: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,80 +63,33 @@ class AttentionConfig:
   logits_soft_cap: float | None = None
   dropout_rate: float = 0.0
 
-  @property
-  def has_structural_mask(self) -> bool:
-    return self.is_causal or self.window is not None
 
+def combined_mask(inputs: AttentionInputs, config: AttentionConfig):
+  """Every mask argument as one `jaxattn.masks.Mask` (None if nothing masks).
 
-def positional_mask(config: AttentionConfig, q_idx, kv_idx):
-  """Causal and window mask from absolute positions.
-
-  Args:
-    config: static options.
-    q_idx: int32 array of query row indices, broadcastable against kv_idx.
-    kv_idx: int32 array of key column indices.
-
-  Returns:
-    A boolean array of the broadcast shape, or None if neither applies.
+  is_causal and local_window_size become one band, lengths a padding mask,
+  segment ids a documents mask, and the caller's mask_fn joins them. The dense
+  `mask` array is not included: implementations slice it per tile.
   """
-  pos = q_idx + config.q_offset
-  out = None
-
-  def conj(a, b):
-    return b if a is None else a & b
-
-  if config.is_causal:
-    out = conj(out, kv_idx <= pos)
-  if config.window is not None:
-    left, right = config.window
-    if left is not None:
-      out = conj(out, kv_idx >= pos - left)
-    if right is not None:
-      out = conj(out, kv_idx <= pos + right)
-  return out
-
-
-def tile_mask(inputs: AttentionInputs, config: AttentionConfig, q_idx, kv_idx,
-              mask_tile=None):
-  """The full boolean mask for a (query, key) tile, shape (B|1, N|1, tq, tk).
-
-  Args:
-    inputs: normalized inputs (lengths and segment ids are read from them).
-    config: static options.
-    q_idx: int32 (tq,) absolute query positions of the tile.
-    kv_idx: int32 (tk,) absolute key positions of the tile.
-    mask_tile: the user mask sliced to the tile (4D) or None.
-
-  Returns:
-    A boolean array broadcastable to (B, N, tq, tk), or None when nothing in
-    the problem masks anything.
-  """
-  out = mask_tile
-  qi = q_idx[:, None]
-  ki = kv_idx[None, :]
-
-  def conj(a, b):
-    return b if a is None else a & b
-
-  pm = positional_mask(config, qi, ki)
-  if pm is not None:
-    out = conj(out, pm[None, None])
-  if inputs.query_seq_lengths is not None:
-    out = conj(out, (qi[None] < inputs.query_seq_lengths[:, None, None])[:, None])
-  if inputs.key_value_seq_lengths is not None:
-    out = conj(out, (ki[None] < inputs.key_value_seq_lengths[:, None, None])[:, None])
+  band = None
+  if config.is_causal or config.window is not None:
+    left, right = config.window if config.window is not None else (None, None)
+    if config.is_causal:
+      right = 0 if right is None else min(right, 0)
+    band = _masks.Band(left, right, config.q_offset)
+  lengths = None
+  if inputs.query_seq_lengths is not None or inputs.key_value_seq_lengths is not None:
+    lengths = _masks.Lengths(inputs.query_seq_lengths, inputs.key_value_seq_lengths)
+  docs = None
   if inputs.query_segment_ids is not None:
-    qs = jnp.take(inputs.query_segment_ids, q_idx, axis=1)
-    ks = jnp.take(inputs.key_value_segment_ids, kv_idx, axis=1)
-    out = conj(out, (qs[:, :, None] == ks[:, None, :])[:, None])
-  return out
+    docs = _masks.Documents(inputs.query_segment_ids, inputs.key_value_segment_ids)
+  return _masks.all_of(band, lengths, docs, inputs.mask_fn)
 
 
-def soft_cap(logits, cap):
-  """`cap * tanh(logits / cap)` (Gemma 2); identity when cap is None."""
-  if cap is None:
-    return logits
-  return cap * jnp.tanh(logits / cap)
+def combined_score(inputs: AttentionInputs, config: AttentionConfig):
+  """The caller's score_fn, then the soft-cap, as one modifier (or None)."""
+  cap = None if config.logits_soft_cap is None else _scores.SoftCap(config.logits_soft_cap)
+  return _scores.chain(inputs.score_fn, cap)
 
 
 # Dropout: a keep decision for element (b, n, i, j) depends only on the key and

@@ -1,7 +1,7 @@
 """The materialized implementation: (T, S) logits, masked softmax, one matmul.
 
 It is the readable reference among the JAX implementations and the fastest
-for small problems. Memory is O(B N T S).
+for small problems. Memory is O(B N T S). Forward-mode autodiff works here.
 """
 
 from __future__ import annotations
@@ -9,14 +9,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxattn.softmax import logsumexp as _logsumexp, softmax as _softmax
 from jaxattn._impl import common
+from jaxattn.softmax import logsumexp as _logsumexp
 
 
 def _grouped(x, K, G):
   """(B|1, N|1, T|1, S|1) -> (B|1, K|1, G|1, T|1, S|1), no copy."""
-  if x is None:
-    return None
   b, n, t, s = x.shape
   if n == 1:
     return x[:, :, None]
@@ -24,7 +22,7 @@ def _grouped(x, K, G):
 
 
 def xla_attention(inputs: common.AttentionInputs, config: common.AttentionConfig):
-  """Returns (output (B, T, N, H) in query dtype, lse (B, T, N) float32)."""
+  """Returns (output (B, T, N, Hv) in query dtype, lse (B, T, N) float32)."""
   q, k, v = inputs.query, inputs.key, inputs.value
   B, T, N, H = q.shape
   _, S, K, Hv = v.shape
@@ -36,24 +34,33 @@ def xla_attention(inputs: common.AttentionInputs, config: common.AttentionConfig
                       precision=common.dot_precision(q.dtype),
                       preferred_element_type=jnp.float32).reshape(B, K, G, T, S)
   logits = logits * jnp.float32(config.scale)
-  logits = common.soft_cap(logits, config.logits_soft_cap)
+  # Index arrays in the (B, K, G, T, S) layout; the head index is k * G + g.
+  b = jnp.arange(B).reshape(B, 1, 1, 1, 1)
+  h = (jnp.arange(K)[:, None] * G + jnp.arange(G)[None, :]).reshape(1, K, G, 1, 1)
+  qi = jnp.arange(T).reshape(1, 1, 1, T, 1)
+  ki = jnp.arange(S).reshape(1, 1, 1, 1, S)
+  score_fn = common.combined_score(inputs, config)
+  if score_fn is not None:
+    logits = score_fn(logits, b, h, qi, ki)
   if inputs.bias is not None:
     logits = logits + _grouped(inputs.bias, K, G).astype(jnp.float32)
 
-  mask = common.tile_mask(inputs, config, jnp.arange(T), jnp.arange(S),
-                          inputs.mask)
+  mask_fn = common.combined_mask(inputs, config)
+  mask = None if mask_fn is None else mask_fn(b, h, qi, ki)
+  if inputs.mask is not None:
+    user = _grouped(inputs.mask, K, G)
+    mask = user if mask is None else mask & user
   if mask is not None:
-    mask = jnp.broadcast_to(_grouped(mask, K, G), logits.shape)
+    logits = jnp.where(mask, logits, -jnp.inf)
 
-  probs = _softmax(logits, axis=-1, where=mask)
-  lse = _logsumexp(logits, axis=-1, where=mask)
+  # One pass for the statistics; a row with nothing to attend has lse -inf and
+  # probabilities exp(-inf - 0) = 0.
+  lse = _logsumexp(logits, axis=-1)
+  lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  probs = jnp.exp(logits - lse_safe[..., None])
 
   if config.dropout_rate > 0.0:
-    b = jnp.arange(B)[:, None, None, None, None]
-    n = (jnp.arange(K)[:, None] * G + jnp.arange(G)[None, :])[None, :, :, None, None]
-    keep = common.dropout_keep(inputs.dropout_key, config.dropout_rate, b, n,
-                               jnp.arange(T)[None, None, None, :, None],
-                               jnp.arange(S)[None, None, None, None, :])
+    keep = common.dropout_keep(inputs.dropout_key, config.dropout_rate, b, h, qi, ki)
     probs = jnp.where(keep, probs / (1.0 - config.dropout_rate), 0.0)
 
   out = jnp.einsum("bkrs,bskh->bkrh", probs.astype(v.dtype).reshape(B, K, G * T, S), v,

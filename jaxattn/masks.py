@@ -1,0 +1,429 @@
+"""Masks as functions, with block classification for block-sparse kernels.
+
+A mask is a function `(b, h, q_idx, kv_idx) -> bool` (True = attend) over
+broadcastable int32 index arrays: batch, query head, query position, key
+position; the FlexAttention design (Dong et al. 2024, arXiv 2412.05496). Each
+mask also tells, for a (query block, key block) pair, whether the block is
+empty (nothing attends: the kernel skips it) or full (everything attends: the
+kernel skips the mask arithmetic). Built-ins answer analytically; masks
+holding arrays (lengths, segment ids) from per-block summaries in O(B x
+blocks) memory; user functions by evaluating the function block by block
+(O(blocks) memory), or from a `block_fn` the user supplies.
+
+Masks are pytrees (their arrays are leaves) so they pass through jit, vmap and
+custom VJPs, and compose with `&`, `|` and `~`.
+
+>>> import jaxattn.masks as jm
+>>> m = jm.causal() & jm.sliding_window(128) | jm.prefix_lm(16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+_BIG = 2**30  # stands for an unbounded window side in int32 arithmetic
+
+
+def _pytree(data=(), meta=()):
+  def wrap(cls):
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    return jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
+  return wrap
+
+
+class Mask:
+  """Base class: a boolean mask function with block classification."""
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    raise NotImplementedError
+
+  def summary(self, geometry: "BlockGeometry") -> Any:
+    """Per-call data the classification needs (computed once, outside loops)."""
+    return None
+
+  def classify(self, summary, geometry: "BlockGeometry", qb, kb):
+    """(empty, full) for query blocks `qb` and key blocks `kb` (broadcastable int arrays).
+
+    Must be sound: empty only if no (b, h, q, kv) pair in the block attends,
+    full only if every pair does. (False, False) is always allowed.
+    """
+    del summary, geometry
+    z = jnp.zeros(jnp.broadcast_shapes(jnp.shape(qb), jnp.shape(kb)), bool)
+    return z, z
+
+  def validate(self, fn: str, B: int, N: int, T: int, S: int) -> None:
+    """Raises ValueError if arrays held by the mask do not fit the problem."""
+
+  def __and__(self, other: "Mask") -> "Mask":
+    return And((self, _as_mask(other)))
+
+  def __or__(self, other: "Mask") -> "Mask":
+    return Or((self, _as_mask(other)))
+
+  def __invert__(self) -> "Mask":
+    return Not(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockGeometry:
+  """Static block layout of a problem: sizes and block sizes."""
+  B: int
+  N: int
+  T: int
+  S: int
+  bq: int
+  bk: int
+
+  @property
+  def nq(self) -> int:
+    return -(-self.T // self.bq)
+
+  @property
+  def nk(self) -> int:
+    return -(-self.S // self.bk)
+
+  def q_range(self, qb):
+    """First and last (inclusive) query position of blocks qb."""
+    return qb * self.bq, jnp.minimum(qb * self.bq + self.bq, self.T) - 1
+
+  def kv_range(self, kb):
+    return kb * self.bk, jnp.minimum(kb * self.bk + self.bk, self.S) - 1
+
+
+def _as_mask(m):
+  if isinstance(m, Mask):
+    return m
+  if callable(m):
+    return from_function(m)
+  raise TypeError(f"expected a jaxattn.masks.Mask or a function (b, h, q_idx, kv_idx) -> bool; got {type(m).__name__}")
+
+
+# ---------------------------------------------------------------------------
+# Positional masks (static, classified analytically).
+
+
+@_pytree(meta=("left", "right", "offset"))
+class Band(Mask):
+  """Query at position p = q_idx + offset sees keys in [p - left, p + right].
+
+  None on a side means unbounded. Causal is Band(None, 0); a sliding window
+  of w keys back is Band(w, 0).
+  """
+  left: int | None = None
+  right: int | None = 0
+  offset: int = 0
+
+  def _sides(self):
+    return (_BIG if self.left is None else self.left, _BIG if self.right is None else self.right)
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    del b, h
+    left, right = self._sides()
+    p = q_idx + self.offset
+    out = True
+    if self.left is not None:
+      out = kv_idx >= p - left
+    if self.right is not None:
+      out = out & (kv_idx <= p + right)
+    return jnp.asarray(out)
+
+  def classify(self, summary, g, qb, kb):
+    left, right = self._sides()
+    q0, q1 = g.q_range(qb)
+    k0, k1 = g.kv_range(kb)
+    p0, p1 = q0 + self.offset, q1 + self.offset
+    # The band moves monotonically with p, so its corners decide.
+    empty = (k0 > p1 + right) | (k1 < p0 - left)
+    full = (k0 >= p1 - left) & (k1 <= p0 + right)
+    return empty, full
+
+
+def causal(offset: int = 0) -> Mask:
+  """kv_idx <= q_idx + offset; offset S - T aligns bottom-right (decoding)."""
+  return Band(None, 0, offset)
+
+
+def sliding_window(left: int | None, right: int | None = 0, offset: int = 0) -> Mask:
+  """Keys within `left` before and `right` after the query position (Mistral: right=0)."""
+  return Band(left, right, offset)
+
+
+@_pytree(meta=("size", "offset"))
+class ChunkedLocal(Mask):
+  """Attend within fixed chunks: (q_idx + offset) // size == kv_idx // size (Llama 4)."""
+  size: int
+  offset: int = 0
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    return (q_idx + self.offset) // self.size == kv_idx // self.size
+
+  def classify(self, summary, g, qb, kb):
+    q0, q1 = g.q_range(qb)
+    k0, k1 = g.kv_range(kb)
+    c0, c1 = (q0 + self.offset) // self.size, (q1 + self.offset) // self.size
+    d0, d1 = k0 // self.size, k1 // self.size
+    return (c1 < d0) | (d1 < c0), (c0 == c1) & (d0 == d1) & (c0 == d0)
+
+
+def chunked_local(size: int, offset: int = 0) -> Mask:
+  return ChunkedLocal(size, offset)
+
+
+# ---------------------------------------------------------------------------
+# Masks holding arrays (per batch element), classified from per-block summaries.
+
+
+@_pytree(data=("q_lengths", "kv_lengths"))
+class Lengths(Mask):
+  """Padding: q_idx < q_lengths[b] and kv_idx < kv_lengths[b] (either may be None)."""
+  q_lengths: jax.Array | None = None
+  kv_lengths: jax.Array | None = None
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    out = True
+    if self.q_lengths is not None:
+      out = q_idx < self.q_lengths[b]
+    if self.kv_lengths is not None:
+      out = out & (kv_idx < self.kv_lengths[b])
+    return jnp.asarray(out)
+
+  def classify(self, summary, g, qb, kb):
+    shape = jnp.broadcast_shapes(jnp.shape(qb), jnp.shape(kb))
+    q0, q1 = (jnp.broadcast_to(x, shape)[None] for x in g.q_range(qb))
+    k0, k1 = (jnp.broadcast_to(x, shape)[None] for x in g.kv_range(kb))
+    empty_b = jnp.zeros((g.B,) + shape, bool)
+    full_b = jnp.ones((g.B,) + shape, bool)
+    expand = lambda x: x.reshape((-1,) + (1,) * len(shape))
+    if self.q_lengths is not None:
+      ql = expand(self.q_lengths)
+      empty_b, full_b = empty_b | (q0 >= ql), full_b & (q1 < ql)
+    if self.kv_lengths is not None:
+      kl = expand(self.kv_lengths)
+      empty_b, full_b = empty_b | (k0 >= kl), full_b & (k1 < kl)
+    return jnp.all(empty_b, 0), jnp.all(full_b, 0)
+
+  def validate(self, fn, B, N, T, S):
+    for name, x in (("q_lengths", self.q_lengths), ("kv_lengths", self.kv_lengths)):
+      if x is not None and jnp.shape(x) != (B,):
+        raise ValueError(f"{fn}: mask {name} must have shape (B,) = ({B},); got {jnp.shape(x)}.")
+
+
+def padding(q_lengths=None, kv_lengths=None) -> Mask:
+  """Queries and keys at or past their sequence's length are masked."""
+  as_i32 = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
+  return Lengths(as_i32(q_lengths), as_i32(kv_lengths))
+
+
+def prefix_lm(prefix_lengths, offset: int = 0) -> Mask:
+  """Bidirectional over the first keys, causal after (T5, PaliGemma).
+
+  Args:
+    prefix_lengths: a static int, or int (B,) per-sequence prefix lengths.
+    offset: causal alignment, as for `causal`.
+  """
+  if isinstance(prefix_lengths, int):
+    return Or((_KeyBelow(prefix_lengths), causal(offset)))
+  return Or((Lengths(None, jnp.asarray(prefix_lengths, jnp.int32)), causal(offset)))
+
+
+@_pytree(meta=("n",))
+class _KeyBelow(Mask):
+  """kv_idx < n for a static n."""
+  n: int
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    return kv_idx < self.n
+
+  def classify(self, summary, g, qb, kb):
+    k0, k1 = g.kv_range(kb)
+    shape = jnp.broadcast_shapes(jnp.shape(qb), jnp.shape(kb))
+    return jnp.broadcast_to(k0 >= self.n, shape), jnp.broadcast_to(k1 < self.n, shape)
+
+
+@_pytree(data=("q_segment_ids", "kv_segment_ids"))
+class Documents(Mask):
+  """Packed documents: attend where q_segment_ids[b, q] == kv_segment_ids[b, kv]."""
+  q_segment_ids: jax.Array
+  kv_segment_ids: jax.Array
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    return _gather(self.q_segment_ids, b, q_idx, -1) == _gather(self.kv_segment_ids, b, kv_idx, -2)
+
+  def summary(self, g):
+    return (_block_min_max(self.q_segment_ids, g.bq), _block_min_max(self.kv_segment_ids, g.bk))
+
+  def classify(self, summary, g, qb, kb):
+    (qmin, qmax), (kmin, kmax) = summary
+    take = lambda x, idx: jnp.take(x, idx, axis=1, mode="clip")  # (B, *idx.shape)
+    shape = jnp.broadcast_shapes(jnp.shape(qb), jnp.shape(kb))
+    qb, kb = jnp.broadcast_to(qb, shape), jnp.broadcast_to(kb, shape)
+    a0, a1, c0, c1 = take(qmin, qb), take(qmax, qb), take(kmin, kb), take(kmax, kb)
+    empty = jnp.all((a1 < c0) | (c1 < a0), 0)
+    full = jnp.all((a0 == a1) & (c0 == c1) & (a0 == c0), 0)
+    return empty, full
+
+  def validate(self, fn, B, N, T, S):
+    for name, x, L, letter in (("q_segment_ids", self.q_segment_ids, T, "T"),
+                               ("kv_segment_ids", self.kv_segment_ids, S, "S")):
+      if jnp.shape(x) != (B, L):
+        raise ValueError(f"{fn}: mask {name} must have shape (B, {letter}) = ({B}, {L}); got {jnp.shape(x)}.")
+
+
+def documents(q_segment_ids, kv_segment_ids=None) -> Mask:
+  """Packed documents from int segment ids (B, T) and (B, S) (default: the same ids)."""
+  q = jnp.asarray(q_segment_ids, jnp.int32)
+  return Documents(q, q if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32))
+
+
+def _gather(ids, b, idx, fill):
+  """ids[b, idx] for broadcastable index arrays; positions past the end give `fill`."""
+  L = ids.shape[1]
+  return jnp.where(idx < L, ids[b, jnp.clip(idx, 0, L - 1)], fill)
+
+
+def _block_min_max(ids, block):
+  B, L = ids.shape
+  n = -(-L // block)
+  pad = n * block - L
+  big = jnp.iinfo(jnp.int32).max
+  lo = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=big).reshape(B, n, block).min(-1)
+  hi = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=-big).reshape(B, n, block).max(-1)
+  return lo, hi
+
+
+# ---------------------------------------------------------------------------
+# User functions and combinators.
+
+
+@_pytree(meta=("fn", "block_fn"))
+class FunctionMask(Mask):
+  """A user mask function, optionally with a block classifier.
+
+  Without `block_fn`, blocks are classified by evaluating `fn` on each block
+  (a pass over the grid in O(blocks) memory; elementwise work only).
+  `block_fn(q_first, q_last, kv_first, kv_last) -> (empty, full)` gets the
+  inclusive position ranges of blocks and must be sound.
+  """
+  fn: Callable
+  block_fn: Callable | None = None
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    return jnp.asarray(self.fn(b, h, q_idx, kv_idx), bool)
+
+  def summary(self, g):
+    if self.block_fn is not None:
+      return None
+    return evaluate_blocks(self, g)
+
+  def classify(self, summary, g, qb, kb):
+    if self.block_fn is not None:
+      q0, q1 = g.q_range(qb)
+      k0, k1 = g.kv_range(kb)
+      empty, full = self.block_fn(q0, q1, k0, k1)
+      shape = jnp.broadcast_shapes(jnp.shape(qb), jnp.shape(kb))
+      return jnp.broadcast_to(empty, shape), jnp.broadcast_to(full, shape)
+    any_, all_ = summary
+    return ~any_[qb, kb], all_[qb, kb]
+
+
+def from_function(fn: Callable, block_fn: Callable | None = None) -> Mask:
+  """Wraps `fn(b, h, q_idx, kv_idx) -> bool` as a Mask (see FunctionMask)."""
+  return FunctionMask(fn, block_fn)
+
+
+def evaluate_blocks(mask: Mask, g: BlockGeometry):
+  """(any, all) of `mask` over each (query block, key block), (nq, nk) bool each.
+
+  Evaluates one query block at a time (memory O(bq x S), not O(T x S)).
+  """
+  b = jnp.arange(g.B)[:, None, None, None]
+  h = jnp.arange(g.N)[None, :, None, None]
+  kv = jnp.arange(g.nk * g.bk)[None, None, None, :]
+
+  def row(i):
+    q = (i * g.bq + jnp.arange(g.bq))[None, None, :, None]
+    m = jnp.broadcast_to(mask(b, h, q, kv), (g.B, g.N, g.bq, g.nk * g.bk))
+    valid = (q < g.T) & (kv < g.S)
+    m = m.reshape(g.B, g.N, g.bq, g.nk, g.bk)
+    v = jnp.broadcast_to(valid, (1, 1, g.bq, g.nk * g.bk)).reshape(1, 1, g.bq, g.nk, g.bk)
+    return jnp.any(m & v, (0, 1, 2, 4)), jnp.all(m | ~v, (0, 1, 2, 4))
+
+  return jax.lax.map(row, jnp.arange(g.nq))
+
+
+@_pytree(data=("masks",))
+class And(Mask):
+  masks: tuple
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    out = self.masks[0](b, h, q_idx, kv_idx)
+    for m in self.masks[1:]:
+      out = out & m(b, h, q_idx, kv_idx)
+    return out
+
+  def summary(self, g):
+    return tuple(m.summary(g) for m in self.masks)
+
+  def classify(self, summary, g, qb, kb):
+    parts = [m.classify(s, g, qb, kb) for m, s in zip(self.masks, summary)]
+    empty, full = parts[0]
+    for e, f in parts[1:]:
+      empty, full = empty | e, full & f
+    return empty, full
+
+  def validate(self, fn, B, N, T, S):
+    for m in self.masks:
+      m.validate(fn, B, N, T, S)
+
+
+@_pytree(data=("masks",))
+class Or(And):
+  def __call__(self, b, h, q_idx, kv_idx):
+    out = self.masks[0](b, h, q_idx, kv_idx)
+    for m in self.masks[1:]:
+      out = out | m(b, h, q_idx, kv_idx)
+    return out
+
+  def classify(self, summary, g, qb, kb):
+    parts = [m.classify(s, g, qb, kb) for m, s in zip(self.masks, summary)]
+    empty, full = parts[0]
+    for e, f in parts[1:]:
+      empty, full = empty & e, full | f
+    return empty, full
+
+
+@_pytree(data=("mask",))
+class Not(Mask):
+  mask: Mask
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    return ~self.mask(b, h, q_idx, kv_idx)
+
+  def summary(self, g):
+    return self.mask.summary(g)
+
+  def classify(self, summary, g, qb, kb):
+    empty, full = self.mask.classify(summary, g, qb, kb)
+    return full, empty
+
+  def validate(self, fn, B, N, T, S):
+    self.mask.validate(fn, B, N, T, S)
+
+
+def all_of(*masks: Mask | None) -> Mask | None:
+  """The conjunction of the given masks (None entries ignored; None if none)."""
+  ms = tuple(m for m in masks if m is not None)
+  if not ms:
+    return None
+  return ms[0] if len(ms) == 1 else And(ms)
+
+
+def block_map(mask: Mask, g: BlockGeometry):
+  """(nq, nk) int8: 0 empty, 1 partial, 2 full, for inspection and tests."""
+  s = mask.summary(g)
+  empty, full = mask.classify(s, g, jnp.arange(g.nq)[:, None], jnp.arange(g.nk)[None, :])
+  return jnp.where(empty, 0, jnp.where(full, 2, 1)).astype(jnp.int8)

@@ -1,0 +1,189 @@
+"""Score modifiers: functions `(score, b, h, q_idx, kv_idx) -> score`.
+
+Applied to the scaled logits before the bias and the mask, in every
+implementation. Modifiers are pytrees: arrays they hold (ALiBi slopes, a
+learned relative-position table) are leaves, so gradients flow to them
+through jit and through the chunked implementation's custom VJP.
+
+>>> import jax.numpy as jnp, jaxattn.scores as js
+>>> mod = js.alibi(js.alibi_slopes(8))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def _pytree(data=(), meta=()):
+  def wrap(cls):
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    return jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
+  return wrap
+
+
+class ScoreMod:
+  """Base class of score modifiers."""
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    raise NotImplementedError
+
+  def validate(self, fn: str, B: int, N: int, T: int, S: int) -> None:
+    """Raises ValueError if arrays held by the modifier do not fit the problem."""
+
+
+@_pytree(meta=("cap",))
+class SoftCap(ScoreMod):
+  """`cap * tanh(score / cap)` (Gemma 2)."""
+  cap: float
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    return self.cap * jnp.tanh(score / self.cap)
+
+
+def soft_cap(cap: float) -> ScoreMod:
+  return SoftCap(float(cap))
+
+
+@_pytree(data=("slopes",))
+class Alibi(ScoreMod):
+  """score + slopes[h] * (kv_idx - q_idx) (Press et al. 2022, arXiv 2108.12409)."""
+  slopes: jax.Array
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    return score + self.slopes[h] * (kv_idx - q_idx).astype(score.dtype)
+
+  def validate(self, fn, B, N, T, S):
+    if jnp.shape(self.slopes) != (N,):
+      raise ValueError(f"{fn}: alibi slopes must have shape (N,) = ({N},); got {jnp.shape(self.slopes)}.")
+
+
+def alibi_slopes(num_heads: int) -> jax.Array:
+  """The geometric slopes of the ALiBi paper, 2^(-8 i / n), with its rule for non powers of 2."""
+  def pow2(n):
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+  n = 2 ** math.floor(math.log2(num_heads))
+  slopes = pow2(n)
+  if n < num_heads:
+    slopes += pow2(2 * n)[0::2][: num_heads - n]
+  return jnp.asarray(slopes, jnp.float32)
+
+
+def alibi(slopes) -> ScoreMod:
+  return Alibi(jnp.asarray(slopes, jnp.float32))
+
+
+@_pytree(data=("table",), meta=("max_distance",))
+class RelativePositionBias(ScoreMod):
+  """score + table[h, clip(kv_idx - q_idx, -max_distance, max_distance) + max_distance]."""
+  table: jax.Array  # (N, 2 * max_distance + 1)
+  max_distance: int
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    rel = jnp.clip(kv_idx - q_idx, -self.max_distance, self.max_distance) + self.max_distance
+    return score + self.table[h, rel].astype(score.dtype)
+
+  def validate(self, fn, B, N, T, S):
+    want = (N, 2 * self.max_distance + 1)
+    if jnp.shape(self.table) != want:
+      raise ValueError(f"{fn}: relative position table must have shape (N, 2 * max_distance + 1) = {want}; got {jnp.shape(self.table)}.")
+
+
+def relative_position_bias(table, max_distance: int) -> ScoreMod:
+  return RelativePositionBias(jnp.asarray(table), int(max_distance))
+
+
+def t5_bucket(relative_position, *, bidirectional: bool = True, num_buckets: int = 32,
+              max_distance: int = 128):
+  """T5's bucket of `kv_idx - q_idx`: exact for small distances, logarithmic after."""
+  ret = 0
+  n = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret = (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  large = max_exact + (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+                       / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return ret + jnp.where(is_small, n, large)
+
+
+@_pytree(data=("table",), meta=("bidirectional", "num_buckets", "max_distance"))
+class T5RelativeBias(ScoreMod):
+  """score + table[h, t5_bucket(kv_idx - q_idx)] (Raffel et al. 2020)."""
+  table: jax.Array  # (N, num_buckets)
+  bidirectional: bool = True
+  num_buckets: int = 32
+  max_distance: int = 128
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    bucket = t5_bucket(kv_idx - q_idx, bidirectional=self.bidirectional,
+                       num_buckets=self.num_buckets, max_distance=self.max_distance)
+    return score + self.table[h, bucket].astype(score.dtype)
+
+  def validate(self, fn, B, N, T, S):
+    if jnp.shape(self.table) != (N, self.num_buckets):
+      raise ValueError(f"{fn}: T5 bias table must have shape (N, num_buckets) = ({N}, {self.num_buckets}); got {jnp.shape(self.table)}.")
+
+
+def t5_relative_bias(table, *, bidirectional=True, num_buckets=32, max_distance=128) -> ScoreMod:
+  return T5RelativeBias(jnp.asarray(table), bidirectional, num_buckets, max_distance)
+
+
+@_pytree(data=("params",), meta=("fn",))
+class FunctionScore(ScoreMod):
+  """`fn(params, score, b, h, q_idx, kv_idx)`; gradients flow to `params`."""
+  fn: Callable
+  params: Any = None
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    return self.fn(self.params, score, b, h, q_idx, kv_idx)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithoutParams:
+  """Adapts fn(score, b, h, q, kv) to the params-first signature; hashable by fn."""
+  fn: Callable
+
+  def __call__(self, params, *args):
+    del params
+    return self.fn(*args)
+
+
+def from_function(fn: Callable, params: Any = None) -> ScoreMod:
+  """Wraps a user modifier. With params, `fn(params, score, b, h, q, kv)`; without,
+  `fn(score, b, h, q, kv)` (arrays it closes over are constants: no gradient)."""
+  if params is None:
+    return FunctionScore(_WithoutParams(fn), None)
+  return FunctionScore(fn, params)
+
+
+@_pytree(data=("mods",))
+class Chain(ScoreMod):
+  """Applies modifiers left to right."""
+  mods: tuple
+
+  def __call__(self, score, b, h, q_idx, kv_idx):
+    for m in self.mods:
+      score = m(score, b, h, q_idx, kv_idx)
+    return score
+
+  def validate(self, fn, B, N, T, S):
+    for m in self.mods:
+      m.validate(fn, B, N, T, S)
+
+
+def chain(*mods: ScoreMod | None) -> ScoreMod | None:
+  ms = tuple(m for m in mods if m is not None)
+  if not ms:
+    return None
+  return ms[0] if len(ms) == 1 else Chain(ms)
