@@ -82,8 +82,21 @@ def _reference_problem(query, key, value, bias, mask, kwargs):
   G = N // K
   kk, vv = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
   raw = np.einsum("btnh,bsnh->bnts", q, kk) * config.scale
-  s = raw if config.logits_soft_cap is None else (
-      config.logits_soft_cap * np.tanh(raw / config.logits_soft_cap))
+  idx = (np.arange(B).reshape(B, 1, 1, 1), np.arange(N).reshape(1, N, 1, 1),
+         np.arange(T).reshape(1, 1, T, 1), np.arange(S).reshape(1, 1, 1, S))
+  score_fn = inputs.score_fn
+
+  def modify(raw, score_fn):
+    """User score modifier, then the soft-cap, evaluated in float64."""
+    s = raw
+    if score_fn is not None:
+      s = score_fn(s, *idx)
+    if config.logits_soft_cap is not None:
+      s = config.logits_soft_cap * jnp.tanh(s / config.logits_soft_cap)
+    return s
+
+  with jax.enable_x64(True):
+    s = np.asarray(modify(jnp.asarray(raw), score_fn), np.float64)
   if inputs.bias is not None:
     s = s + _np(inputs.bias).astype(np.float64)
   # The mask is rebuilt here from first principles, not with the library's code.
@@ -106,6 +119,8 @@ def _reference_problem(query, key, value, bias, mask, kwargs):
   if inputs.key_value_seq_lengths is not None:
     kl = np.asarray(inputs.key_value_seq_lengths)
     allowed &= (np.arange(S)[None, :] < kl[:, None])[:, None, None, :]
+  if inputs.mask_fn is not None:
+    allowed &= np.asarray(jnp.broadcast_to(inputs.mask_fn(*(jnp.asarray(i) for i in idx)), (B, N, T, S)))
   if inputs.query_segment_ids is not None:
     qs = np.asarray(inputs.query_segment_ids)
     ks = np.asarray(inputs.key_value_segment_ids)
@@ -128,7 +143,7 @@ def _reference_problem(query, key, value, bias, mask, kwargs):
                                      np.arange(S)[None, None, None, :])
     keep_scale = keep / (1.0 - config.dropout_rate)
   return dict(inputs=inputs, config=config, rank3=rank3, q=q, kk=kk, vv=vv,
-              raw=raw, p=p, pd=p * keep_scale, keep_scale=keep_scale,
+              raw=raw, modify=modify, score_fn=score_fn, p=p, pd=p * keep_scale, keep_scale=keep_scale,
               lse=np.transpose(lse, (0, 2, 1)), G=G, K=K)
 
 
@@ -165,8 +180,8 @@ def reference_attention_vjp(query, key, value, bias=None, mask=None, *,
     d_lse: optional cotangent of the logsumexp residual ((B, T, N) or (T, N)).
 
   Returns:
-    dict with "query", "key", "value" and, when bias is given, "bias"
-    gradients (float64, in the caller's shapes).
+    dict with "query", "key", "value" and, when given, "bias" and "score_fn"
+    gradients (float64, in the caller's shapes; score_fn's as its pytree).
   """
   kwargs.pop("implementation", None)
   kwargs.pop("block_sizes", None)
@@ -190,9 +205,13 @@ def reference_attention_vjp(query, key, value, bias=None, mask=None, *,
     axes = tuple(a for a in range(4) if b4.shape[a] == 1)
     db = ds.sum(axis=axes, keepdims=True).reshape(np.shape(bias))
     grads["bias"] = db
-  cap = r["config"].logits_soft_cap
-  if cap is not None:
-    ds = ds * (1.0 - np.tanh(r["raw"] / cap) ** 2)
+  if r["score_fn"] is not None or r["config"].logits_soft_cap is not None:
+    with jax.enable_x64(True):
+      _, pull = jax.vjp(r["modify"], jnp.asarray(r["raw"]), r["score_fn"])
+      d_raw, d_score = pull(jnp.asarray(ds))
+    ds = np.asarray(d_raw, np.float64)
+    if r["score_fn"] is not None:
+      grads["score_fn"] = d_score
   scale = r["config"].scale
   dq = scale * np.einsum("bnts,bsnh->btnh", ds, r["kk"])
   dkk = scale * np.einsum("bnts,btnh->bsnh", ds, r["q"])

@@ -1,0 +1,223 @@
+"""Masks and score modifiers as functions: semantics, block maps, gradients."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import jaxattn
+from jaxattn import masks as jm
+from jaxattn import scores as js
+from jaxattn import testing
+
+B, T, S, N, K, H = 2, 9, 11, 4, 2, 5
+IMPLS = [("xla", None), ("chunked", (2, 3)), ("chunked", (4, 4))]
+
+
+def grid(B=B, N=N, T=T, S=S):
+  return (jnp.arange(B).reshape(B, 1, 1, 1), jnp.arange(N).reshape(1, N, 1, 1),
+          jnp.arange(T).reshape(1, 1, T, 1), jnp.arange(S).reshape(1, 1, 1, S))
+
+
+def dense(mask, B=B, N=N, T=T, S=S):
+  return np.asarray(jnp.broadcast_to(mask(*grid(B, N, T, S)), (B, N, T, S)))
+
+
+def test_builtin_semantics():
+  _, _, q, kv = (np.asarray(x) for x in grid())
+  np.testing.assert_array_equal(dense(jm.causal()), np.broadcast_to(kv <= q, (B, N, T, S)))
+  np.testing.assert_array_equal(dense(jm.causal(offset=S - T)), np.broadcast_to(kv <= q + 2, (B, N, T, S)))
+  np.testing.assert_array_equal(dense(jm.sliding_window(3)), np.broadcast_to((kv <= q) & (kv >= q - 3), (B, N, T, S)))
+  np.testing.assert_array_equal(dense(jm.sliding_window(1, 2)), np.broadcast_to(abs(kv - q - 0.5) <= 1.5, (B, N, T, S)))
+  np.testing.assert_array_equal(dense(jm.chunked_local(4)), np.broadcast_to(q // 4 == kv // 4, (B, N, T, S)))
+  np.testing.assert_array_equal(dense(jm.prefix_lm(3)), np.broadcast_to((kv < 3) | (kv <= q), (B, N, T, S)))
+  pl = jnp.array([2, 6])
+  np.testing.assert_array_equal(dense(jm.prefix_lm(pl)),
+                                np.broadcast_to((kv < np.asarray(pl)[:, None, None, None]) | (kv <= q), (B, N, T, S)))
+  ql, kl = jnp.array([4, 9]), jnp.array([11, 5])
+  want = (q < np.asarray(ql)[:, None, None, None]) & (kv < np.asarray(kl)[:, None, None, None])
+  np.testing.assert_array_equal(dense(jm.padding(ql, kl)), np.broadcast_to(want, (B, N, T, S)))
+  qs = testing.random_segment_ids(jax.random.key(0), B, T)
+  ks = testing.random_segment_ids(jax.random.key(1), B, S)
+  np.testing.assert_array_equal(dense(jm.documents(qs, ks)),
+                                np.broadcast_to((np.asarray(qs)[:, None, :, None] == np.asarray(ks)[:, None, None, :]), (B, N, T, S)))
+  a, b = jm.causal(), jm.chunked_local(3)
+  np.testing.assert_array_equal(dense(a & b), dense(a) & dense(b))
+  np.testing.assert_array_equal(dense(a | b), dense(a) | dense(b))
+  np.testing.assert_array_equal(dense(~a), ~dense(a))
+
+
+MASKS = {
+    "causal": lambda: jm.causal(),
+    "causal_br": lambda: jm.causal(offset=S - T),
+    "window": lambda: jm.sliding_window(3),
+    "window_both": lambda: jm.sliding_window(2, 3),
+    "chunked_local": lambda: jm.chunked_local(4),
+    "prefix_int": lambda: jm.prefix_lm(4),
+    "prefix_array": lambda: jm.prefix_lm(jnp.array([2, 7])),
+    "padding": lambda: jm.padding(jnp.array([5, 9]), jnp.array([11, 3])),
+    "documents": lambda: jm.documents(testing.random_segment_ids(jax.random.key(3), B, T),
+                                      testing.random_segment_ids(jax.random.key(4), B, S)),
+    "and_or_not": lambda: (jm.causal() & ~jm.chunked_local(2)) | jm.prefix_lm(1),
+    "user_fn": lambda: jm.from_function(lambda b, h, q, kv: (q + kv + h) % 3 != 0),
+    "user_fn_with_block_fn": lambda: jm.from_function(
+        lambda b, h, q, kv: kv >= q, block_fn=lambda q0, q1, k0, k1: (k1 < q0, k0 >= q1)),
+    "per_head": lambda: jm.from_function(lambda b, h, q, kv: kv <= q + h - 2),
+}
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("blocks", [(2, 3), (4, 4), (3, 5)])
+def test_block_classification_is_sound(name, blocks):
+  mask = MASKS[name]()
+  g = jm.BlockGeometry(B=B, N=N, T=T, S=S, bq=blocks[0], bk=blocks[1])
+  bm = np.asarray(jm.block_map(mask, g))
+  d = dense(mask)
+  for i in range(g.nq):
+    for j in range(g.nk):
+      tile = d[:, :, i * g.bq:(i + 1) * g.bq, j * g.bk:(j + 1) * g.bk]
+      if bm[i, j] == 0:
+        assert not tile.any(), (name, i, j)
+      if bm[i, j] == 2:
+        assert tile.all(), (name, i, j)
+  if name in ("causal", "window", "chunked_local", "per_head", "user_fn_with_block_fn"):
+    assert (bm == 0).any()  # these leave blocks to skip at every block size used here
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("impl,blocks", IMPLS, ids=["xla", "chunked2x3", "chunked4x4"])
+def test_attention_with_mask_fn_matches_reference(name, impl, blocks):
+  q, k, v = testing.random_qkv(jax.random.key(5), B=B, T=T, S=S, N=N, K=K, H=H)
+  mask = MASKS[name]()
+  f = lambda q, k, v: jaxattn.dot_product_attention(q, k, v, mask_fn=mask, implementation=impl,
+                                                     block_sizes=blocks, return_residual=True)
+  (out, lse), vjp = jax.vjp(f, q, k, v)
+  ref, ref_lse = testing.reference_attention(q, k, v, mask_fn=mask, return_residual=True)
+  testing.assert_attention_close((out, lse), (ref, ref_lse))
+  do = jax.random.normal(jax.random.key(6), out.shape)
+  grads = vjp((do, jnp.zeros_like(lse)))
+  rg = testing.reference_attention_vjp(q, k, v, mask_fn=mask, d_out=do)
+  testing.assert_attention_close(grads, (rg["query"], rg["key"], rg["value"]))
+  chex.assert_tree_all_finite(grads)
+
+
+@pytest.mark.parametrize("impl,blocks", IMPLS, ids=["xla", "chunked2x3", "chunked4x4"])
+def test_existing_arguments_equal_their_mask_functions(impl, blocks):
+  q, k, v = testing.random_qkv(jax.random.key(7), B=B, T=T, S=S, N=N, K=K, H=H)
+  qs = testing.random_segment_ids(jax.random.key(8), B, T)
+  ks = testing.random_segment_ids(jax.random.key(9), B, S)
+  lens = jnp.array([4, 11], jnp.int32)
+  attend = lambda **kw: jaxattn.dot_product_attention(q, k, v, implementation=impl, block_sizes=blocks, **kw)
+  pairs = [
+      (dict(is_causal=True, causal_alignment="bottom_right"), dict(mask_fn=jm.causal(S - T))),
+      (dict(local_window_size=(2, 1)), dict(mask_fn=jm.sliding_window(2, 1))),
+      (dict(key_value_seq_lengths=lens), dict(mask_fn=jm.padding(kv_lengths=lens))),
+      (dict(query_segment_ids=qs, key_value_segment_ids=ks), dict(mask_fn=jm.documents(qs, ks))),
+      (dict(logits_soft_cap=2.0), dict(score_fn=js.soft_cap(2.0))),
+  ]
+  for a, b in pairs:
+    np.testing.assert_allclose(attend(**a), attend(**b), atol=1e-6)
+
+
+def _score_mods():
+  ks = jax.random.split(jax.random.key(10), 3)
+  return {
+      "alibi": js.alibi(js.alibi_slopes(N)),
+      "relative": js.relative_position_bias(0.5 * jax.random.normal(ks[0], (N, 2 * 4 + 1)), 4),
+      "t5": js.t5_relative_bias(0.5 * jax.random.normal(ks[1], (N, 8)), num_buckets=8, max_distance=16),
+      "user_with_params": js.from_function(
+          lambda p, s, b, h, q, kv: s * p["temperature"][h] + p["shift"], 
+          {"temperature": 1.0 + 0.1 * jax.random.normal(ks[2], (N,)), "shift": jnp.float32(0.3)}),
+      "user_plain": js.from_function(lambda s, b, h, q, kv: s - 0.01 * (q - kv) ** 2),
+      "chained": js.chain(js.alibi(js.alibi_slopes(N)), js.soft_cap(3.0)),
+  }
+
+
+@pytest.mark.parametrize("name", list(_score_mods()))
+@pytest.mark.parametrize("impl,blocks", IMPLS, ids=["xla", "chunked2x3", "chunked4x4"])
+def test_score_modifiers_values_and_gradients_including_parameters(name, impl, blocks):
+  q, k, v = testing.random_qkv(jax.random.key(11), B=B, T=T, S=S, N=N, K=K, H=H)
+  mod = _score_mods()[name]
+  kw = dict(is_causal=True, causal_alignment="bottom_right", logits_soft_cap=4.0)
+
+  def f(q, k, v, mod):
+    return jaxattn.dot_product_attention(q, k, v, score_fn=mod, implementation=impl, block_sizes=blocks, **kw)
+
+  out, vjp = jax.vjp(f, q, k, v, mod)
+  testing.assert_attention_close(out, testing.reference_attention(q, k, v, score_fn=mod, **kw))
+  do = jax.random.normal(jax.random.key(12), out.shape)
+  dq, dk, dv, dmod = vjp(do)
+  rg = testing.reference_attention_vjp(q, k, v, score_fn=mod, d_out=do, **kw)
+  testing.assert_attention_close((dq, dk, dv), (rg["query"], rg["key"], rg["value"]))
+  ours = [x for x in jax.tree_util.tree_leaves(dmod) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  theirs = [np.asarray(x) for x in jax.tree_util.tree_leaves(rg["score_fn"])
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  testing.assert_attention_close(ours, theirs, dtype=jnp.float32, atol=1e-4)
+  if name in ("relative", "t5", "user_with_params"):
+    assert any(np.abs(np.asarray(x)).max() > 1e-3 for x in ours)  # a real gradient reached the table
+
+
+def test_learned_table_trains_through_jit_and_chunked():
+  q, k, v = testing.random_qkv(jax.random.key(13), B=1, T=64, S=64, N=2, K=2, H=8)
+  target = jaxattn.dot_product_attention(
+      q, k, v, score_fn=js.relative_position_bias(jnp.linspace(-2, 2, 2 * 8 + 1)[None].repeat(2, 0), 8))
+
+  @jax.jit
+  def step(table):
+    def loss(table):
+      out = jaxattn.dot_product_attention(q, k, v, score_fn=js.relative_position_bias(table, 8),
+                                          implementation="chunked", block_sizes=(16, 16))
+      return jnp.mean((out - target) ** 2)
+    l, g = jax.value_and_grad(loss)(table)
+    return table - 20.0 * g, l
+
+  table = jnp.zeros((2, 17))
+  losses = []
+  for _ in range(30):
+    table, l = step(table)
+    losses.append(float(l))
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_fully_masked_rows_with_mask_fn_give_zero():
+  q, k, v = testing.random_qkv(jax.random.key(14), B=B, T=T, S=S, N=N, K=K, H=H)
+  mask = jm.from_function(lambda b, h, q, kv: q != 3)  # query 3 sees nothing
+  for impl, blocks in IMPLS:
+    out, lse = jaxattn.dot_product_attention(q, k, v, mask_fn=mask, implementation=impl, block_sizes=blocks,
+                                             return_residual=True)
+    assert np.all(np.asarray(out[:, 3]) == 0) and np.all(np.asarray(lse[:, 3]) == -np.inf)
+    g = jax.grad(lambda q: jnp.sum(jaxattn.dot_product_attention(q, k, v, mask_fn=mask, implementation=impl,
+                                                                  block_sizes=blocks) ** 2))(q)
+    chex.assert_tree_all_finite(g)
+
+
+def test_bad_mask_and_score_arguments():
+  q, k, v = testing.random_qkv(jax.random.key(15), B=B, T=T, S=S, N=N, K=K, H=H)
+  with pytest.raises(TypeError, match="dot_product_attention: mask_fn must be a jaxattn.masks.Mask or a function"):
+    jaxattn.dot_product_attention(q, k, v, mask_fn=3)
+  with pytest.raises(ValueError, match=r"mask q_segment_ids must have shape \(B, T\) = \(2, 9\); got \(2, 8\)"):
+    jaxattn.dot_product_attention(q, k, v, mask_fn=jm.documents(jnp.zeros((2, 8), jnp.int32), jnp.zeros((2, 11), jnp.int32)))
+  with pytest.raises(ValueError, match=r"alibi slopes must have shape \(N,\) = \(4,\); got \(3,\)"):
+    jaxattn.dot_product_attention(q, k, v, score_fn=js.alibi(jnp.ones(3)))
+  with pytest.raises(ValueError, match=r"mask kv_lengths must have shape \(B,\) = \(2,\); got \(3,\)"):
+    jaxattn.dot_product_attention(q, k, v, mask_fn=jm.padding(kv_lengths=jnp.ones(3, jnp.int32)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(T_=st.integers(1, 30), S_=st.integers(1, 30), bq=st.integers(1, 8), bk=st.integers(1, 8),
+       left=st.one_of(st.none(), st.integers(0, 10)), right=st.one_of(st.none(), st.integers(0, 10)),
+       offset=st.integers(-5, 5), chunk=st.integers(1, 9), prefix=st.integers(0, 12), combo=st.integers(0, 3))
+def test_property_block_maps_of_composed_builtins_are_sound(T_, S_, bq, bk, left, right, offset, chunk, prefix, combo):
+  band = jm.sliding_window(left, right, offset)
+  others = [jm.chunked_local(chunk, offset), jm.prefix_lm(prefix, offset), jm.causal(offset)]
+  mask = [band & others[0], band | others[1], ~band & others[2], (band | others[0]) & ~others[1]][combo]
+  g = jm.BlockGeometry(B=1, N=1, T=T_, S=S_, bq=min(bq, T_), bk=min(bk, S_))
+  bm = np.asarray(jm.block_map(mask, g))
+  d = dense(mask, B=1, N=1, T=T_, S=S_)
+  for i in range(g.nq):
+    for j in range(g.nk):
+      tile = d[:, :, i * g.bq:(i + 1) * g.bq, j * g.bk:(j + 1) * g.bk]
+      assert not (bm[i, j] == 0 and tile.any())
+      assert not (bm[i, j] == 2 and not tile.all())
