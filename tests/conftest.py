@@ -1,5 +1,11 @@
-"""Test-wide JAX settings: silent broadcasting is an error."""
+"""Test-wide JAX settings: 8 simulated CPU devices, silent broadcasting is an error."""
 
-import jax
+import os
+
+# Before jax is imported: tests/test_parallel.py shards over 8 CPU devices.
+# Single-device code still runs on device 0.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
