@@ -49,12 +49,21 @@ def _blocks(n: int, b: int) -> int:
   return -(-n // b)
 
 
-def default_block_sizes(T: int, S: int, backend: str | None = None) -> tuple[int, int]:
-  """Block sizes for the backend and shape, rounded to a multiple of 8 when clipped."""
-  del backend
-  bq = T if T <= DEFAULT_BLOCK_Q else DEFAULT_BLOCK_Q
-  bk = S if S <= DEFAULT_BLOCK_KV else DEFAULT_BLOCK_KV
-  return bq, bk
+def default_block_sizes(T: int, S: int, config: common.AttentionConfig | None = None
+                        ) -> tuple[int, int]:
+  """Block sizes for a shape and its static masks.
+
+  512 x 512 amortizes XLA's per-iteration loop cost on CPU (measured with
+  `python -m bench`); sequences shorter than a block use one block. A sliding
+  window of `w` keys back wants blocks of about w / 4 (at least 64), so the
+  key blocks a query block touches cover little more than its window
+  (`python -m bench.masks`).
+  """
+  bq, bk = DEFAULT_BLOCK_Q, DEFAULT_BLOCK_KV
+  if config is not None and config.window is not None and config.window[0] is not None:
+    b = max(64, min(bq, 1 << max(0, (config.window[0] // 4).bit_length() - 1)))
+    bq = bk = b
+  return min(bq, T), min(bk, S)
 
 
 # ---------------------------------------------------------------------------
@@ -433,7 +442,7 @@ def _to_row_layout(x, st: _Static, Tp):
 def _static(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
   B, T, N, H = inputs.query.shape
   S, K = inputs.key.shape[1], inputs.key.shape[2]
-  bq, bk = block_sizes or default_block_sizes(T, S)
+  bq, bk = block_sizes or default_block_sizes(T, S, config)
   return _Static(config=config, T=T, S=S, bq=min(bq, T), bk=min(bk, S), G=N // K)
 
 
