@@ -1,0 +1,846 @@
+r"""Decoding: a KV cache, attention of new tokens against it, split-KV, paged caches.
+
+Generation runs a model on a few new tokens at a time against the keys and
+values of everything before them. This module keeps those in a cache and
+attends to it:
+
+- `KVCache`: contiguous per-sequence storage with per-sequence lengths, so a
+  batch may hold sequences of different lengths (ragged batches).
+- `PagedKVCache`: fixed-size pages shared by all sequences and a page table
+  per sequence (vLLM's block tables, Kwon et al., 2023, arXiv:2309.06180).
+- `update_kv_cache` writes T new tokens per sequence at that sequence's own
+  length; `decode_attention` attends T queries to the cache with bottom-right
+  causal alignment per sequence: query t of row b sits at position
+  `lengths[b] - n[b] + t` (n[b] new tokens), so it sees every earlier token
+  and the new tokens up to itself.
+- `multi_head_attention_decode`: the multi-head layer's cached path (project,
+  RoPE at positions taken from the cache lengths, append, attend, project).
+
+Kernels. A KVCache is attended by an online softmax (Milakov & Gimelshein,
+2018; FlashAttention, Dao et al., 2022) over blocks of keys: each step reads
+one (B, K, block, H) slab of keys and values, and blocks beyond every
+sequence's length (or before every query's window) are skipped, so a partly
+filled cache costs what it holds. Split-KV ("Flash-Decoding", Dao, Haziza,
+Massa & Sizov, 2023) cuts the key axis into P chunks that are attended
+independently (a batch axis of every step, not a loop) and merged exactly by
+their logsumexps:
+
+.. math:: \mathrm{lse} = \log \textstyle\sum_p e^{\mathrm{lse}_p},\quad
+   o = \sum_p e^{\mathrm{lse}_p - \mathrm{lse}}\, o_p .
+
+A PagedKVCache is walked the same way, a few pages of every sequence per
+step, read by index from the pool. Long query blocks (prefill) go to
+`dot_product_attention` with a per-sequence causal mask.
+
+Layout. Caches are stored head-major, key and value (B, K, L, H) (and pages
+(num_pages, K, page_size, H)), as Hugging Face's cache and vLLM's pages are:
+each (sequence, head) is one contiguous (L, H) slab, so the decode matmuls
+read the cache in place. With the (B, L, K, H) layout of
+`dot_product_attention` the same matmuls make XLA transpose the whole cache
+first (several times slower on CPU; bench/decode.py's jax.nn row). New tokens
+come in, and queries and outputs go, in the usual (B, T, K, H) / (B, T, N, H)
+layouts.
+
+Everything is a pure function of arrays: lengths and page tables are array
+leaves, so appending under `jax.jit` never retraces per position. Jit the step
+with the cache donated (`donate_argnums`) so the append writes in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxattn import attention as _attention
+from jaxattn import layers as _layers
+from jaxattn import rope as _rope
+
+# Queries (T * N) up to this use the decode kernel (all T * N query rows in each
+# block's matmul); longer prefills go to dot_product_attention, whose blocked
+# implementation also tiles the queries and skips blocks above the diagonal.
+_DECODE_MAX_QUERY_ROWS = 256
+# Split-KV: chunks of at least this many keys, at most this many chunks.
+_SPLIT_MIN_CHUNK = 2048
+_SPLIT_MAX_CHUNKS = 16
+# Bytes of keys and values per online-softmax step (see default_block_size).
+_STEP_BYTES = 4 << 20
+
+
+def _fmt(shape) -> str:
+  return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+class KVCache(NamedTuple):
+  """A contiguous key/value cache for a batch of sequences.
+
+  Attributes:
+    key: (B, K, L, H): batch, key/value heads, max length, head dim.
+    value: (B, K, L, H).
+    lengths: int32 (B,): tokens stored per sequence; positions at or past it
+      hold nothing meaningful.
+  """
+  key: jax.Array
+  value: jax.Array
+  lengths: jax.Array
+
+
+class PagedKVCache(NamedTuple):
+  """A paged key/value cache: fixed-size pages and a page table per sequence.
+
+  Token p of sequence b lives in page `page_table[b, p // page_size]` at
+  offset `p % page_size`. Pages may sit anywhere in the pool and sequences may
+  share read-only pages (a common prompt); two sequences must not write to
+  the same page.
+
+  Attributes:
+    key_pages: (num_pages, K, page_size, H).
+    value_pages: (num_pages, K, page_size, H).
+    page_table: int32 (B, pages_per_sequence): page ids, in [0, num_pages).
+    lengths: int32 (B,): tokens stored per sequence.
+  """
+  key_pages: jax.Array
+  value_pages: jax.Array
+  page_table: jax.Array
+  lengths: jax.Array
+
+
+# ---------------------------------------------------------------------------
+# init
+
+
+def _positive_int(fn, name, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"{fn}: {name} must be a positive int; got {value!r}.")
+  return int(value)
+
+
+def _float_dtype(fn, dtype):
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{fn}: dtype must be floating point; got {dtype}.")
+  return dtype
+
+
+def init_kv_cache(batch: int, max_length: int, num_kv_heads: int, head_dim: int,
+                  dtype=jnp.float32) -> KVCache:
+  """Creates an empty contiguous cache (zeros, all lengths 0).
+
+  Args:
+    batch: B, sequences.
+    max_length: L, tokens each sequence can hold.
+    num_kv_heads: K.
+    head_dim: H.
+    dtype: storage dtype of keys and values (queries must match it).
+
+  Returns:
+    KVCache with key and value (B, K, L, H) and lengths (B,) int32.
+
+  Raises:
+    ValueError: a size is not a positive int.
+    TypeError: dtype is not floating point.
+
+  >>> import jaxattn.decode as dec
+  >>> dec.init_kv_cache(2, 16, 3, 8).key.shape
+  (2, 3, 16, 8)
+  """
+  fn = "init_kv_cache"
+  B = _positive_int(fn, "batch", batch)
+  L = _positive_int(fn, "max_length", max_length)
+  K = _positive_int(fn, "num_kv_heads", num_kv_heads)
+  H = _positive_int(fn, "head_dim", head_dim)
+  dtype = _float_dtype(fn, dtype)
+  zeros = jnp.zeros((B, K, L, H), dtype)
+  return KVCache(zeros, zeros, jnp.zeros((B,), jnp.int32))
+
+
+def init_paged_kv_cache(batch: int, num_pages: int, page_size: int, num_kv_heads: int,
+                        head_dim: int, dtype=jnp.float32, *, page_table=None) -> PagedKVCache:
+  """Creates an empty paged cache.
+
+  Args:
+    batch: B, sequences.
+    num_pages: pages in the pool.
+    page_size: tokens per page.
+    num_kv_heads: K.
+    head_dim: H.
+    dtype: storage dtype.
+    page_table: int (B, pages_per_sequence) page ids in [0, num_pages); by
+      default sequence b owns pages [b * M, (b + 1) * M) with
+      M = num_pages // B.
+
+  Returns:
+    PagedKVCache; each sequence holds up to pages_per_sequence * page_size
+    tokens.
+
+  Raises:
+    ValueError: a size is not a positive int, num_pages < B without a page
+      table, or page_table has the wrong shape.
+    TypeError: dtype not floating point, page_table not integer.
+
+  >>> import jaxattn.decode as dec
+  >>> c = dec.init_paged_kv_cache(2, num_pages=8, page_size=4, num_kv_heads=3, head_dim=8)
+  >>> c.key_pages.shape, c.page_table.tolist()
+  ((8, 3, 4, 8), [[0, 1, 2, 3], [4, 5, 6, 7]])
+  """
+  fn = "init_paged_kv_cache"
+  B = _positive_int(fn, "batch", batch)
+  P = _positive_int(fn, "num_pages", num_pages)
+  S = _positive_int(fn, "page_size", page_size)
+  K = _positive_int(fn, "num_kv_heads", num_kv_heads)
+  H = _positive_int(fn, "head_dim", head_dim)
+  dtype = _float_dtype(fn, dtype)
+  if page_table is None:
+    if P < B:
+      raise ValueError(f"{fn}: num_pages must be at least batch B = {B} to give each "
+                       f"sequence a page; got {P}.")
+    M = P // B
+    page_table = jnp.arange(B * M, dtype=jnp.int32).reshape(B, M)
+  else:
+    page_table = jnp.asarray(page_table)
+    if not jnp.issubdtype(page_table.dtype, jnp.integer):
+      raise TypeError(f"{fn}: page_table must be integer; got {page_table.dtype}.")
+    if page_table.ndim != 2 or page_table.shape[0] != B or page_table.shape[1] == 0:
+      raise ValueError(f"{fn}: page_table must have shape (B, pages_per_sequence) with "
+                       f"B = {B}; got {_fmt(page_table.shape)}.")
+    page_table = page_table.astype(jnp.int32)
+  zeros = jnp.zeros((P, K, S, H), dtype)
+  return PagedKVCache(zeros, zeros, page_table, jnp.zeros((B,), jnp.int32))
+
+
+# ---------------------------------------------------------------------------
+# validation shared by update and attention
+
+
+def _cache_sizes(fn, cache):
+  """(B, K, H, max_length, dtype) of a cache, checked for internal agreement."""
+  if isinstance(cache, KVCache):
+    k, v = cache.key, cache.value
+    if k.ndim != 4 or v.shape != k.shape:
+      raise ValueError(f"{fn}: cache.key and cache.value must have one shape (B, K, L, H); "
+                       f"got {_fmt(k.shape)} and {_fmt(v.shape)}.")
+    B, K, L, H = k.shape
+  elif isinstance(cache, PagedKVCache):
+    k, v = cache.key_pages, cache.value_pages
+    if k.ndim != 4 or v.shape != k.shape:
+      raise ValueError(f"{fn}: cache.key_pages and cache.value_pages must have one shape "
+                       f"(num_pages, K, page_size, H); got {_fmt(k.shape)} and {_fmt(v.shape)}.")
+    _, K, S, H = k.shape
+    if cache.page_table.ndim != 2:
+      raise ValueError(f"{fn}: cache.page_table must have shape (B, pages_per_sequence); "
+                       f"got {_fmt(cache.page_table.shape)}.")
+    B = cache.page_table.shape[0]
+    L = cache.page_table.shape[1] * S
+  else:
+    raise TypeError(f"{fn}: cache must be a KVCache or PagedKVCache; got "
+                    f"{type(cache).__name__}.")
+  if k.dtype != v.dtype:
+    raise TypeError(f"{fn}: cache keys and values must share one dtype; got {k.dtype} "
+                    f"and {v.dtype}.")
+  if cache.lengths.shape != (B,):
+    raise ValueError(f"{fn}: cache.lengths must have shape (B,) = ({B},); got "
+                     f"{_fmt(cache.lengths.shape)}.")
+  if not jnp.issubdtype(cache.lengths.dtype, jnp.integer):
+    raise TypeError(f"{fn}: cache.lengths must be integer; got {cache.lengths.dtype}.")
+  return B, K, H, L, k.dtype
+
+
+def _seq_lengths(fn, name, x, B, T):
+  """Counts (B,) of real new tokens (T for every row when None); kernels clip them to [0, T].
+
+  Built on the host and cast only when needed: no eager op compiles per T.
+  """
+  if x is None:
+    return np.full((B,), T, np.int32)
+  if not hasattr(x, "dtype"):
+    x = np.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{fn}: {name} must have an integer dtype; got {x.dtype}.")
+  if x.shape != (B,):
+    raise ValueError(f"{fn}: {name} must have shape (B,) = ({B},); got {_fmt(x.shape)}.")
+  return x if x.dtype == jnp.int32 else x.astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# update
+
+
+def update_kv_cache(cache, key, value, *, seq_lengths=None):
+  """Appends T new tokens per sequence, each at its sequence's own length.
+
+  Row b's token t goes to position `cache.lengths[b] + t`; the lengths grow
+  by `seq_lengths` (default T). Prefill (a whole prompt) and decode steps (one
+  or a few tokens) are the same call. Tokens at or past `seq_lengths[b]`
+  (right padding of a ragged batch) are not written, nor are tokens past the
+  cache's capacity: lengths saturate at the capacity.
+
+  Args:
+    cache: KVCache or PagedKVCache.
+    key: (B, T, K, H) keys of the new tokens (after RoPE, if any).
+    value: (B, T, K, H).
+    seq_lengths: optional int (B,): real new tokens per row, in [0, T].
+
+  Returns:
+    The updated cache (same type). Under jit, donate the cache argument so
+    the write happens in place instead of copying the cache.
+
+  Raises:
+    ValueError: shapes do not match the cache, T exceeds its capacity.
+    TypeError: dtypes do not match the cache.
+
+  >>> import jax.numpy as jnp, jaxattn.decode as dec
+  >>> c = dec.init_kv_cache(2, 16, 3, 8)
+  >>> kv = jnp.ones((2, 5, 3, 8))
+  >>> dec.update_kv_cache(c, kv, kv, seq_lengths=jnp.array([5, 2])).lengths.tolist()
+  [5, 2]
+  """
+  fn = "update_kv_cache"
+  B, K, H, L, dtype = _cache_sizes(fn, cache)
+  key, value = jnp.asarray(key), jnp.asarray(value)
+  for name, x in (("key", key), ("value", value)):
+    if x.ndim != 4 or x.shape[0] != B or x.shape[2:] != (K, H):
+      raise ValueError(f"{fn}: {name} must have shape (B, T, K, H) = "
+                       f"({B}, T, {K}, {H}) to match the cache; got {_fmt(x.shape)}.")
+    if x.dtype != dtype:
+      raise TypeError(f"{fn}: {name} must have the cache's dtype {dtype}; got {x.dtype}.")
+  if value.shape != key.shape:
+    raise ValueError(f"{fn}: value must have key's shape {_fmt(key.shape)}; got "
+                     f"{_fmt(value.shape)}.")
+  T = key.shape[1]
+  if T > L:
+    raise ValueError(f"{fn}: T = {T} new tokens exceed the cache capacity L = {L}.")
+  n = _seq_lengths(fn, "seq_lengths", seq_lengths, B, T)
+  if isinstance(cache, KVCache):
+    return _update_contiguous(cache, key, value, n)
+  return _update_paged(cache, key, value, n)
+
+
+def _new_positions(lengths, n, T):
+  """(B, T) target positions, the (B, T) mask of tokens to write, the counts in [0, T]."""
+  n = jnp.clip(n, 0, T)
+  t = jnp.arange(T, dtype=jnp.int32)[None, :]
+  return lengths[:, None] + t, t < n[:, None], n
+
+
+@jax.jit
+def _update_contiguous(cache: KVCache, key, value, n):
+  L = cache.key.shape[2]
+  pos, write, n = _new_positions(cache.lengths, n, key.shape[1])
+  # Out-of-range positions (padding, overflow) are dropped by the scatter.
+  pos = jnp.where(write, pos, L)
+  b = jnp.arange(key.shape[0])[:, None]
+  # Advanced indices (b, pos) around a slice put (B, T) first: updates are (B, T, K, H).
+  k = cache.key.at[b, :, pos].set(key, mode="drop")
+  v = cache.value.at[b, :, pos].set(value, mode="drop")
+  return KVCache(k, v, jnp.minimum(cache.lengths + n, L))
+
+
+@jax.jit
+def _update_paged(cache: PagedKVCache, key, value, n):
+  num_pages, _, S, _ = cache.key_pages.shape
+  M = cache.page_table.shape[1]
+  pos, write, n = _new_positions(cache.lengths, n, key.shape[1])
+  write = write & (pos < M * S)
+  page = jnp.take_along_axis(cache.page_table, jnp.clip(pos // S, 0, M - 1), axis=1)
+  page = jnp.where(write, page, num_pages)
+  off = pos % S
+  k = cache.key_pages.at[page, :, off].set(key, mode="drop")
+  v = cache.value_pages.at[page, :, off].set(value, mode="drop")
+  return PagedKVCache(k, v, cache.page_table, jnp.minimum(cache.lengths + n, M * S))
+
+
+# ---------------------------------------------------------------------------
+# attention
+
+
+def _query_rows(query, K):
+  """(B, T, N, H) -> (B, K, T*G, H), rows ordered (t, g): K/V are never repeated."""
+  B, T, N, H = query.shape
+  G = N // K
+  return query.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+
+
+def _from_rows(out, lse, T, G):
+  """(B, K, T*G, H), (B, K, T*G) -> (B, T, N, H), (B, T, N)."""
+  B, K, _, H = out.shape
+  out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, K * G, H)
+  lse = lse.reshape(B, K, T, G).transpose(0, 2, 1, 3).reshape(B, T, K * G)
+  return out, lse
+
+
+def _row_positions(lengths, q_lengths, T, G):
+  """Per query row (B, T*G): its absolute position and whether it is real."""
+  q_lengths = jnp.clip(q_lengths, 0, T)
+  t = jnp.arange(T, dtype=jnp.int32)[None, :]
+  pos = lengths[:, None] - q_lengths[:, None] + t
+  real = t < q_lengths[:, None]
+  rep = lambda x: jnp.broadcast_to(x[:, :, None], x.shape + (G,)).reshape(x.shape[0], T * G)
+  return rep(pos), rep(real)
+
+
+def _allowed(kv_pos, row_pos, row_real, window_left):
+  """Causal (+ window) mask; kv_pos broadcasts against row_pos/row_real."""
+  ok = (kv_pos <= row_pos) & row_real
+  if window_left is not None:
+    ok = ok & (kv_pos >= row_pos - window_left)
+  return ok
+
+
+def _soft_cap(logits, cap):
+  """`cap * tanh(logits / cap)` (Gemma 2); identity when cap is None."""
+  return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def _finish(m, l, acc):
+  """Normalizes an online-softmax state; empty rows give 0 and lse -inf."""
+  empty = l == 0
+  out = acc / jnp.where(empty, 1.0, l)[..., None]
+  m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+  lse = jnp.where(empty, -jnp.inf, m_safe + jnp.log(jnp.where(empty, 1.0, l)))
+  return out, lse
+
+
+def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, *, scale, soft_cap,
+                    window_left, value_dtype, chunks=None):
+  """Online softmax of rows q (B, K, R, H) over key blocks lo .. hi - 1 of num_blocks.
+
+  `read(j)` returns block j: keys and values (B, K, [P,] C, H), their
+  positions ([P,] C) and which of them are this block's own ([P,] C) bool (a
+  clamped last block overlaps its neighbour). With `chunks` = P, every step
+  reads one block of each of P independent chunks and keeps P states.
+  Returns the float32 state (max, sum, output sum), (B, K, [P,] R[, H]).
+
+  The loop has a static trip count, so reverse-mode differentiation works;
+  blocks outside [lo, hi) (beyond every sequence's length, or before every
+  query's window) are skipped by a `lax.cond` and never read.
+  """
+  B, K, R, H = q.shape
+  lead = () if chunks is None else (chunks,)
+  if chunks is not None:  # (b, k, p) as the batch of both matmuls
+    q = jnp.broadcast_to(q[:, :, None], (B, K, chunks, R, H))
+  spec = "bkrh,bkch->bkrc" if chunks is None else "bkprh,bkpch->bkprc"
+  pv_spec = "bkrc,bkch->bkrh" if chunks is None else "bkprc,bkpch->bkprh"
+  # Broadcast row data against ([P,] R, C) tiles.
+  ex = (slice(None),) + (None,) * len(lead) + (slice(None), None)
+  rpos, rreal = row_pos[ex], row_real[ex]                            # (B, [1,] R, 1)
+
+  def body(j, carry):
+    m, l, acc = carry
+    kb, vb, kv_pos, own = read(j)
+    s = jnp.einsum(spec, q, kb,
+                   preferred_element_type=jnp.float32) * jnp.float32(scale)
+    s = _soft_cap(s, soft_cap)
+    kv_pos, own = kv_pos[..., None, :][None], own[..., None, :][None]  # (1, [P,] 1, C)
+    ok = _allowed(kv_pos, rpos, rreal, window_left) & own
+    s = jnp.where(ok[:, None], s, -jnp.inf)                          # (B, K, [P,] R, C)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp(m - m_safe)
+    e = jnp.exp(s - m_safe[..., None])
+    l = l * alpha + jnp.sum(e, axis=-1)
+    pv = jnp.einsum(pv_spec, e.astype(value_dtype), vb,
+                    preferred_element_type=jnp.float32)
+    return m_new, l, acc * alpha[..., None] + pv
+
+  def maybe(j, carry):
+    return lax.cond((j >= lo) & (j < hi), lambda c: body(j, c), lambda c: c, carry)
+
+  init = (jnp.full((B, K) + lead + (R,), -jnp.inf, jnp.float32),
+          jnp.zeros((B, K) + lead + (R,), jnp.float32),
+          jnp.zeros((B, K) + lead + (R, H), jnp.float32))
+  return lax.fori_loop(0, num_blocks, maybe, init)
+
+
+def _first_key(row_pos, row_real, window_left):
+  """Smallest key position any real row can see (0 without a window)."""
+  if window_left is None:
+    return jnp.int32(0)
+  big = jnp.iinfo(jnp.int32).max
+  return jnp.maximum(jnp.min(jnp.where(row_real, row_pos - window_left, big)), 0)
+
+
+def default_block_size(batch: int, num_kv_heads: int, head_dim: int, dtype) -> int:
+  """Keys per online-softmax step: about 4 MiB of keys and values per step.
+
+  Measured on 2-core x86 CPUs (bench/decode.py): the step's working set must
+  stay near the caches, so a larger batch takes shorter blocks (64 keys for
+  B=8, K=8, H=128 float32; 256 for B=2). A power of two in [16, 1024].
+  """
+  per_key = 2 * batch * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize
+  n = max(1, _STEP_BYTES // per_key)
+  return int(min(1024, max(16, 1 << (n.bit_length() - 1))))
+
+
+def default_num_splits(T: int, N: int, L: int, backend: str | None = None) -> int:
+  """Split-KV chunks chosen for T queries of N heads against L cached keys.
+
+  On accelerators: one chunk unless the queries are few (T * N <= 64) and the
+  cache long; then the largest P <= 16 dividing L with chunks of at least 2048
+  keys, so that the chunks fill the device. On CPU: one chunk, since XLA:CPU
+  already spreads each step over the cores (B * K slabs) and P chunks per
+  step only enlarge its working set (measured slower, bench/decode.py).
+  """
+  backend = jax.default_backend() if backend is None else backend
+  if backend == "cpu" or T * N > 64:
+    return 1
+  for P in range(min(_SPLIT_MAX_CHUNKS, L // _SPLIT_MIN_CHUNK), 1, -1):
+    if L % P == 0:
+      return P
+  return 1
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "window_left", "num_splits",
+                                             "block_size"))
+def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_left,
+              num_splits, block_size):
+  """Decode kernel over a contiguous (B, K, L, H) cache: P chunks, merged by logsumexp.
+
+  The P chunks are an independent (batch) axis of every step (flash-decoding);
+  within them an online softmax walks key blocks, reading only the blocks
+  that hold keys some query can see (a partly filled cache costs its filled
+  part).
+  """
+  B, T, N, H = query.shape
+  _, K, L, _ = key.shape
+  G, P = N // K, num_splits
+  Lp = L // P
+  Cb = min(block_size, Lp)
+  nb = -(-Lp // Cb)
+  q = _query_rows(query, K)                                          # (B, K, R, H)
+  row_pos, row_real = _row_positions(lengths, q_lengths, T, G)      # (B, R)
+  base = (jnp.arange(P, dtype=jnp.int32) * Lp)[:, None]              # (P, 1)
+
+  def read(j):
+    # The last block is clamped to end at Lp and overlaps its neighbour: `own`
+    # marks the keys that are this block's.
+    start = jnp.minimum(j * Cb, Lp - Cb)
+    idx = start + jnp.arange(Cb, dtype=jnp.int32)
+    own = idx >= j * Cb
+    if P == 1:
+      block = lambda x: lax.dynamic_slice_in_dim(x, start, Cb, axis=2)
+      return block(key), block(value), idx, own
+    # Reshaped inside the loop: a reshaped loop invariant makes XLA copy the cache.
+    block = lambda x: lax.dynamic_slice_in_dim(x.reshape(B, K, P, Lp, H), start, Cb, axis=3)
+    return block(key), block(value), base + idx[None, :], jnp.broadcast_to(own, (P, Cb))
+
+  # Chunk p's block j holds keys p * Lp + [j * Cb, (j + 1) * Cb): chunk 0 needs
+  # the most blocks, the last chunk the earliest (with a window).
+  end = jnp.max(jnp.where(row_real, row_pos + 1, 0))
+  hi = jnp.clip((jnp.minimum(end, Lp) + Cb - 1) // Cb, 0, nb)
+  lo = 0
+  if window_left is not None:
+    lo = jnp.clip((_first_key(row_pos, row_real, window_left) - (P - 1) * Lp) // Cb, 0, hi)
+  m, l, acc = _online_softmax(q, read, nb, lo, hi, row_pos, row_real, scale=scale,
+                              soft_cap=soft_cap, window_left=window_left,
+                              value_dtype=value.dtype, chunks=None if P == 1 else P)
+  if P > 1:
+    # Exact merge across chunks (B, K, P, R[, H]) by their maxima and sums.
+    M = jnp.max(m, axis=2)
+    w = jnp.exp(m - jnp.where(M == -jnp.inf, 0.0, M)[:, :, None, :])  # 0 for empty chunks
+    m, l, acc = M, jnp.sum(w * l, axis=2), jnp.sum(w[..., None] * acc, axis=2)
+  out, lse = _finish(m, l, acc)
+  out, lse = _from_rows(out, lse, T, G)
+  return out.astype(query.dtype), lse
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "window_left",
+                                             "pages_per_step"))
+def _paged(query, key_pages, value_pages, page_table, lengths, q_lengths, *, scale,
+           soft_cap, window_left, pages_per_step):
+  """Online softmax over the page table, W pages of each sequence per step.
+
+  Each step reads B * W pages by index; the cache is never assembled into a
+  contiguous copy. The loop covers the pages that hold keys some query can
+  see.
+  """
+  B, T, N, H = query.shape
+  _, K, S, _ = key_pages.shape
+  M = page_table.shape[1]
+  G, W = N // K, pages_per_step
+  q = _query_rows(query, K)
+  row_pos, row_real = _row_positions(lengths, q_lengths, T, G)
+  nb = -(-M // W)
+  end = jnp.max(jnp.where(row_real, row_pos + 1, 0))
+  hi = jnp.clip((end + W * S - 1) // (W * S), 0, nb)
+  lo = 0
+  if window_left is not None:
+    lo = jnp.clip(_first_key(row_pos, row_real, window_left) // (W * S), 0, hi)
+
+  def read(j):
+    cols = j * W + jnp.arange(W, dtype=jnp.int32)
+    ids = jnp.take(page_table, jnp.minimum(cols, M - 1), axis=1)   # (B, W)
+    # (B, W, K, S, H) -> (B, K, W * S, H): one block of W pages, in the cache.
+    block = lambda x: jnp.take(x, ids, axis=0, mode="clip").transpose(0, 2, 1, 3, 4).reshape(
+        B, K, W * S, H)
+    pos = (cols[:, None] * S + jnp.arange(S, dtype=jnp.int32)[None, :]).reshape(W * S)
+    own = jnp.broadcast_to((cols < M)[:, None], (W, S)).reshape(W * S)
+    return block(key_pages), block(value_pages), pos, own
+
+  m, l, acc = _online_softmax(q, read, nb, lo, hi, row_pos, row_real, scale=scale,
+                              soft_cap=soft_cap, window_left=window_left,
+                              value_dtype=value_pages.dtype)
+  out, lse = _finish(m, l, acc)
+  out, lse = _from_rows(out, lse, T, G)
+  return out.astype(query.dtype), lse
+
+
+def _window_left(fn, w):
+  if w is None:
+    return None
+  if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
+    w = (int(w), None)
+  if not (isinstance(w, tuple) and len(w) == 2):
+    raise ValueError(f"{fn}: local_window_size must be an int or a (left, right) tuple; "
+                     f"got {w!r}.")
+  left = w[0]
+  if left is not None and (isinstance(left, bool) or not isinstance(left, (int, np.integer))
+                           or left < 0):
+    raise ValueError(f"{fn}: local_window_size's left side must be a non-negative int or "
+                     f"None; got {w!r}.")
+  return None if left is None else int(left)
+
+
+def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | None = None,
+                     logits_soft_cap: float | None = None, local_window_size=None,
+                     implementation: str | None = None, num_splits: int | None = None,
+                     block_size: int | None = None, return_residual: bool = False):
+  r"""Attends T new queries per sequence to a cache that already holds their keys.
+
+  .. math:: o_{b,t} = \mathrm{softmax}_{s \le p_{b,t}}(s \cdot q_{b,t} k_{b,s}^T)\, V_b,
+     \quad p_{b,t} = \mathrm{lengths}_b - n_b + t
+
+  Call `update_kv_cache` with the new tokens' keys and values first: query
+  t of row b sits at position p_{b,t} (bottom-right causal alignment per
+  sequence, with n_b = query_seq_lengths[b] new tokens) and sees keys 0 ..
+  p_{b,t}. Query rows at or past n_b (right padding) give 0.
+
+  Args:
+    query: (B, T, N, H), the cache's dtype; N a multiple of the cache's K
+      (GQA; MQA when K = 1).
+    cache: KVCache or PagedKVCache.
+    query_seq_lengths: optional int (B,): real new tokens per row (the
+      `seq_lengths` given to `update_kv_cache`); default T.
+    scale: logit scale, default 1/sqrt(H).
+    logits_soft_cap: `cap * tanh(logits / cap)` (Gemma 2).
+    local_window_size: `w` or `(left, right)`: a query at p sees keys in
+      [p - left, p] (causality makes the right side moot).
+    implementation: for a KVCache, None (automatic), "split_kv" (this
+      module's kernel: split-KV, or one chunk) or a name from
+      `jaxattn.implementations()` (the cache goes to `dot_product_attention`
+      with a per-row causal mask). For a PagedKVCache, None or "paged".
+      Automatic: "split_kv" when T * N <= 256 (decoding) or num_splits or
+      block_size is given, else dot_product_attention's own choice (prefill).
+    num_splits: split-KV chunks P (must divide the cache length L); None
+      chooses with `default_num_splits`; 1 is the unsplit kernel.
+    block_size: keys per online-softmax step (rounded down to whole pages for
+      a PagedKVCache); None chooses with `default_block_size`.
+    return_residual: also return the logsumexp (B, T, N) (-inf for empty
+      rows).
+
+  Returns:
+    (B, T, N, H) in the query's dtype, and the logsumexp if asked.
+
+  Raises:
+    ValueError: shapes do not fit the cache; unknown implementation; num_splits
+      does not divide L.
+    TypeError: query dtype differs from the cache's.
+
+  >>> import jax, jax.numpy as jnp, jaxattn.decode as dec
+  >>> c = dec.init_kv_cache(2, 16, 3, 8)
+  >>> kv = jax.random.normal(jax.random.key(0), (2, 4, 3, 8))
+  >>> c = dec.update_kv_cache(c, kv, kv)
+  >>> dec.decode_attention(jnp.ones((2, 4, 6, 8)), c).shape
+  (2, 4, 6, 8)
+  """
+  fn = "decode_attention"
+  B, K, H, L, dtype = _cache_sizes(fn, cache)
+  query = jnp.asarray(query)
+  if query.ndim != 4 or query.shape[0] != B or query.shape[3] != H:
+    raise ValueError(f"{fn}: query must have shape (B, T, N, H) = ({B}, T, N, {H}) to "
+                     f"match the cache; got {_fmt(query.shape)}.")
+  T, N = query.shape[1], query.shape[2]
+  if T == 0 or N == 0:
+    raise ValueError(f"{fn}: query has a zero-sized dimension: {_fmt(query.shape)}.")
+  if N % K:
+    raise ValueError(f"{fn}: the cache's K = {K} key/value heads must divide the query "
+                     f"heads N = {N} (GQA/MQA); got query {_fmt(query.shape)}.")
+  if T > L:
+    raise ValueError(f"{fn}: T = {T} queries exceed the cache capacity L = {L}.")
+  if query.dtype != dtype:
+    raise TypeError(f"{fn}: query must have the cache's dtype {dtype}; got {query.dtype}.")
+  n = _seq_lengths(fn, "query_seq_lengths", query_seq_lengths, B, T)
+  scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
+  if logits_soft_cap is not None:
+    logits_soft_cap = float(logits_soft_cap)
+    if not logits_soft_cap > 0:
+      raise ValueError(f"{fn}: logits_soft_cap must be positive; got {logits_soft_cap}.")
+  left = _window_left(fn, local_window_size)
+  lengths = cache.lengths
+  if block_size is not None and (isinstance(block_size, bool) or not isinstance(
+      block_size, (int, np.integer)) or block_size <= 0):
+    raise ValueError(f"{fn}: block_size must be a positive int; got {block_size!r}.")
+  if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(
+      num_splits, (int, np.integer)) or num_splits <= 0):
+    raise ValueError(f"{fn}: num_splits must be a positive int; got {num_splits!r}.")
+
+  if isinstance(cache, PagedKVCache):
+    if implementation not in (None, "paged"):
+      raise ValueError(f"{fn}: a PagedKVCache takes implementation None or 'paged'; got "
+                       f"{implementation!r}.")
+    if num_splits not in (None, 1):
+      raise ValueError(f"{fn}: num_splits applies to a KVCache; a PagedKVCache is walked "
+                       f"page by page; got {num_splits!r}.")
+    S = cache.key_pages.shape[2]
+    if block_size is None:
+      block_size = default_block_size(B, K, H, dtype)
+    out, lse = _paged(query, cache.key_pages, cache.value_pages, cache.page_table, lengths, n,
+                      scale=scale, soft_cap=logits_soft_cap, window_left=left,
+                      pages_per_step=max(1, min(int(block_size) // S, cache.page_table.shape[1])))
+  else:
+    names = ("split_kv",) + _attention.implementations()
+    if implementation is not None and implementation not in names:
+      raise ValueError(f"{fn}: implementation must be None or one of "
+                       f"{', '.join(map(repr, names))} for a KVCache; got {implementation!r}.")
+    kernel_options = num_splits is not None or block_size is not None
+    if implementation is None:
+      small = T * N <= _DECODE_MAX_QUERY_ROWS
+      implementation = "split_kv" if small or kernel_options else None
+    if implementation == "split_kv":
+      if num_splits is None:
+        num_splits = default_num_splits(T, N, L)
+      elif L % num_splits:
+        raise ValueError(f"{fn}: num_splits must divide the cache length L = {L}; got "
+                         f"{num_splits}.")
+      if block_size is None:
+        block_size = default_block_size(B, K, H, dtype)
+      out, lse = _split_kv(query, cache.key, cache.value, lengths, n, scale=scale,
+                           soft_cap=logits_soft_cap, window_left=left,
+                           num_splits=int(num_splits), block_size=int(block_size))
+    else:
+      if kernel_options:
+        raise ValueError(f"{fn}: num_splits and block_size apply to implementation "
+                         f"'split_kv' (or 'paged'); got implementation {implementation!r}.")
+      out, lse = _dense(query, cache, lengths, n, scale=scale, soft_cap=logits_soft_cap,
+                        window_left=left, implementation=implementation)
+  if return_residual:
+    return out, lse.astype(out.dtype)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "window_left",
+                                             "implementation"))
+def _dense(query, cache: KVCache, lengths, n, *, scale, soft_cap, window_left, implementation):
+  """Long query blocks (prefill): dot_product_attention with a per-row causal mask."""
+  B, T, N, H = query.shape
+  L = cache.key.shape[2]
+  G = 1
+  row_pos, row_real = _row_positions(lengths, n, T, G)                # (B, T)
+  kv_pos = jnp.arange(L, dtype=jnp.int32)[None, None, :]
+  mask = _allowed(kv_pos, row_pos[:, :, None], row_real[:, :, None], window_left)
+  key = cache.key.transpose(0, 2, 1, 3)                              # (B, L, K, H)
+  value = cache.value.transpose(0, 2, 1, 3)
+  out, lse = _attention.dot_product_attention(
+      query, key, value, mask=mask[:, None], scale=scale, logits_soft_cap=soft_cap,
+      query_seq_lengths=jnp.clip(n, 0, T), key_value_seq_lengths=lengths,
+      implementation=implementation,
+      return_residual=True)
+  return out, lse.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# the multi-head layer's cached path
+
+
+def multi_head_attention_decode(
+    params, x, cache, *, seq_lengths=None, rope=None, scale: float | None = None,
+    logits_soft_cap: float | None = None, local_window_size=None,
+    qk_norm_type: str = "layer_norm", qk_norm_epsilon: float = 1e-6, dtype=None,
+    implementation: str | None = None, num_splits: int | None = None):
+  r"""Causal multi-head self-attention of T new tokens per sequence, with a cache.
+
+  The cached twin of `multi_head_attention(params, x, is_causal=True,
+  rope=rope)` on the whole sequence: it projects the new tokens, rotates
+  queries and keys at their absolute positions `cache.lengths[b] + t`, appends
+  keys and values to the cache, attends (`decode_attention`) and projects the
+  output. Prefill and decode steps are the same call.
+
+  Args:
+    params: `jaxattn.layers.MultiHeadParams` for self-attention (C = D).
+    x: (B, T, D) the new tokens' inputs (batched: the cache is per batch).
+    cache: KVCache or PagedKVCache with K and H of params; keys and values
+      are stored, and queries attend, in the cache's dtype.
+    seq_lengths: optional int (B,): real new tokens per row (right padding of
+      a ragged prefill); padded rows give b_out and are not stored.
+    rope: a `jaxattn.rope.RopeConfig` or None.
+    scale, logits_soft_cap, local_window_size, implementation, num_splits:
+      as for `decode_attention`.
+    qk_norm_type, qk_norm_epsilon: as for `multi_head_attention`.
+    dtype: computation dtype of the projections; default the promotion of
+      x's and the parameters' dtypes.
+
+  Returns:
+    (y, cache): y (B, T, O) in the computation dtype, and the updated cache.
+
+  Raises:
+    ValueError: shapes of x, params and cache disagree.
+    TypeError: params not MultiHeadParams, x not floating point.
+
+  >>> import jax, jax.numpy as jnp, jaxattn.decode as dec
+  >>> from jaxattn.layers import init_multi_head_attention
+  >>> p = init_multi_head_attention(jax.random.key(0), d_model=12, num_heads=6, num_kv_heads=3)
+  >>> cache = dec.init_kv_cache(2, 16, 3, 2)
+  >>> y, cache = dec.multi_head_attention_decode(p, jnp.ones((2, 5, 12)), cache)  # prefill
+  >>> y, cache = dec.multi_head_attention_decode(p, jnp.ones((2, 1, 12)), cache)  # one step
+  >>> y.shape, cache.lengths.tolist()
+  ((2, 1, 12), [6, 6])
+  """
+  fn = "multi_head_attention_decode"
+  D, C, N, K, H, O = _layers._check_params(fn, params)
+  B, Kc, Hc, L, cache_dtype = _cache_sizes(fn, cache)
+  x = jnp.asarray(x)
+  if x.ndim != 3 or x.shape[0] != B or x.shape[2] != D:
+    raise ValueError(f"{fn}: x must have shape (B, T, D) = ({B}, T, {D}) from the cache "
+                     f"and params.w_query {_fmt(params.w_query.shape)}; got {_fmt(x.shape)}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{fn}: x must have a floating point dtype; got {x.dtype}.")
+  if C != D:
+    raise ValueError(f"{fn}: params are for cross-attention (C = {C} != D = {D}); the "
+                     f"cache holds self-attention keys.")
+  if (Kc, Hc) != (K, H):
+    raise ValueError(f"{fn}: the cache's (K, H) = ({Kc}, {Hc}) must match params.w_key "
+                     f"(C, K, H) = {_fmt(params.w_key.shape)}.")
+  if qk_norm_type not in ("layer_norm", "rms_norm"):
+    raise ValueError(f"{fn}: qk_norm_type must be 'layer_norm' or 'rms_norm'; got "
+                     f"{qk_norm_type!r}.")
+  if rope is not None and not isinstance(rope, _rope.RopeConfig):
+    raise TypeError(f"{fn}: rope must be a jaxattn.rope.RopeConfig or None; got "
+                    f"{type(rope).__name__}.")
+  leaves = [l for l in params if l is not None]
+  if dtype is None:
+    dtype = jnp.result_type(x.dtype, *(l.dtype for l in leaves))
+  dtype = _float_dtype(fn, dtype)
+  p = type(params)(*(None if l is None else l.astype(dtype) for l in params))
+  x = x.astype(dtype)
+  T = x.shape[1]
+
+  q = _layers._project(x, p.w_query, p.b_query, "btd,dnh->btnh")
+  k = _layers._project(x, p.w_key, p.b_key, "btd,dkh->btkh")
+  v = _layers._project(x, p.w_value, p.b_value, "btd,dkh->btkh")
+  q = _layers._qk_normalize(q, p.query_norm_scale, qk_norm_type, float(qk_norm_epsilon))
+  k = _layers._qk_normalize(k, p.key_norm_scale, qk_norm_type, float(qk_norm_epsilon))
+  if rope is not None:
+    positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    q = rope.apply(q, positions)
+    k = rope.apply(k, positions)
+  q, k, v = (a.astype(cache_dtype) for a in (q, k, v))
+  cache = update_kv_cache(cache, k, v, seq_lengths=seq_lengths)
+  out = decode_attention(q, cache, query_seq_lengths=seq_lengths, scale=scale,
+                         logits_soft_cap=logits_soft_cap, local_window_size=local_window_size,
+                         implementation=implementation, num_splits=num_splits)
+  y = _layers._project(out.astype(dtype), p.w_out, p.b_out, "btnh,nho->bto")
+  return y, cache

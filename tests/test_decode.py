@@ -1,0 +1,293 @@
+"""jaxattn.decode: cached decoding equals the full forward (float64 reference), ragged batches,
+GQA, split-KV == unsplit, paged == contiguous, no retrace per step, the layer's cached path,
+and the tiny LM example (cached greedy == full-forward greedy)."""
+
+from __future__ import annotations
+
+import importlib.util
+import functools
+import pathlib
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattn import decode as dec
+from jaxattn import testing
+from jaxattn.layers import init_multi_head_attention, multi_head_attention
+from jaxattn.rope import RopeConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Every size distinct: batch, cache length, query heads, kv heads (GQA, G = 2), head dim,
+# page size, pages per sequence, pool pages, tokens in the full sequences.
+B, L, N, K, H = 3, 20, 6, 3, 8
+PAGE, PAGES_PER_SEQ, NUM_PAGES = 4, 5, 17
+TOTAL = 12
+PROMPT = np.array([5, 2, 7])      # ragged prefill, padded to T = 7
+STEPS = (1, 1, 2, 1)              # then decode steps of this many tokens per row
+ATOL = RTOL = 2e-5                # float32 against float64
+
+
+def _normal(seed, shape):
+  # NumPy draws: no per-shape compile of jax.random (the suite stays fast).
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _problem(seed=0):
+  """Random full sequences: q (B, TOTAL, N, H), k and v (B, TOTAL, K, H)."""
+  return (_normal(seed, (B, TOTAL, N, H)), _normal(seed + 100, (B, TOTAL, K, H)),
+          _normal(seed + 200, (B, TOTAL, K, H)))
+
+
+def _shuffled_page_table(seed=0):
+  perm = np.random.default_rng(seed).permutation(NUM_PAGES)[:B * PAGES_PER_SEQ]
+  return perm.reshape(B, PAGES_PER_SEQ).astype(np.int32)
+
+
+def _caches():
+  return {
+      "contiguous": dec.init_kv_cache(B, L, K, H),
+      "paged": dec.init_paged_kv_cache(B, NUM_PAGES, PAGE, K, H,
+                                       page_table=_shuffled_page_table()),
+  }
+
+
+def _gather(x, start, T, n=None):
+  """Rows x[b, start[b] : start[b] + T], right-padded with zeros past n[b] tokens."""
+  x = np.asarray(x)
+  out = np.zeros((x.shape[0], T) + x.shape[2:], x.dtype)
+  for b in range(x.shape[0]):
+    m = T if n is None else n[b]
+    out[b, :m] = x[b, start[b]:start[b] + m]
+  return out
+
+
+def _run(cache, q, k, v, **kwargs):
+  """Prefill PROMPT then decode STEPS through `cache`; yields (positions (B, T), n, out, lse)."""
+  T = int(PROMPT.max())
+  zeros = np.zeros(B, np.int64)
+  cache = dec.update_kv_cache(cache, _gather(k, zeros, T, PROMPT), _gather(v, zeros, T, PROMPT),
+                              seq_lengths=PROMPT)
+  out, lse = dec.decode_attention(_gather(q, zeros, T, PROMPT), cache, query_seq_lengths=PROMPT,
+                                  return_residual=True, **kwargs)
+  yield np.arange(T)[None, :] + zeros[:, None], PROMPT, np.asarray(out), np.asarray(lse), cache
+  pos = PROMPT.copy()
+  for t in STEPS:
+    cache = dec.update_kv_cache(cache, _gather(k, pos, t), _gather(v, pos, t))
+    out, lse = dec.decode_attention(_gather(q, pos, t), cache, return_residual=True, **kwargs)
+    positions = pos[:, None] + np.arange(t)[None, :]
+    yield positions, np.full(B, t), np.asarray(out), np.asarray(lse), cache
+    pos = pos + t
+
+
+def _check_against(reference, positions, n, out, lse):
+  ref_out, ref_lse = reference
+  for b in range(B):
+    p = positions[b, :n[b]]
+    np.testing.assert_allclose(out[b, :n[b]], ref_out[b, p], atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(lse[b, :n[b]], ref_lse[b, p], atol=ATOL, rtol=RTOL)
+    # Right padding of the queries: output 0, lse -inf.
+    np.testing.assert_array_equal(np.asarray(out[b, n[b]:]), 0.0)
+    assert np.all(np.asarray(lse[b, n[b]:]) == -np.inf)
+
+
+@pytest.mark.parametrize("kind, kwargs", [
+    ("contiguous", dict(block_size=6)),                   # 20 = 6 + 6 + 6 + 2: clamped last block
+    ("contiguous", dict(num_splits=2, block_size=6)),     # split-KV, clamped blocks per chunk
+    ("contiguous", dict(implementation="xla")),           # dot_product_attention with a row mask
+    ("paged", dict(block_size=8)),                        # 2 pages per step of 5: last one half
+])
+def test_cached_decode_matches_full_attention(kind, kwargs):
+  q, k, v = _problem()
+  reference = testing.reference_attention(q, k, v, is_causal=True, return_residual=True)
+  for positions, n, out, lse, _ in _run(_caches()[kind], q, k, v, **kwargs):
+    chex.assert_tree_all_finite(out)
+    _check_against(reference, positions, n, out, lse)
+
+
+def test_split_kv_equals_unsplit():
+  q, k, v = _problem(1)
+  lengths = jnp.array([20, 13, 9], jnp.int32)
+  cache = dec.update_kv_cache(dec.init_kv_cache(B, L, K, H),
+                              *(np.concatenate([x, x[:, :L - TOTAL]], axis=1) for x in (k, v)),
+                              seq_lengths=lengths)
+  query = q[:, :2]  # T = 2: the last two tokens of each row
+  unsplit = dec.decode_attention(query, cache, num_splits=1, return_residual=True)
+  for P in (2, 4, 5):
+    split = dec.decode_attention(query, cache, num_splits=P, return_residual=True)
+    chex.assert_trees_all_close(split, unsplit, atol=1e-6, rtol=1e-6)
+
+
+def test_paged_equals_contiguous():
+  q, k, v = _problem(2)
+  caches = _caches()
+  runs = [list(_run(caches[kind], q, k, v)) for kind in ("contiguous", "paged")]
+  for (_, _, out_c, lse_c, cache_c), (_, _, out_p, lse_p, cache_p) in zip(*runs):
+    chex.assert_trees_all_close((out_p, lse_p), (out_c, lse_c), atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(cache_p.lengths, cache_c.lengths)
+  # The pages hold exactly the contiguous cache's tokens, in page-table order.
+  for name in ("key", "value"):
+    pages = np.asarray(getattr(cache_p, name + "_pages"))[np.asarray(cache_p.page_table)]
+    dense = pages.transpose(0, 2, 1, 3, 4).reshape(B, K, PAGES_PER_SEQ * PAGE, H)
+    for b in range(B):
+      n = int(cache_c.lengths[b])
+      np.testing.assert_array_equal(dense[b, :, :n], np.asarray(getattr(cache_c, name))[b, :, :n])
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_no_retrace_across_steps(kind):
+  q, k, v = _problem(3)
+  chex.clear_trace_counter()  # the counter is per function code, shared by the parameters
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(cache, q, k, v):
+    cache = dec.update_kv_cache(cache, k, v)
+    return cache, dec.decode_attention(q, cache)
+
+  cache = _caches()[kind]
+  # Ragged start: rows at different positions from the first step on.
+  cache = cache._replace(lengths=jnp.array([0, 3, 1], jnp.int32))
+  for t in range(5):
+    cache, out = step(cache, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])  # NumPy slices
+  np.testing.assert_array_equal(cache.lengths, [5, 8, 6])
+  chex.assert_tree_all_finite(out)
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_window_soft_cap_and_scale(kind):
+  q, k, v = _problem(4)
+  opts = dict(local_window_size=3, logits_soft_cap=2.0, scale=0.3)
+  reference = testing.reference_attention(q, k, v, is_causal=True, return_residual=True, **opts)
+  extra = dict(num_splits=2, block_size=4) if kind == "contiguous" else dict(block_size=4)
+  for positions, n, out, lse, _ in _run(_caches()[kind], q, k, v, **opts, **extra):
+    _check_against(reference, positions, n, out, lse)
+
+
+def test_overflow_saturates_and_empty_rows_are_zero():
+  cache = dec.init_kv_cache(B, L, K, H)._replace(lengths=jnp.array([18, 0, 20], jnp.int32))
+  kv = jnp.ones((B, 4, K, H))
+  new = dec.update_kv_cache(cache, kv, 2 * kv)
+  np.testing.assert_array_equal(new.lengths, [20, 4, 20])       # past L: dropped, saturated
+  key = np.asarray(new.key)
+  np.testing.assert_array_equal(key[0, :, 18:], 1.0)
+  np.testing.assert_array_equal(key[2], 0.0)                      # a full row is untouched
+
+  q = jnp.asarray(_normal(5, (B, 2, N, H)))
+  n = jnp.array([0, 2, 1], jnp.int32)
+  f = lambda q: dec.decode_attention(q, new, query_seq_lengths=n, return_residual=True)
+  out, lse = (np.asarray(a) for a in f(q))
+  np.testing.assert_array_equal(out[0], 0.0)
+  assert np.all(lse[0] == -np.inf)
+  grad = np.asarray(jax.grad(lambda q: jnp.sum(f(q)[0]))(q))
+  chex.assert_tree_all_finite(grad)
+  np.testing.assert_array_equal(grad[0], 0.0)
+
+
+def test_layer_decode_matches_full_forward():
+  D = 10
+  params = init_multi_head_attention(jax.random.key(6), d_model=D, num_heads=N, head_dim=H,
+                                     num_kv_heads=K, qk_norm=True)
+  # Non-trivial biases and norm scales, so every parameter is exercised.
+  params = params._replace(
+      b_query=jnp.full((N, H), 0.1), b_key=jnp.full((K, H), -0.2), b_value=jnp.full((K, H), 0.3),
+      b_out=jnp.full((D,), 0.05), query_norm_scale=jnp.linspace(0.5, 1.5, H),
+      key_norm_scale=jnp.linspace(1.5, 0.5, H))
+  rope = RopeConfig(base=100.0)
+  x = _normal(7, (B, TOTAL, D))
+  full = np.asarray(jax.jit(jax.vmap(
+      lambda x: multi_head_attention(params, x, is_causal=True, rope=rope)))(x))
+  layer = jax.jit(functools.partial(dec.multi_head_attention_decode, rope=rope))
+
+  prompt = np.array([4, 1, 6])
+  T = int(prompt.max())
+  zeros = np.zeros(B, np.int64)
+  cache = dec.init_kv_cache(B, L, K, H)
+  y, cache = layer(params, _gather(x, zeros, T, prompt), cache, seq_lengths=prompt)
+  y = np.asarray(y)
+  for b in range(B):
+    np.testing.assert_allclose(y[b, :prompt[b]], full[b, :prompt[b]], atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(y[b, prompt[b]:], np.broadcast_to(params.b_out, (T - prompt[b], D)),
+                               atol=ATOL)  # padded rows: attention 0, then the output bias
+  pos = prompt.copy()
+  for _ in range(4):
+    y, cache = layer(params, _gather(x, pos, 1), cache)
+    np.testing.assert_allclose(np.asarray(y)[:, 0], full[np.arange(B), pos], atol=ATOL, rtol=RTOL)
+    pos = pos + 1
+  np.testing.assert_array_equal(cache.lengths, pos)
+
+
+def test_automatic_choices():
+  assert dec.default_num_splits(1, 32, 32768, backend="gpu") == 16    # few queries, long cache
+  assert dec.default_num_splits(1, 32, 3000, backend="gpu") == 1      # short cache
+  assert dec.default_num_splits(8, 32, 32768, backend="gpu") == 1     # many queries
+  assert dec.default_num_splits(1, 32, 32768, backend="cpu") == 1
+  assert dec.default_block_size(8, 8, 128, jnp.float32) == 64
+  assert dec.default_block_size(2, 8, 128, jnp.float32) == 256
+  # Which path runs: the decode kernel for few queries, dot_product_attention for a prefill.
+  cache = dec.init_kv_cache(1, 64, 1, 4)
+  jaxpr = lambda T: str(jax.make_jaxpr(dec.decode_attention)(jnp.zeros((1, T, 8, 4)), cache))
+  assert "_split_kv" in jaxpr(4) and "_split_kv" not in jaxpr(40)
+
+
+def test_errors_name_the_argument():
+  cache = dec.init_kv_cache(B, L, K, H)
+  with pytest.raises(ValueError, match=r"update_kv_cache: key must have shape \(B, T, K, H\)"):
+    dec.update_kv_cache(cache, jnp.zeros((B, 2, K + 1, H)), jnp.zeros((B, 2, K + 1, H)))
+  with pytest.raises(TypeError, match="update_kv_cache: key must have the cache's dtype"):
+    dec.update_kv_cache(cache, jnp.zeros((B, 2, K, H), jnp.bfloat16),
+                        jnp.zeros((B, 2, K, H), jnp.bfloat16))
+  with pytest.raises(ValueError, match="exceed the cache capacity"):
+    dec.update_kv_cache(cache, jnp.zeros((B, L + 1, K, H)), jnp.zeros((B, L + 1, K, H)))
+  with pytest.raises(ValueError, match=r"decode_attention: query must have shape"):
+    dec.decode_attention(jnp.zeros((B + 1, 1, N, H)), cache)
+  with pytest.raises(ValueError, match="must divide the query heads N = 5"):
+    dec.decode_attention(jnp.zeros((B, 1, 5, H)), cache)
+  with pytest.raises(ValueError, match="num_splits must divide the cache length L = 20"):
+    dec.decode_attention(jnp.zeros((B, 1, N, H)), cache, num_splits=3)
+  with pytest.raises(ValueError, match="implementation"):
+    dec.decode_attention(jnp.zeros((B, 1, N, H)), _caches()["paged"], implementation="xla")
+  with pytest.raises(ValueError, match=r"query_seq_lengths must have shape \(B,\) = \(3,\)"):
+    dec.decode_attention(jnp.zeros((B, 1, N, H)), cache, query_seq_lengths=jnp.ones(2, jnp.int32))
+  with pytest.raises(TypeError, match="cache must be a KVCache or PagedKVCache"):
+    dec.decode_attention(jnp.zeros((B, 1, N, H)), (cache.key, cache.value))
+  with pytest.raises(ValueError, match="init_kv_cache: max_length must be a positive int"):
+    dec.init_kv_cache(B, 0, K, H)
+
+
+def _load_example():
+  path = ROOT / "examples" / "train_tiny_lm.py"
+  spec = importlib.util.spec_from_file_location("train_tiny_lm", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_tiny_lm_cached_greedy_equals_full_forward():
+  pytest.importorskip("optax", reason='optax absent: pip install -e ".[examples]"')
+  lm = _load_example()
+  config = lm.Config(copy_length=4, d_model=32, d_mlp=64, num_heads=4, num_kv_heads=2,
+                     head_dim=8)
+  params, losses = lm.train(config, steps=30, batch=32, log=None)
+  assert np.mean(losses[-5:]) < 0.8 * losses[0], losses  # learning, in 30 steps
+  prompts, lengths, _ = lm.ragged_prompts(jax.random.key(1), 5, config)
+  steps = config.seq_len - int(lengths.min())
+  full = lm.greedy_full(params, prompts, lengths, config, steps)
+  cached = lm.greedy_cached(params, prompts, lengths, config, steps)
+  np.testing.assert_array_equal(cached, full)
+
+
+def test_bench_decode_smoke(capsys):
+  sys.path.insert(0, str(ROOT))  # bench/ is a folder of the repository, not installed
+  from bench import decode as bench_decode
+  # Tiny, and without the peers and the extra split row: a few compiles.
+  assert bench_decode.main(["--batch", "2", "--length", "64", "--heads", "4", "--kv-heads", "2",
+                            "--head-dim", "8", "--rounds", "1", "--paged", "16", "--splits", "1",
+                            "--no-peers"]) == 0
+  out = capsys.readouterr().out
+  assert "paged (page_size=16)" in out and "decode_attention / read K+V once" in out
