@@ -1,0 +1,608 @@
+"""Attention over a sequence sharded across devices: ring attention.
+
+Ring Attention (Liu, Zaharia & Abbeel 2023, arXiv 2310.01889): each of the P
+devices on a mesh axis holds T/P queries and T/P keys and values. The K/V
+blocks travel around the ring with `lax.ppermute` (P steps); at each step a
+device attends its queries to the visiting block with the chunked
+(FlashAttention-2) kernel, which returns the logsumexp, and merges the partial
+result into its running one exactly:
+
+  lse = logaddexp(lse_a, lse_b),
+  out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b.
+
+The backward (a `jax.custom_vjp`) rotates K/V once more, with dK/dV
+accumulators travelling alongside that arrive back at their owner after P
+steps; every step calls the chunked backward with the *global* output and
+logsumexp, so each step's share of the gradient is exact. Per-device memory
+stays O(T/P); nothing of size T is ever gathered. The next block is sent before
+the current one is used, so XLA may overlap the transfer with the compute.
+
+Causal masks need the global positions of the local queries and the visiting
+keys, which depend on the (traced) device index; the kernel's configuration is
+static, so each step chooses among a few static configurations with
+`lax.switch`. Three layouts say which tokens a device holds (device d of P):
+
+  contiguous  tokens [d*T/P, (d+1)*T/P). Causally, device P-1 attends to every
+              block and device 0 to one: no faster than non-causal.
+  zigzag      the sequence cut into 2P chunks; device d holds chunks d and
+              2P-1-d. Every step after the first is exactly half a block of
+              unmasked work (Brandon et al. 2023 for the balance argument).
+  striped     token i on device i % P (Striped Attention, Brandon et al. 2023,
+              arXiv 2311.09431). Every step is a triangular mask, half of
+              which the chunked kernel skips when its blocks are smaller than
+              the local length.
+
+`to_balanced_layout` / `from_balanced_layout` permute a global sequence into
+and out of a layout, so that plain contiguous sharding then gives each device
+its tokens; `layout_positions` gives each token's original position (for RoPE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxattn import attention as _attention
+from jaxattn._impl import chunked, common
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+Layout = Literal["contiguous", "zigzag", "striped"]
+
+
+# ---------------------------------------------------------------------------
+# Layouts.
+
+
+def _check_layout(fn: str, layout):
+  if layout not in LAYOUTS:
+    raise ValueError(f"{fn}: layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}.")
+
+
+def _layout_order(length: int, num_shards: int, layout: str, fn: str) -> np.ndarray:
+  """order[i] = original position of the token at index i of the laid-out sequence."""
+  _check_layout(fn, layout)
+  if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
+    raise ValueError(f"{fn}: num_shards must be a positive int; got {num_shards!r}.")
+  parts = {"contiguous": 1, "zigzag": 2 * num_shards, "striped": num_shards}[layout]
+  if length % parts:
+    raise ValueError(f"{fn}: the sequence length ({length}) must be divisible by "
+                     f"{'2 * num_shards' if layout == 'zigzag' else 'num_shards'} = {parts} "
+                     f"for the {layout!r} layout.")
+  pos = np.arange(length)
+  if layout == "zigzag":
+    c = length // parts
+    chunks = [i for d in range(num_shards) for i in (d, 2 * num_shards - 1 - d)]
+    return pos.reshape(parts, c)[chunks].reshape(-1)
+  if layout == "striped":
+    return pos.reshape(length // num_shards, num_shards).T.reshape(-1)
+  return pos
+
+
+def _permute(x, order, axis):
+  """x[..., order, ...] on `axis`; a sharded array keeps its sharding."""
+  if not isinstance(x, jax.Array):  # NumPy: data preparation on the host
+    return np.take(np.asarray(x), order, axis=axis)
+  index = (slice(None),) * (axis % x.ndim) + (order,)
+  # With explicit mesh axes the gather must be told its output sharding.
+  return x.at[index].get(out_sharding=jax.typeof(x).sharding)
+
+
+def layout_positions(length: int, num_shards: int, layout: Layout = "zigzag") -> np.ndarray:
+  """Original positions of the tokens of a sequence in `layout`, int (T,).
+
+  `layout_positions(T, P, layout)[i]` is the position that index i of
+  `to_balanced_layout(x, P, layout=layout)` came from: pass these to RoPE.
+
+  >>> layout_positions(8, 2, "zigzag").tolist()
+  [0, 1, 6, 7, 2, 3, 4, 5]
+  >>> layout_positions(8, 2, "striped").tolist()
+  [0, 2, 4, 6, 1, 3, 5, 7]
+  """
+  return _layout_order(length, num_shards, layout, "layout_positions")
+
+
+def to_balanced_layout(x, num_shards: int, *, layout: Layout = "zigzag", axis: int = 1):
+  """Permutes the sequence axis of x into `layout` for `num_shards` devices.
+
+  After this, sharding `axis` contiguously over num_shards devices gives each
+  the tokens that layout assigns it (see the module docstring). Apply it to
+  query, key, value and segment ids alike (and `from_balanced_layout` to the
+  output); it is a gather, so do it once, where the data is made.
+
+  Args:
+    x: array with the sequence (T) on `axis`, e.g. (B, T, N, H) or (B, T).
+    num_shards: P, the size of the mesh axis the sequence is sharded over.
+    layout: "zigzag", "striped" or "contiguous" (the identity).
+    axis: the sequence axis.
+
+  Returns:
+    x with its sequence axis permuted.
+
+  Raises:
+    ValueError: T is not divisible by 2P (zigzag) or P (striped).
+
+  >>> import numpy as np
+  >>> to_balanced_layout(np.arange(8)[None], 2, layout="zigzag").tolist()
+  [[0, 1, 6, 7, 2, 3, 4, 5]]
+  """
+  order = _layout_order(np.shape(x)[axis], num_shards, layout, "to_balanced_layout")
+  return _permute(x, order, axis)
+
+
+def from_balanced_layout(x, num_shards: int, *, layout: Layout = "zigzag", axis: int = 1):
+  """Inverse of `to_balanced_layout`: back to the original token order.
+
+  >>> import numpy as np
+  >>> x = np.arange(12)[None]
+  >>> bool((from_balanced_layout(to_balanced_layout(x, 3), 3) == x).all())
+  True
+  """
+  order = _layout_order(np.shape(x)[axis], num_shards, layout, "from_balanced_layout")
+  return _permute(x, np.argsort(order), axis)
+
+
+# ---------------------------------------------------------------------------
+# The plan: which (query rows, key rows, static config) pieces a step computes.
+
+
+class _Piece(NamedTuple):
+  """Queries [q0, q0 + tq) attend keys [k0, k0 + tk) under `config`."""
+  q0: int
+  tq: int
+  k0: int
+  tk: int
+  config: common.AttentionConfig
+
+
+class _Ring(NamedTuple):
+  """Static description of a ring problem (hashable: a custom_vjp nondiff arg)."""
+  axis_name: object
+  layout: str
+  is_causal: bool
+  config: common.AttentionConfig  # scale and soft cap; no mask
+  block_sizes: tuple[int, int] | None
+  T: int  # local query length
+  S: int  # local key length
+
+
+def _plan(st: _Ring):
+  """(pieces of the first step, pieces of each later step's branches).
+
+  The first step is the device's own block (static). A later step picks
+  branch 0 when the visiting block comes from a lower device index (it lies
+  before the local queries) and branch 1 otherwise.
+  """
+  plain = st.config
+  full = (_Piece(0, st.T, 0, st.S, plain),)
+  if not st.is_causal:
+    return full, (full,)
+  causal = dataclasses.replace(plain, is_causal=True, q_offset=0)
+  if st.layout == "contiguous":
+    return (_Piece(0, st.T, 0, st.S, causal),), (full, ())
+  if st.layout == "zigzag":
+    c = st.T // 2
+    # Local order is global order, so the own block is causal; queries of the
+    # second chunk start at local key position c.
+    own = (_Piece(0, c, 0, c, causal),
+           _Piece(c, c, 0, 2 * c, dataclasses.replace(causal, q_offset=c)))
+    # From a lower device: both query chunks see its first chunk, not its second.
+    before = (_Piece(0, 2 * c, 0, c, plain),)
+    # From a higher device: only the second query chunk sees it, all of it.
+    after = (_Piece(c, c, 0, 2 * c, plain),)
+    return own, (before, after)
+  # striped: local key j of device src is at global j*P + src, query i at
+  # i*P + d. From src <= d, key j is visible iff j <= i; from src > d iff j < i.
+  strict = dataclasses.replace(causal, q_offset=-1)
+  return (_Piece(0, st.T, 0, st.S, causal),), ((_Piece(0, st.T, 0, st.S, causal),),
+                                               (_Piece(0, st.T, 0, st.S, strict),))
+
+
+def _piece_inputs(p: _Piece, q, qseg, kv):
+  k, v, kseg = kv
+  qs, ks = slice(p.q0, p.q0 + p.tq), slice(p.k0, p.k0 + p.tk)
+  return common.AttentionInputs(
+      q[:, qs], k[:, ks], v[:, ks],
+      query_segment_ids=None if qseg is None else qseg[:, qs],
+      key_value_segment_ids=None if kseg is None else kseg[:, ks])
+
+
+def _vma(*xs) -> frozenset:
+  """The mesh axes the arrays vary over, inside shard_map (empty outside)."""
+  out = frozenset()
+  for x in jax.tree.leaves(xs):
+    t = jax.typeof(x)
+    mat = getattr(t, "mat", None)  # jax >= 0.10: ManualAxisType; before: .vma
+    out |= frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
+  return out
+
+
+def _varying(x, vma: frozenset):
+  """x typed as varying over `vma`, so loop carries and branches type-check under shard_map."""
+  missing = tuple(sorted(vma - _vma(x), key=str))
+  return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _rotate(tree, axis_name, P):
+  """Sends every array of tree to the next device on the ring."""
+  perm = [(i, (i + 1) % P) for i in range(P)]
+  return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
+
+
+def _ring_size(axis_name) -> int:
+  try:
+    return lax.axis_size(axis_name)
+  except NameError as e:
+    raise ValueError(
+        f"ring_attention: axis_name {axis_name!r} is not a bound mesh axis here; call "
+        f"ring_attention inside jax.shard_map over a mesh with that axis, or use "
+        f"sharded_ring_attention, which does. ({e})") from None
+
+
+# ---------------------------------------------------------------------------
+# Forward and backward.
+
+
+def _merge(acc, p: _Piece, out, lse):
+  """Merges a piece's normalized (out, lse) into the running (out, lse) rows."""
+  acc_out, acc_lse = acc
+  rows = slice(p.q0, p.q0 + p.tq)
+  a_out, a_lse = acc_out[:, rows], acc_lse[:, rows]
+  new = jnp.logaddexp(a_lse, lse)
+  safe = jnp.where(new == -jnp.inf, 0.0, new)  # both -inf: weights 0, not NaN
+  out = (a_out * jnp.exp(a_lse - safe)[..., None]
+         + out.astype(jnp.float32) * jnp.exp(lse - safe)[..., None])
+  return acc_out.at[:, rows].set(out), acc_lse.at[:, rows].set(new)
+
+
+def _forward_step(st: _Ring, pieces, q, qseg, kv, acc):
+  for p in pieces:
+    out, lse = chunked.forward(_piece_inputs(p, q, qseg, kv), p.config, block_sizes=st.block_sizes)
+    acc = _merge(acc, p, out, lse)
+  return acc
+
+
+def _ring_forward(st: _Ring, q, k, v, qseg, kseg):
+  P, d = _ring_size(st.axis_name), lax.axis_index(st.axis_name)
+  own, later = _plan(st)
+  B, T, N = q.shape[:3]
+  vary = functools.partial(_varying, vma=_vma(q, k, v, qseg, kseg))
+  # Running output and logsumexp of the local queries, in float32.
+  acc = (vary(jnp.zeros((B, T, N, v.shape[-1]), jnp.float32)),
+         vary(jnp.full((B, T, N), -jnp.inf, jnp.float32)))
+  kv = (k, v, kseg)
+  nxt = _rotate(kv, st.axis_name, P) if P > 1 else kv
+  acc = _forward_step(st, own, q, qseg, kv, acc)
+
+  def body(s, carry):
+    kv, acc = carry
+    nxt = _rotate(kv, st.axis_name, P)  # sent before use: may overlap the compute
+    branches = [functools.partial(_forward_step, st, b, q, qseg, kv) for b in later]
+    if len(branches) == 1:
+      return nxt, branches[0](acc)
+    return nxt, lax.switch(jnp.where(s <= d, 0, 1), branches, acc)
+
+  if P > 1:
+    _, acc = lax.fori_loop(1, P, body, (nxt, acc))
+  out, lse = acc
+  return out.astype(q.dtype), lse
+
+
+def _backward_step(st: _Ring, pieces, q, qseg, out, lse, d_out, d_lse, kv, grads):
+  dq, dk, dv = grads
+  for p in pieces:
+    rows = slice(p.q0, p.q0 + p.tq)
+    cols = slice(p.k0, p.k0 + p.tk)
+    gq, gk, gv = chunked.backward(  # (dq, dk, dv, dbias, ...): no bias here
+        _piece_inputs(p, q, qseg, kv), p.config, out[:, rows], lse[:, rows], d_out[:, rows],
+        d_lse[:, rows], block_sizes=st.block_sizes)[:3]
+    dq = dq.at[:, rows].add(gq)
+    dk = dk.at[:, cols].add(gk)
+    dv = dv.at[:, cols].add(gv)
+  return dq, dk, dv
+
+
+def _ring_backward(st: _Ring, q, k, v, qseg, kseg, out, lse, d_out, d_lse):
+  P, d = _ring_size(st.axis_name), lax.axis_index(st.axis_name)
+  own, later = _plan(st)
+  vary = functools.partial(_varying, vma=_vma(q, k, v, qseg, kseg, out, lse, d_out, d_lse))
+  zeros = lambda x: vary(jnp.zeros(x.shape, jnp.float32))
+  step = functools.partial(_backward_step, st)
+  kv = (k, v, kseg)
+  nxt = _rotate(kv, st.axis_name, P) if P > 1 else kv
+  dq, dk, dv = step(own, q, qseg, out, lse, d_out, d_lse, kv, (zeros(q), zeros(k), zeros(v)))
+  if P == 1:
+    return dq, dk, dv
+  # dK/dV of a block travel with it and are back at its owner after P sends.
+  dkv = _rotate((dk, dv), st.axis_name, P)
+
+  def body(s, carry):
+    kv, dkv, dq = carry
+    nxt = _rotate(kv, st.axis_name, P)
+    branches = [functools.partial(step, b, q, qseg, out, lse, d_out, d_lse, kv) for b in later]
+    grads = (dq,) + dkv
+    if len(branches) == 1:
+      dq, dk, dv = branches[0](grads)
+    else:
+      dq, dk, dv = lax.switch(jnp.where(s <= d, 0, 1), branches, grads)
+    return nxt, _rotate((dk, dv), st.axis_name, P), dq
+
+  _, (dk, dv), dq = lax.fori_loop(1, P, body, (nxt, dkv, dq))
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(st: _Ring, q, k, v, qseg, kseg):
+  return _ring_forward(st, q, k, v, qseg, kseg)
+
+
+def _ring_fwd(st, q, k, v, qseg, kseg):
+  out, lse = _ring_forward(st, q, k, v, qseg, kseg)
+  return (out, lse), (q, k, v, qseg, kseg, out, lse)
+
+
+def _ring_bwd(st, res, cts):
+  q, k, v, qseg, kseg, out, lse = res
+  d_out, d_lse = cts
+  dq, dk, dv = _ring_backward(st, q, k, v, qseg, kseg, out, lse, d_out.astype(q.dtype),
+                              d_lse.astype(jnp.float32))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Public functions.
+
+_FN = "ring_attention"
+
+
+def _renamed(e: Exception, fn: str) -> Exception:
+  """The shared validator's error, naming the public function that was called."""
+  return type(e)(str(e).replace("dot_product_attention:", f"{fn}:", 1))
+
+
+def _check_block_sizes(fn, block_sizes):
+  if block_sizes is not None and not (
+      isinstance(block_sizes, tuple) and len(block_sizes) == 2
+      and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_sizes)):
+    raise ValueError(f"{fn}: block_sizes must be a tuple of two positive ints; got {block_sizes!r}.")
+
+
+def ring_attention(
+    query, key, value, *,
+    axis_name,
+    is_causal: bool = False,
+    layout: Layout = "contiguous",
+    query_segment_ids=None,
+    key_value_segment_ids=None,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    return_residual: bool = False,
+    block_sizes: tuple[int, int] | None = None,
+):
+  r"""Attention over a sequence sharded on mesh axis `axis_name` (ring attention).
+
+  Call it inside `jax.shard_map` (or use `sharded_ring_attention`): each device
+  passes its local shard and gets its local shard of
+
+  .. math:: \mathrm{softmax}(s \cdot QK^T + \text{mask}) V
+
+  computed over the *whole* sequence: K/V blocks rotate around the ring with
+  `lax.ppermute` (Liu et al. 2023, arXiv 2310.01889) and the partial results
+  are merged exactly with their logsumexp. Differentiable (a custom VJP that
+  rotates dK/dV back to their owners); per-device memory O(T/P).
+
+  Shapes are the local ones on one of the P devices: B batch, T = T_global / P
+  queries, S = S_global / P keys, N query heads, K key/value heads (N % K == 0;
+  GQA without copying K/V), H head dim. Batch and heads may be sharded over
+  other mesh axes too.
+
+  Args:
+    query: (B, T, N, H) or (T, N, H), this device's queries.
+    key: (B, S, K, H) or (S, K, H), this device's keys, the query's dtype.
+    value: (B, S, K, Hv) or (S, K, Hv), the query's dtype (Hv may differ from H).
+    axis_name: the mesh axis (or tuple of axes) the sequence is sharded over.
+    is_causal: mask keys after the query's global position (self-attention:
+      needs T == S).
+    layout: which global positions the local tokens have (device d of P):
+      "contiguous" (tokens [d*T, (d+1)*T)), "zigzag" (chunks d and 2P-1-d of
+      2P; T must be even) or "striped" (tokens d, d+P, d+2P, ...). Only
+      matters when is_causal; zigzag and striped balance the causal work
+      (see `to_balanced_layout`).
+    query_segment_ids: int (B, T); a query attends only to keys with the same
+      id (packed documents), in the same layout as the query.
+    key_value_segment_ids: int (B, S); defaults to query_segment_ids. They
+      rotate with K/V.
+    scale: logit scale, default 1/sqrt(H).
+    logits_soft_cap: `cap * tanh(logits / cap)` on the scaled logits.
+    return_residual: also return the logsumexp over all keys, (B, T, N).
+    block_sizes: (query block, key block) of the chunked kernel at each step.
+      Blocks smaller than the local length let it skip masked blocks (what
+      the striped layout relies on) and bound its temporary memory.
+
+  Returns:
+    This device's output, (B, T, N, Hv) in the query's dtype (with
+    return_residual, the tuple (output, logsumexp)).
+
+  Raises:
+    ValueError: a shape does not fit, an unknown layout, or axis_name is not
+      bound (not inside shard_map).
+    TypeError: a dtype does not fit.
+
+  A fully masked query row gives 0 and logsumexp -inf, as in
+  `dot_product_attention`.
+
+  Inside `jax.shard_map`, pass `check_vma=False` for now: the chunked
+  kernel's loop carries are not yet typed as varying over the mesh.
+
+  >>> import jax
+  >>> from jax.sharding import NamedSharding, PartitionSpec as P
+  >>> from jaxattn.parallel import ring_attention
+  >>> mesh = jax.make_mesh((1,), ("seq",))
+  >>> x = jax.random.normal(jax.random.key(0), (2, 8, 4, 16))
+  >>> x = jax.device_put(x, NamedSharding(mesh, P(None, "seq")))
+  >>> f = jax.shard_map(lambda q, k, v: ring_attention(
+  ...     q, k, v, axis_name="seq", is_causal=True, layout="zigzag"),
+  ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq"), check_vma=False)
+  >>> f(x, x, x).shape
+  (2, 8, 4, 16)
+  """
+  _check_layout(_FN, layout)
+  _check_block_sizes(_FN, block_sizes)
+  try:
+    inputs, config, rank3 = _attention.normalize(
+        query, key, value, scale=scale, is_causal=is_causal,
+        query_segment_ids=query_segment_ids, key_value_segment_ids=key_value_segment_ids,
+        logits_soft_cap=logits_soft_cap)
+  except (ValueError, TypeError) as e:
+    raise _renamed(e, _FN) from None
+  T, S = inputs.query.shape[1], inputs.key.shape[1]
+  if is_causal and T != S:
+    raise ValueError(f"{_FN}: is_causal needs local query and key lengths to match "
+                     f"(self-attention); got T={T}, S={S}.")
+  if is_causal and layout == "zigzag" and T % 2:
+    raise ValueError(f"{_FN}: the zigzag layout needs an even local length (two chunks "
+                     f"per device); got T={T}.")
+  _ring_size(axis_name)  # bound: we are inside shard_map
+  st = _Ring(axis_name=axis_name, layout=layout, is_causal=bool(is_causal),
+             config=dataclasses.replace(config, is_causal=False, q_offset=0),
+             block_sizes=block_sizes, T=T, S=S)
+  out, lse = _ring(st, inputs.query, inputs.key, inputs.value,
+                   inputs.query_segment_ids, inputs.key_value_segment_ids)
+  if rank3:
+    out, lse = out[0], lse[0]
+  if return_residual:
+    return out, lse.astype(out.dtype)
+  return out
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_fn(mesh, axis_name, batch_axis, head_axis, has_segments, options):
+  spec = PartitionSpec(batch_axis, axis_name, head_axis, None)
+  seg_spec = PartitionSpec(batch_axis, axis_name)
+  kw = dict(options)
+
+  def local(q, k, v, qseg, kseg):
+    return ring_attention(q, k, v, axis_name=axis_name, query_segment_ids=qseg,
+                          key_value_segment_ids=kseg, **kw)
+
+  seg = seg_spec if has_segments else None
+  out_specs = (spec, PartitionSpec(batch_axis, axis_name, head_axis)) if kw["return_residual"] else spec
+  ring = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg, seg), out_specs=out_specs,
+                       check_vma=False)
+  explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
+
+  def place(x, s):
+    # Explicit mesh axes type arrays by their sharding (reshard); auto ones take a constraint.
+    if x is None:
+      return None
+    s = NamedSharding(mesh, s)
+    return jax.reshard(x, s) if explicit else lax.with_sharding_constraint(x, s)
+
+  def run(q, k, v, qseg, kseg):
+    return ring(place(q, spec), place(k, spec), place(v, spec), place(qseg, seg_spec),
+                place(kseg, seg_spec))
+
+  return jax.jit(run)
+
+
+def sharded_ring_attention(
+    query, key, value, *,
+    mesh: Mesh,
+    axis_name,
+    batch_axis=None,
+    head_axis=None,
+    is_causal: bool = False,
+    layout: Layout = "contiguous",
+    query_segment_ids=None,
+    key_value_segment_ids=None,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    return_residual: bool = False,
+    block_sizes: tuple[int, int] | None = None,
+):
+  """`ring_attention` on global arrays: runs `jax.shard_map` over `mesh` for you.
+
+  The sequence axis (T, and S) is sharded over `axis_name`, optionally the
+  batch over `batch_axis` and the heads over `head_axis`. The arrays are taken
+  to be in `layout` already: for a balanced causal layout, permute once with
+  `to_balanced_layout` where the data is made (and positions with
+  `layout_positions`), and back with `from_balanced_layout`.
+
+  Args:
+    query: global (B, T, N, H) or (T, N, H).
+    key: global (B, S, K, H) or (S, K, H); value: (B, S, K, Hv) or (S, K, Hv).
+    mesh: a `jax.sharding.Mesh` with the named axes.
+    axis_name: mesh axis of the sequence; T and S must be divisible by its
+      size P (by 2P for the zigzag layout).
+    batch_axis, head_axis: optional mesh axes for B and for N and K.
+    is_causal, layout, query_segment_ids, key_value_segment_ids, scale,
+    logits_soft_cap, return_residual, block_sizes: as for `ring_attention`
+      (segment ids global (B, T) and (B, S)).
+
+  Returns:
+    The global output (and logsumexp), sharded like query.
+
+  Raises:
+    ValueError: a mesh axis is missing or a length does not divide.
+
+  >>> import jax
+  >>> from jaxattn.parallel import sharded_ring_attention
+  >>> mesh = jax.make_mesh((1,), ("seq",))
+  >>> x = jax.random.normal(jax.random.key(0), (2, 8, 4, 16))
+  >>> sharded_ring_attention(x, x, x, mesh=mesh, axis_name="seq", is_causal=True).shape
+  (2, 8, 4, 16)
+  """
+  fn = "sharded_ring_attention"
+  _check_layout(fn, layout)
+  _check_block_sizes(fn, block_sizes)
+  for arg, name in (("axis_name", axis_name), ("batch_axis", batch_axis), ("head_axis", head_axis)):
+    names = name if isinstance(name, tuple) else (name,)
+    if name is None and arg != "axis_name":
+      continue
+    for n in names:
+      if n not in mesh.shape:
+        raise ValueError(f"{fn}: {arg} {n!r} is not an axis of the mesh "
+                         f"{dict(mesh.shape)}.")
+  query, key, value = (jnp.asarray(x) for x in (query, key, value))
+  rank3 = query.ndim == 3
+  if rank3 and key.ndim == 3 and value.ndim == 3:
+    query, key, value = query[None], key[None], value[None]
+    if query_segment_ids is not None:
+      query_segment_ids = jnp.asarray(query_segment_ids)[None]
+    if key_value_segment_ids is not None:
+      key_value_segment_ids = jnp.asarray(key_value_segment_ids)[None]
+  if query.ndim != 4 or key.ndim != 4:
+    raise ValueError(f"{fn}: query, key and value must have shapes (B, T, N, H) and "
+                     f"(B, S, K, H) (or their 3D forms); got {query.shape}, {key.shape}.")
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  P = int(np.prod([mesh.shape[n] for n in names]))
+  parts = 2 * P if (is_causal and layout == "zigzag") else P
+  for arg, length in (("query", query.shape[1]), ("key", key.shape[1])):
+    if length % parts:
+      raise ValueError(f"{fn}: the {arg} sequence length ({length}) must be divisible by "
+                       f"{'2 * ' if parts != P else ''}the size of mesh axis {axis_name!r} "
+                       f"= {parts}.")
+  if key_value_segment_ids is None and query_segment_ids is not None and key.shape[1] == query.shape[1]:
+    key_value_segment_ids = query_segment_ids
+  options = (("is_causal", bool(is_causal)), ("layout", layout), ("scale", scale),
+             ("logits_soft_cap", logits_soft_cap), ("return_residual", bool(return_residual)),
+             ("block_sizes", block_sizes))
+  f = _sharded_fn(mesh, axis_name, batch_axis, head_axis, query_segment_ids is not None, options)
+  try:
+    result = f(query, key, value, query_segment_ids, key_value_segment_ids)
+  except (ValueError, TypeError) as e:
+    if str(e).startswith(f"{_FN}:"):
+      raise type(e)(str(e).replace(f"{_FN}:", f"{fn}:", 1)) from None
+    raise
+  if rank3:
+    result = jax.tree.map(lambda x: x[0], result)
+  return result

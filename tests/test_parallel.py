@@ -1,0 +1,352 @@
+"""Ring attention on 8 simulated CPU devices (conftest sets the device count),
+head- and batch-sharded attention without resharding, and two processes.
+
+Every ring result is compared with `dot_product_attention` on one device, the
+global problem in token order: output, logsumexp and the gradients of both.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+import jaxattn
+from jaxattn import parallel, testing
+
+P = 8
+# Global shapes: every dimension a different size. T/P = 8 queries per device
+# (4 per zigzag chunk), S/P = 12 keys for cross-attention.
+B, T, S, N, K, H = 2, 64, 96, 6, 3, 5
+ATOL = 1e-5  # float32 ring vs single device (the target)
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < P,
+    reason=f"needs {P} devices: XLA_FLAGS=--xla_force_host_platform_device_count={P} "
+           f"before jax is imported (tests/conftest.py sets it)")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return jax.make_mesh((P,), ("seq",), devices=jax.devices()[:P])
+
+
+def _problem(key, *, T=T, S=T, segments=False):
+  ks = jax.random.split(key, 6)
+  q, k, v = testing.random_qkv(ks[0], B=B, T=T, S=S, N=N, K=K, H=H)
+  out = {"query": q, "key": k, "value": v}
+  if segments:
+    # Sorted (packed documents) and a query id no key has: fully masked rows.
+    out["query_segment_ids"] = jnp.sort(jax.random.randint(ks[1], (B, T), 0, 4), axis=1)
+    out["key_value_segment_ids"] = jnp.sort(jax.random.randint(ks[2], (B, S), 0, 3), axis=1)
+  d_out = jax.random.normal(ks[3], (B, T, N, H))
+  d_lse = jax.random.normal(ks[4], (B, T, N))
+  return out, d_out, d_lse
+
+
+def _single_device(args, d_out, d_lse, **kw):
+  """Output, lse and (dq, dk, dv) of the global problem on one device."""
+  q, k, v = args["query"], args["key"], args["value"]
+  seg = {n: args[n] for n in ("query_segment_ids", "key_value_segment_ids") if n in args}
+  f = lambda q, k, v: jaxattn.dot_product_attention(
+      q, k, v, return_residual=True, implementation="xla", **seg, **kw)
+  (out, lse), vjp = jax.vjp(f, q, k, v)
+  d_lse = jnp.where(jnp.isfinite(lse), d_lse, 0.0)
+  return out, lse, vjp((d_out, d_lse)), d_lse
+
+
+def _ring(mesh, args, d_out, d_lse, *, layout, **kw):
+  """The same through sharded_ring_attention, in `layout` and back to token order."""
+  to = lambda x: parallel.to_balanced_layout(x, P, layout=layout)
+  back = lambda x: parallel.from_balanced_layout(x, P, layout=layout)
+  seg = {n: to(args[n]) for n in ("query_segment_ids", "key_value_segment_ids") if n in args}
+
+  @jax.jit
+  def run(q, k, v, d_out, d_lse):
+    f = lambda q, k, v: parallel.sharded_ring_attention(
+        q, k, v, mesh=mesh, axis_name="seq", layout=layout, return_residual=True, **seg, **kw)
+    (out, lse), vjp = jax.vjp(f, q, k, v)
+    return out, lse, vjp((d_out, d_lse))
+
+  out, lse, grads = run(to(args["query"]), to(args["key"]), to(args["value"]), to(d_out), to(d_lse))
+  return back(out), back(lse), tuple(back(g) for g in grads)
+
+
+def _assert_same(got, want):
+  out, lse, grads = got
+  w_out, w_lse, w_grads, _ = want
+  for name, a, b in (("output", out, w_out), ("lse", lse, w_lse), ("dq", grads[0], w_grads[0]),
+                     ("dk", grads[1], w_grads[1]), ("dv", grads[2], w_grads[2])):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b), err_msg=name)
+    fin = np.isfinite(b)
+    np.testing.assert_allclose(a[fin], b[fin], atol=ATOL, rtol=ATOL, err_msg=name)
+
+
+# ---------------------------------------------------------------------------
+# Layouts.
+
+
+@pytest.mark.parametrize("layout", parallel.LAYOUTS)
+def test_layout_round_trip_and_positions(layout):
+  x = np.arange(2 * 16).reshape(2, 16)
+  y = parallel.to_balanced_layout(x, 4, layout=layout)
+  np.testing.assert_array_equal(y[0], parallel.layout_positions(16, 4, layout))
+  np.testing.assert_array_equal(parallel.from_balanced_layout(y, 4, layout=layout), x)
+  xj = jnp.asarray(x)
+  np.testing.assert_array_equal(parallel.to_balanced_layout(xj, 4, layout=layout), y)
+  np.testing.assert_array_equal(jax.jit(lambda a: parallel.from_balanced_layout(
+      parallel.to_balanced_layout(a, 4, layout=layout, axis=-1), 4, layout=layout, axis=-1))(xj), x)
+
+
+def test_layout_assignments():
+  # zigzag: device d holds chunks d and 2P-1-d; striped: token i on device i % P.
+  np.testing.assert_array_equal(parallel.layout_positions(8, 2, "zigzag"), [0, 1, 6, 7, 2, 3, 4, 5])
+  np.testing.assert_array_equal(parallel.layout_positions(8, 2, "striped"), [0, 2, 4, 6, 1, 3, 5, 7])
+
+
+def test_layout_errors_name_the_function_and_sizes():
+  with pytest.raises(ValueError, match=r"to_balanced_layout: .*\(10\).* 2 \* num_shards = 8"):
+    parallel.to_balanced_layout(np.zeros((1, 10)), 4)
+  with pytest.raises(ValueError, match=r"from_balanced_layout: layout must be one of"):
+    parallel.from_balanced_layout(np.zeros((1, 8)), 4, layout="ring")
+
+
+# ---------------------------------------------------------------------------
+# Ring attention equals single-device attention.
+
+
+@pytest.mark.parametrize("layout,is_causal,block_sizes", [
+    ("contiguous", False, None),
+    ("contiguous", True, None),
+    ("zigzag", True, (2, 3)),  # blocks that divide nothing: padding inside each piece
+    ("striped", True, (4, 4)),  # two blocks per device: the kernel skips masked ones
+])
+def test_ring_matches_single_device(mesh, layout, is_causal, block_sizes):
+  """GQA (N=6, K=3), output, logsumexp and all gradients (lse cotangent too)."""
+  args, d_out, d_lse = _problem(jax.random.key(0))
+  want = _single_device(args, d_out, d_lse, is_causal=is_causal)
+  got = _ring(mesh, args, d_out, want[3], layout=layout, is_causal=is_causal,
+              block_sizes=block_sizes)
+  chex.assert_trees_all_equal_dtypes(got[0], args["query"])
+  _assert_same(got, want)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_ring_segment_ids_causal(mesh, layout):
+  """Packed documents; a query segment no key has gives 0 and lse -inf, no NaN."""
+  args, d_out, d_lse = _problem(jax.random.key(1), segments=True)
+  args["key_value_segment_ids"] = jnp.minimum(args["query_segment_ids"], 2)
+  want = _single_device(args, d_out, d_lse, is_causal=True)
+  assert not np.all(np.isfinite(want[1])), "the problem should have fully masked rows"
+  got = _ring(mesh, args, d_out, want[3], layout=layout, is_causal=True)
+  chex.assert_tree_all_finite(got[2])
+  _assert_same(got, want)
+
+
+def test_ring_cross_attention_segment_ids_soft_cap(mesh):
+  """S != T (12 keys, 8 queries per device), other segment ids, scale and soft cap."""
+  args, d_out, d_lse = _problem(jax.random.key(2), S=S, segments=True)
+  kw = dict(scale=0.3, logits_soft_cap=2.0)
+  want = _single_device(args, d_out, d_lse, **kw)
+  got = _ring(mesh, args, d_out, want[3], layout="contiguous", **kw)
+  _assert_same(got, want)
+
+
+def test_ring_against_float64_reference(mesh):
+  args, d_out, _ = _problem(jax.random.key(3))
+  q, k, v = args["query"], args["key"], args["value"]
+  kw = dict(mesh=mesh, axis_name="seq", is_causal=True, layout="zigzag")
+  to = lambda x: parallel.to_balanced_layout(x, P)
+  back = lambda x: parallel.from_balanced_layout(x, P)
+  f = jax.jit(lambda q, k, v, do: jax.vjp(
+      lambda q, k, v: parallel.sharded_ring_attention(q, k, v, **kw), q, k, v)[1](do))
+  out = back(parallel.sharded_ring_attention(to(q), to(k), to(v), **kw))
+  grads = [back(g) for g in f(to(q), to(k), to(v), to(d_out))]
+  testing.assert_attention_close(out, testing.reference_attention(q, k, v, is_causal=True))
+  ref = testing.reference_attention_vjp(q, k, v, d_out=d_out, is_causal=True)
+  testing.assert_attention_close(grads, [ref["query"], ref["key"], ref["value"]], dtype=jnp.float32)
+
+
+def test_ring_inside_own_shard_map_with_batch_axis():
+  """ring_attention in the user's shard_map on a 2 x 4 mesh: batch over 'data',
+  the ring over 'seq' (4 devices), 3D per-example inputs under vmap."""
+  mesh = jax.make_mesh((2, 4), ("data", "seq"), devices=jax.devices()[:P])
+  args, d_out, _ = _problem(jax.random.key(4))
+  q, k, v = args["query"], args["key"], args["value"]
+  to = lambda x: parallel.to_balanced_layout(x, 4)
+  spec = PartitionSpec("data", "seq")
+
+  def local(q, k, v):
+    one = lambda q, k, v: parallel.ring_attention(q, k, v, axis_name="seq", is_causal=True,
+                                                  layout="zigzag")
+    return jax.vmap(one)(q, k, v)  # (T, N, H) per example
+
+  f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+  place = lambda x: jax.device_put(to(x), NamedSharding(mesh, spec))
+  out = parallel.from_balanced_layout(f(place(q), place(k), place(v)), 4)
+  want = jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+  np.testing.assert_allclose(out, want, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.xfail(raises=TypeError, strict=True, reason=(
+    "the chunked kernel's loop carries start as device-invariant zeros; under shard_map "
+    "with check_vma=True they must be typed varying (lax.pcast) like its inputs"))
+def test_ring_under_check_vma():
+  mesh = jax.make_mesh((P,), ("seq",), devices=jax.devices()[:P])
+  args, _, _ = _problem(jax.random.key(5))
+  f = jax.shard_map(lambda q, k, v: parallel.ring_attention(q, k, v, axis_name="seq", is_causal=True),
+                    mesh=mesh, in_specs=PartitionSpec(None, "seq"), out_specs=PartitionSpec(None, "seq"))
+  q, k, v = (jax.device_put(args[n], NamedSharding(mesh, PartitionSpec(None, "seq")))
+             for n in ("query", "key", "value"))
+  out = jax.jit(f)(q, k, v)
+  want = jaxattn.dot_product_attention(args["query"], args["key"], args["value"], is_causal=True)
+  np.testing.assert_allclose(out, want, atol=ATOL, rtol=ATOL)
+
+
+# ---------------------------------------------------------------------------
+# Memory: O(T/P) per device.
+
+
+def _ring_temp_bytes(mesh, T):
+  """Per-device compiled temp bytes of ring forward + backward at global length T."""
+  sh = NamedSharding(mesh, PartitionSpec(None, "seq"))
+  q = jax.ShapeDtypeStruct((1, T, 2, 8), jnp.float32, sharding=sh)
+  kv = jax.ShapeDtypeStruct((1, T, 1, 8), jnp.float32, sharding=sh)
+
+  def fwd_bwd(q, k, v, do):
+    f = lambda q, k, v: parallel.sharded_ring_attention(
+        q, k, v, mesh=mesh, axis_name="seq", is_causal=True, layout="zigzag", block_sizes=(16, 16))
+    out, vjp = jax.vjp(f, q, k, v)
+    return (out,) + vjp(do)
+  return jax.jit(fwd_bwd).lower(q, kv, kv, q).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_ring_temp_memory_grows_linearly(mesh):
+  """Doubling T doubles (not quadruples) the per-device temp memory."""
+  small, large = _ring_temp_bytes(mesh, 512), _ring_temp_bytes(mesh, 1024)
+  assert 1.5 < large / small < 2.5, (small, large)
+
+
+# ---------------------------------------------------------------------------
+# Batch- and head-sharded dot_product_attention: no resharding.
+
+_COLLECTIVE = re.compile(r"= (\(?[^=]*?) (all-gather|all-to-all|collective-permute|all-reduce|"
+                         r"reduce-scatter)(?:-start)?\(")
+
+
+def _collectives(hlo: str) -> dict[str, set[str]]:
+  """{collective op: element types it moves} in compiled HLO text."""
+  found = {}
+  for m in _COLLECTIVE.finditer(hlo):
+    found.setdefault(m.group(2), set()).update(re.findall(r"\b([a-z]+\d*)\[", m.group(1)))
+  return found
+
+
+def _sharded_attention(implementation, sharded, axis_type, segments):
+  """(compiled fwd+bwd, sharded args, single-device results, sharding) for B=4 or N=8, K=4 on 4 devices."""
+  mesh = jax.make_mesh((4,), ("d",), axis_types=(axis_type,), devices=jax.devices()[:4])
+  spec = PartitionSpec("d") if sharded == "batch" else PartitionSpec(None, None, "d")
+  sh = NamedSharding(mesh, spec)
+  host = testing.random_qkv(jax.random.key(6), B=4, T=24, S=24, N=8, K=4, H=5) + (
+      testing.random_segment_ids(jax.random.key(7), 4, 24),)
+  seg_sh = NamedSharding(mesh, PartitionSpec("d") if sharded == "batch" else PartitionSpec())
+  args = tuple(jax.device_put(x, sh) for x in host[:3]) + (jax.device_put(host[3], seg_sh),)
+
+  def fwd_bwd(q, k, v, seg, do):
+    f = lambda q, k, v: jaxattn.dot_product_attention(
+        q, k, v, is_causal=True, query_segment_ids=seg if segments else None,
+        implementation=implementation)
+    out, vjp = jax.vjp(f, q, k, v)
+    return (out,) + vjp(do)
+
+  compiled = jax.jit(fwd_bwd).lower(*args, args[0]).compile()
+  want = jax.jit(fwd_bwd)(*host, host[0])  # on one device
+  return compiled, args + (args[0],), want, sh
+
+
+def _check_results(compiled, args, want, sh):
+  results = compiled(*args)
+  for r in results:
+    assert r.sharding.is_equivalent_to(sh, r.ndim), (r.sharding, sh)
+  chex.assert_trees_all_close(results, want, atol=ATOL, rtol=ATOL)
+
+
+_CHUNKED_EXPLICIT = pytest.mark.xfail(strict=True, reason=(
+    "chunked creates its accumulators with jnp.zeros, unsharded; with Explicit mesh axes "
+    "dynamic_update_slice then rejects a sharded update"))
+
+
+@pytest.mark.parametrize("implementation,axis_type", [
+    ("xla", AxisType.Auto), ("chunked", AxisType.Auto), ("xla", AxisType.Explicit),
+    pytest.param("chunked", AxisType.Explicit, marks=_CHUNKED_EXPLICIT)])
+@pytest.mark.parametrize("sharded", ["batch", "heads"])
+def test_batch_or_head_sharded_attention_has_no_collectives(implementation, sharded, axis_type):
+  """jit with NamedSharding on B or on N and K: causal forward and backward
+  compile to per-device programs with no collective at all, and the results
+  keep the sharding."""
+  compiled, args, want, sh = _sharded_attention(implementation, sharded, axis_type, False)
+  found = _collectives(compiled.as_text())
+  assert not found, f"collectives in the compiled HLO: {found}"
+  _check_results(compiled, args, want, sh)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+@pytest.mark.parametrize("sharded", ["batch", "heads"])
+def test_sharded_attention_with_segment_ids_moves_no_qkv(implementation, sharded):
+  """With segment ids, q/k/v and results still stay where they are: no
+  collective moves floating-point data. (Integer ids and boolean block flags
+  may move: the mask code gathers segment ids by position, and the chunked
+  kernel reduces per-block flags over the batch.)"""
+  compiled, args, want, sh = _sharded_attention(implementation, sharded, AxisType.Auto, True)
+  found = _collectives(compiled.as_text())
+  floats = {op: t for op, t in found.items() if any(x.startswith(("f", "bf")) for x in t)}
+  assert not floats, f"floating-point data moved in the compiled HLO: {found}"
+  _check_results(compiled, args, want, sh)
+
+
+# ---------------------------------------------------------------------------
+# Errors.
+
+
+def test_errors_name_the_function_and_argument(mesh):
+  q, k, v = testing.random_qkv(jax.random.key(7), B=B, T=8, S=8, N=N, K=K, H=H)
+  with pytest.raises(ValueError, match=r"ring_attention: axis_name 'seq' is not a bound mesh axis"):
+    parallel.ring_attention(q, k, v, axis_name="seq")
+  with pytest.raises(ValueError, match=r"ring_attention: layout must be one of"):
+    parallel.ring_attention(q, k, v, axis_name="seq", layout="ring")
+  with pytest.raises(ValueError, match=r"ring_attention: key must have shape"):
+    parallel.ring_attention(q, k[..., :4], v, axis_name="seq")
+  with pytest.raises(ValueError, match=r"ring_attention: is_causal needs .* T=8, S=4"):
+    parallel.ring_attention(q, k[:, :4], v[:, :4], axis_name="seq", is_causal=True)
+  with pytest.raises(ValueError, match=r"sharded_ring_attention: axis_name 'sp' is not an axis"):
+    parallel.sharded_ring_attention(q, k, v, mesh=mesh, axis_name="sp")
+  with pytest.raises(ValueError, match=r"sharded_ring_attention: the query sequence length \(8\) "
+                                       r"must be divisible by 2 \* the size .* = 16"):
+    parallel.sharded_ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=True,
+                                    layout="zigzag")
+
+
+# ---------------------------------------------------------------------------
+# Two processes.
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                       "ring_multiprocess.py")
+
+
+def test_two_processes_four_cpu_devices_each():
+  """examples/ring_multiprocess.py: jax.distributed on localhost, gloo CPU collectives."""
+  r = subprocess.run([sys.executable, EXAMPLE, "--timeout", "240"], capture_output=True,
+                     text=True, timeout=300)
+  log = r.stdout + r.stderr
+  assert r.returncode == 0, log[-4000:]
+  assert log.count("] OK") == 2, log[-4000:]
+  assert "4 local of 8 devices in 2 processes" in log, log[-4000:]
