@@ -509,7 +509,7 @@ def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
   _, K, L, _ = key.shape
   G, P = N // K, num_splits
   Lp = L // P
-  Cb = min(block_size, Lp)
+  Cb = min(max(1, block_size // P), Lp)  # block_size keys per step over all P chunks
   nb = -(-Lp // Cb)
   q = _query_rows(query, K)                                          # (B, K, R, H)
   row_pos, row_real = _row_positions(lengths, q_lengths, T, G)      # (B, R)
@@ -637,8 +637,9 @@ def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | Non
       block_size is given, else dot_product_attention's own choice (prefill).
     num_splits: split-KV chunks P (must divide the cache length L); None
       chooses with `default_num_splits`; 1 is the unsplit kernel.
-    block_size: keys per online-softmax step (rounded down to whole pages for
-      a PagedKVCache); None chooses with `default_block_size`.
+    block_size: keys per online-softmax step, over all split-KV chunks
+      (rounded down to whole pages for a PagedKVCache); None chooses with
+      `default_block_size`.
     return_residual: also return the logsumexp (B, T, N) (-inf for empty
       rows).
 
