@@ -1,6 +1,15 @@
 """jaxattn: attention for JAX, exact, stable and fast on every backend."""
 
 from jaxattn.attention import dot_product_attention, implementations
+from jaxattn.decode import (
+    KVCache,
+    PagedKVCache,
+    decode_attention,
+    init_kv_cache,
+    init_paged_kv_cache,
+    multi_head_attention_decode,
+    update_kv_cache,
+)
 from jaxattn.layers import (
     MultiHeadParams,
     SelfAttentionParams,
@@ -15,6 +24,13 @@ from jaxattn.softmax import log_softmax, logsumexp, softmax
 __version__ = "0.1.0"
 
 __all__ = [
+    "KVCache",
+    "PagedKVCache",
+    "decode_attention",
+    "init_kv_cache",
+    "init_paged_kv_cache",
+    "multi_head_attention_decode",
+    "update_kv_cache",
     "MultiHeadParams",
     "RopeConfig",
     "SelfAttentionParams",
