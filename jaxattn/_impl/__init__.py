@@ -27,9 +27,10 @@ def names() -> tuple[str, ...]:
 
 
 def _register_builtins():
-  from jaxattn._impl import chunked, xla
+  from jaxattn._impl import chunked, pallas, xla
   register("xla", xla.xla_attention)
   register("chunked", chunked.chunked_attention)
+  register("pallas", pallas.pallas_attention)
 
 
 _register_builtins()

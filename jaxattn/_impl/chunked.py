@@ -25,7 +25,6 @@ import numpy as np
 from jax import lax
 
 from jaxattn import masks as _masks
-from jaxattn import scores as _scores
 from jaxattn._impl import common
 
 # Block sizes measured on 2-core x86 CPUs (bench/, float32, H=64): larger
@@ -509,10 +508,10 @@ def _flash_bwd(config, block_sizes, res, cts):
   dq, dk, dv, dbias, dscore = backward(inputs, config, out, lse, d_out, d_lse,
                                        block_sizes=block_sizes)
   cast = lambda g, x: None if g is None else g.astype(x.dtype)
-  # score_fn's inputs may include the caller's score_fn only; the soft-cap has no leaves.
+  # combined_score is the caller's score_fn, chained with SoftCap when a cap is set.
   d_user_score = None
   if inputs.score_fn is not None:
-    d_user_score = dscore.mods[0] if isinstance(dscore, _scores.Chain) and config.logits_soft_cap is not None else dscore
+    d_user_score = dscore if config.logits_soft_cap is None else dscore.mods[0]
   return (common.AttentionInputs(
       query=cast(dq, inputs.query), key=cast(dk, inputs.key), value=cast(dv, inputs.value),
       bias=cast(dbias, inputs.bias), score_fn=d_user_score),)
