@@ -207,6 +207,8 @@ def _long() -> list[Case]:
       *(Case("fwd", "causal", t, compile_only=True) for t in (65536, 131072)),
       *(Case("fwdbwd", "causal", t) for t in (8192, 16384)),
       Case("fwdbwd", "causal", 32768, compile_only=True),
+      # issue 9's GPU target (bench/gpu.sh): bf16, B=2, T=8192, N=16, H=128, causal
+      *(Case(mode, "causal", 8192, B=2, N=16, K=16, H=128, dtype="bfloat16") for mode in MODES),
   ]
 
 

@@ -1,0 +1,208 @@
+"""implementation="pallas": the kernels in interpret mode on CPU, and their lowering for GPU.
+
+Interpret mode runs the same kernel source as a GPU would, so values,
+gradients and every mask kind are checked here against the float64
+reference. Compiling and running them on a GPU is bench/gpu.sh's job; what
+CPU can check of that is the lowering to Triton IR, done below.
+"""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+from jaxattn import scores, testing
+from jaxattn._impl import pallas
+
+from attention_base import B, N, S, AttentionTestBase, option_grid, random_cotangents
+
+# jax.nn parity on a subset (each case compiles the three kernels in interpret
+# mode, seconds each on 2 cores); the float64 grid above it covers every option.
+JAX_NN_SUBSET = ["plain", "causal_window", "bias_and_mask", "both_lengths_causal"]
+
+
+ON_CPU = jax.default_backend() == "cpu"
+
+
+class TestPallasSmallBlocks(AttentionTestBase):
+  """Blocks that do not divide T or S, so every path (pad, partial, full, skip) runs.
+
+  On a GPU the kernels are compiled and need blocks of 16 or more: one block,
+  padded, per side at these sizes (bench/gpu.sh runs this file there).
+  """
+  implementation = "pallas"
+  block_sizes = (2, 3) if ON_CPU else (16, 16)
+
+  @pytest.mark.parametrize("name", JAX_NN_SUBSET)
+  @pytest.mark.parametrize("layout", ["BTNH", "TNH"])
+  def test_matches_jax_nn(self, name, layout):
+    super().test_matches_jax_nn(name, layout)
+
+
+def _normalized(q, k, v, bias=None, mask=None, **kw):
+  return jaxattn.attention.normalize(q, k, v, bias, mask, **kw)[:2]
+
+
+def _check_against_reference(attend, q, k, v, bias, mask, kw):
+  """Values, lse and gradients (incl. the lse cotangent) of `attend` vs float64."""
+  (out, lse), vjp = jax.vjp(attend, q, k, v, bias)
+  ref_out, ref_lse = testing.reference_attention(q, k, v, bias, mask, return_residual=True, **kw)
+  testing.assert_attention_close(out, ref_out)
+  testing.assert_attention_close(lse, ref_lse)
+  do, dl = random_cotangents(jax.random.key(2), out, lse)
+  grads = vjp((do, dl))
+  ref = testing.reference_attention_vjp(q, k, v, bias, mask, d_out=do, d_lse=dl, **kw)
+  testing.assert_attention_close(grads[:3], (ref["query"], ref["key"], ref["value"]))
+  if bias is not None:
+    testing.assert_attention_close(grads[3], ref["bias"])
+
+
+GPU_LAYOUT_CASES = {
+    "causal": dict(is_causal=True),
+    "segments_lengths_bias": dict(query_segment_ids="q_seg", key_value_segment_ids="kv_seg",
+                                  key_value_seq_lengths="kv_len", bias="bias_bcast_heads"),
+    "mask_softcap_dropout": dict(mask="mask_full", logits_soft_cap=2.0, dropout_rate=0.2,
+                                 dropout_key=jax.random.key(5)),
+}
+
+
+@pytest.mark.parametrize("name", list(GPU_LAYOUT_CASES))
+def test_gpu_layout_in_interpret_mode(name):
+  """The padding the compiled kernels use: G = 3 -> 4 dummy-row groups, H = 11 -> 16,
+  16-row and 16-key blocks over T = 5, S = 7."""
+  grid = option_grid(jax.random.key(1))
+  arrays = {"q_seg": grid["segments"]["query_segment_ids"],
+            "kv_seg": grid["segments"]["key_value_segment_ids"],
+            "kv_len": grid["kv_lengths"]["key_value_seq_lengths"],
+            "bias_bcast_heads": grid["bias_bcast_heads"]["bias"], "mask_full": grid["mask_full"]["mask"]}
+  kw = {k: arrays.get(v, v) if isinstance(v, str) else v for k, v in GPU_LAYOUT_CASES[name].items()}
+  bias, mask = kw.pop("bias", None), kw.pop("mask", None)
+  q, k, v = testing.random_qkv(jax.random.key(0), N=6, K=2)
+
+  def attend(q, k, v, bias):
+    inputs, config = _normalized(q, k, v, bias, mask, **kw)
+    return pallas.pallas_attention(inputs, config, block_sizes=(4, 16), interpret=True, gpu_layout=True)
+
+  _check_against_reference(attend, q, k, v, bias, mask, kw)
+
+
+def test_mask_fn_and_score_fn_holding_and_closing_over_arrays():
+  """A user mask closing over an array and an ALiBi modifier: arrays become kernel inputs;
+  ALiBi's slopes get gradients through the kernels."""
+  q, k, v = testing.random_qkv(jax.random.key(3))
+  doc = jnp.array([[0, 0, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1]], jnp.int32)
+  mask_fn = lambda b, h, qi, ki: doc[b, qi] == doc[b, ki]  # T=5 <= S=7: qi indexes doc too
+  slopes = jnp.linspace(0.1, 0.6, N)
+  kw = dict(mask_fn=mask_fn, is_causal=True)
+
+  def loss(q, k, v, slopes, implementation):
+    if implementation == "xla":
+      out = jaxattn.dot_product_attention(q, k, v, score_fn=scores.alibi(slopes), implementation="xla", **kw)
+    else:  # interpret mode everywhere: compiled kernels refuse these (see the next test)
+      inputs, config = _normalized(q, k, v, score_fn=scores.alibi(slopes), **kw)
+      out = pallas.pallas_attention(inputs, config, block_sizes=(2, 3), interpret=True)[0]
+    return jnp.sum(jnp.sin(out))
+
+  ours = jax.grad(loss, (0, 1, 2, 3))(q, k, v, slopes, "pallas")
+  theirs = jax.grad(loss, (0, 1, 2, 3))(q, k, v, slopes, "xla")
+  testing.assert_attention_close(ours, theirs)
+  chex.assert_tree_all_finite(ours)
+
+
+def test_compiled_kernels_refuse_what_triton_cannot_lower():
+  q, k, v = testing.random_qkv(jax.random.key(4))
+  doc = jnp.zeros((B, S), jnp.int32)
+  cases = {
+      "closes over arrays": dict(mask_fn=lambda b, h, qi, ki: doc[b, ki] == 0),
+      "holding arrays": dict(score_fn=scores.alibi(jnp.ones((N,)))),
+  }
+  for reason, kw in cases.items():
+    inputs, config = _normalized(q, k, v, **kw)
+    with pytest.raises(NotImplementedError, match=reason):
+      pallas.pallas_attention(inputs, config, interpret=False, platform="gpu")
+    assert reason in pallas.unsupported_reason(inputs, config, interpret=False, platform="gpu")
+    assert pallas.unsupported_reason(inputs, config, interpret=True) is None
+  inputs, config = _normalized(q, k, v)
+  with pytest.raises(NotImplementedError, match="powers of 2"):
+    pallas.pallas_attention(inputs, config, interpret=False, platform="gpu", block_sizes=(2, 3))
+  with pytest.raises(NotImplementedError, match="TPU"):
+    pallas.pallas_attention(inputs, config, interpret=False, platform="tpu")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(is_causal=True),
+    dict(query_segment_ids="segments", key_value_seq_lengths="lengths", bias="bias", mask="mask",
+         logits_soft_cap=30.0, local_window_size=(64, 0), dropout_rate=0.1, dropout_key=jax.random.key(1)),
+], ids=["causal", "everything"])
+def test_kernels_lower_to_triton_for_gpu(kw):
+  """The compiled path lowers to Triton IR on a CPU-only machine (compiling it needs a GPU)."""
+  q, k, v = testing.random_qkv(jax.random.key(0), B=2, T=128, S=128, N=4, K=2, H=64, dtype=jnp.bfloat16)
+  arrays = {"segments": jnp.zeros((2, 128), jnp.int32), "lengths": jnp.array([100, 128], jnp.int32),
+            "bias": jnp.zeros((1, 4, 128, 128), jnp.bfloat16), "mask": jnp.ones((2, 1, 128, 128), bool)}
+  kw = {key: arrays.get(val, val) if isinstance(val, str) else val for key, val in kw.items()}
+  bias, mask = kw.pop("bias", None), kw.pop("mask", None)
+
+  def attend(q, k, v, bias):
+    inputs, config = _normalized(q, k, v, bias, mask, **kw)
+    return pallas.pallas_attention(inputs, config, interpret=False, platform="gpu")
+
+  def f(q, k, v, bias):
+    out, vjp = jax.vjp(attend, q, k, v, bias)
+    return out, vjp(out)
+
+  text = jax.jit(f).trace(q, k, v, bias).lower(lowering_platforms=("cuda",)).as_text()
+  kernels = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)
+  assert len(kernels) == 3, "forward, dK/dV and dQ kernels"
+
+
+def test_block_map_skips_and_spares_mask_work():
+  """Causal, 4 x 4 blocks of 16: the upper triangle is skipped, the diagonal masked, the rest full.
+  Under jit too (block indices as iota miscompile on XLA:CPU, see pallas.block_map)."""
+  q, k, v = testing.random_qkv(jax.random.key(0), T=64, S=64)
+  inputs, config = _normalized(q, k, v, is_causal=True)
+  p = pallas._make_plan(inputs, config, (16, 16), True)
+  want = np.tril(np.full((4, 4), 2)) - np.eye(4, dtype=int)
+  np.testing.assert_array_equal(pallas.block_map(inputs, p), want)
+  # bottom-right causal with padded blocks: the block that XLA:CPU got wrong
+  q, k, v = testing.random_qkv(jax.random.key(0))
+  inputs, config = _normalized(q, k, v, is_causal=True, causal_alignment="bottom_right")
+  p = pallas._make_plan(inputs, config, (2, 3), True)
+  got = jax.jit(lambda i: pallas.block_map(i, p))(inputs)
+  np.testing.assert_array_equal(got, [[2, 1, 0], [2, 1, 0], [1, 1, 1]])
+
+
+@pytest.mark.skipif(not ON_CPU, reason="about dispatch on CPU")
+def test_dispatch_never_picks_pallas_on_cpu():
+  q, k, v = testing.random_qkv(jax.random.key(0), T=512, S=512, N=2, K=2, H=8)
+  inputs, config = _normalized(q, k, v, is_causal=True)
+  assert jaxattn.attention.choose_implementation(inputs, config) != "pallas"
+
+
+@pytest.mark.skipif(ON_CPU, reason="compiled kernels need a GPU; bench/gpu.sh runs this there")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_compiled_on_gpu_matches_xla(dtype):
+  """Triton-compiled kernels at a size with many blocks (GQA, causal, segments, lengths)."""
+  q, k, v = testing.random_qkv(jax.random.key(0), B=2, T=1000, S=1000, N=8, K=2, H=128, dtype=dtype)
+  seg = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 250)[None].repeat(2, 0)
+  kw = dict(is_causal=True, query_segment_ids=seg, key_value_seq_lengths=jnp.array([1000, 700], jnp.int32))
+  do = jax.random.normal(jax.random.key(1), q.shape, jnp.float32).astype(dtype)
+
+  def run(implementation):
+    f = lambda q, k, v: jaxattn.dot_product_attention(q, k, v, implementation=implementation, **kw)
+    out, vjp = jax.vjp(f, q, k, v)
+    return (out,) + vjp(do)
+
+  text = jax.jit(lambda q, k, v: jaxattn.dot_product_attention(q, k, v, implementation="pallas", **kw)
+                 ).lower(q, k, v).as_text()
+  assert "triton" in text  # compiled, not interpreted
+  ours, theirs = jax.jit(lambda: run("pallas"))(), jax.jit(lambda: run("xla"))()
+  # relative to each result's largest entry: summation order differs, and XLA's
+  # float32 dots may use TF32 on the GPU where Triton's use IEEE float32
+  tol = 2e-2 if dtype == jnp.bfloat16 else 5e-3
+  for name, a, b in zip(("out", "dq", "dk", "dv"), ours, theirs):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.abs(a - b).max() <= tol * np.abs(b).max(), name
