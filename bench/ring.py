@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     ring = jax.shard_map(
         lambda q, k, v: parallel.ring_attention(q, k, v, axis_name="seq", is_causal=causal,
                                                 layout=layout, block_sizes=block_sizes),
-        mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+        mesh=mesh, in_specs=spec, out_specs=spec)
     if mode == "fwd":
       return ring, (q, k, v)
 

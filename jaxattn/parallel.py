@@ -440,9 +440,6 @@ def ring_attention(
   A fully masked query row gives 0 and logsumexp -inf, as in
   `dot_product_attention`.
 
-  Inside `jax.shard_map`, pass `check_vma=False` for now: the chunked
-  kernel's loop carries are not yet typed as varying over the mesh.
-
   >>> import jax
   >>> from jax.sharding import NamedSharding, PartitionSpec as P
   >>> from jaxattn.parallel import ring_attention
@@ -451,7 +448,7 @@ def ring_attention(
   >>> x = jax.device_put(x, NamedSharding(mesh, P(None, "seq")))
   >>> f = jax.shard_map(lambda q, k, v: ring_attention(
   ...     q, k, v, axis_name="seq", is_causal=True, layout="zigzag"),
-  ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq"), check_vma=False)
+  ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq"))
   >>> f(x, x, x).shape
   (2, 8, 4, 16)
   """
@@ -496,8 +493,7 @@ def _sharded_fn(mesh, axis_name, batch_axis, head_axis, has_segments, options):
 
   seg = seg_spec if has_segments else None
   out_specs = (spec, PartitionSpec(batch_axis, axis_name, head_axis)) if kw["return_residual"] else spec
-  ring = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg, seg), out_specs=out_specs,
-                       check_vma=False)
+  ring = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg, seg), out_specs=out_specs)
   explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
 
   def place(x, s):

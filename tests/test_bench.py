@@ -46,6 +46,9 @@ def test_quick_preset_writes_table_jsonl_and_plot(tmp_path):
   for name, r in by_impl.items():
     if name == "tokamax":
       continue
+    if name == "jaxattn.cudnn" and "needs a CUDA GPU backend" in r["status"]:
+      assert r["status"].startswith("unsupported: "), r  # reported, not an error
+      continue
     assert r["status"] == "ok", r
     assert r["time_s"] > 0 and r["gflops_effective"] < r["gflops"]
     assert r["max_abs_err"] < 1e-4

@@ -128,3 +128,15 @@ def test_long_keys_and_single_query():
   out = jaxattn.dot_product_attention(q, k, v, key_value_seq_lengths=lens, implementation="chunked",
                                       block_sizes=(1, 256))
   testing.assert_attention_close(out, testing.reference_attention(q, k, v, key_value_seq_lengths=lens))
+
+
+@pytest.mark.parametrize("dtype,kw,expected", [
+    (jnp.bfloat16, dict(is_causal=True), "cudnn"),
+    (jnp.float32, dict(is_causal=True), "pallas"),        # cuDNN takes no float32
+    (jnp.bfloat16, dict(logits_soft_cap=5.0), "pallas"),  # nor a soft-cap
+])
+def test_dispatch_on_gpu_prefers_cudnn_then_pallas(dtype, kw, expected):
+  q, k, v = testing.random_qkv(jax.random.key(0), B=1, T=1024, S=1024, N=2, K=2, H=64, dtype=dtype)
+  inputs, config, _ = jaxattn.attention.normalize(q, k, v, **kw)
+  assert jaxattn.attention.choose_implementation(inputs, config, backend="gpu") == expected
+  assert jaxattn.attention.choose_implementation(inputs, config, backend="cpu") == "chunked"

@@ -247,7 +247,10 @@ def test_every_implementation_serves_the_layer(name):
   params = random_params(7)
   x = _batch(8, (T, D))
   kw = dict(is_causal=True, local_window_size=(3, 0), key_value_seq_lengths=4)
-  out = jax.jit(lambda p, x: multi_head_attention(p, x, implementation=name, **kw))(params, x)
+  try:
+    out = jax.jit(lambda p, x: multi_head_attention(p, x, implementation=name, **kw))(params, x)
+  except NotImplementedError as exc:  # e.g. cudnn off a CUDA GPU: the message says why
+    pytest.skip(str(exc))
   testing.assert_attention_close(out, reference_mha(params, x, **kw), dtype=jnp.float32)
 
 

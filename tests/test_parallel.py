@@ -190,16 +190,13 @@ def test_ring_inside_own_shard_map_with_batch_axis():
                                                   layout="zigzag")
     return jax.vmap(one)(q, k, v)  # (T, N, H) per example
 
-  f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+  f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec))
   place = lambda x: jax.device_put(to(x), NamedSharding(mesh, spec))
   out = parallel.from_balanced_layout(f(place(q), place(k), place(v)), 4)
   want = jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
   np.testing.assert_allclose(out, want, atol=ATOL, rtol=ATOL)
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True, reason=(
-    "the chunked kernel's loop carries start as device-invariant zeros; under shard_map "
-    "with check_vma=True they must be typed varying (lax.pcast) like its inputs"))
 def test_ring_under_check_vma():
   mesh = jax.make_mesh((P,), ("seq",), devices=jax.devices()[:P])
   args, _, _ = _problem(jax.random.key(5))
@@ -280,14 +277,9 @@ def _check_results(compiled, args, want, sh):
   chex.assert_trees_all_close(results, want, atol=ATOL, rtol=ATOL)
 
 
-_CHUNKED_EXPLICIT = pytest.mark.xfail(strict=True, reason=(
-    "chunked creates its accumulators with jnp.zeros, unsharded; with Explicit mesh axes "
-    "dynamic_update_slice then rejects a sharded update"))
-
-
 @pytest.mark.parametrize("implementation,axis_type", [
     ("xla", AxisType.Auto), ("chunked", AxisType.Auto), ("xla", AxisType.Explicit),
-    pytest.param("chunked", AxisType.Explicit, marks=_CHUNKED_EXPLICIT)])
+    ("chunked", AxisType.Explicit)])
 @pytest.mark.parametrize("sharded", ["batch", "heads"])
 def test_batch_or_head_sharded_attention_has_no_collectives(implementation, sharded, axis_type):
   """jit with NamedSharding on B or on N and K: causal forward and backward

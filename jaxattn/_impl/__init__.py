@@ -3,7 +3,9 @@
 An implementation is a function `(inputs: AttentionInputs, config:
 AttentionConfig, **options) -> (output, lse)` with output (B, T, N, H) in the
 query dtype and lse (B, T, N) float32. It raises NotImplementedError for valid
-input it cannot serve, so automatic dispatch can fall back.
+input it cannot serve, so automatic dispatch can fall back. An implementation
+may register `unsupported_reason(inputs, config, backend) -> str | None`, a
+static check that dispatch asks before choosing it.
 """
 
 from __future__ import annotations
@@ -11,11 +13,22 @@ from __future__ import annotations
 from typing import Callable
 
 _REGISTRY: dict[str, Callable] = {}
+_REASONS: dict[str, Callable] = {}
 
 
-def register(name: str, fn: Callable) -> None:
+def register(name: str, fn: Callable, unsupported_reason: Callable | None = None) -> None:
   """Registers (or replaces) the implementation called `name`."""
   _REGISTRY[name] = fn
+  if unsupported_reason is None:
+    _REASONS.pop(name, None)
+  else:
+    _REASONS[name] = unsupported_reason
+
+
+def unsupported_reason(name: str, inputs, config, backend: str) -> str | None:
+  """Why implementation `name` can't serve these arguments on `backend`, or None."""
+  check = _REASONS.get(name)
+  return None if check is None else check(inputs, config, backend)
 
 
 def get(name: str) -> Callable:
@@ -27,10 +40,13 @@ def names() -> tuple[str, ...]:
 
 
 def _register_builtins():
-  from jaxattn._impl import chunked, pallas, xla
+  from jaxattn._impl import chunked, cudnn, pallas, xla
   register("xla", xla.xla_attention)
   register("chunked", chunked.chunked_attention)
-  register("pallas", pallas.pallas_attention)
+  register("pallas", pallas.pallas_attention,
+           lambda i, c, backend: pallas.unsupported_reason(i, c, platform=backend))
+  register("cudnn", cudnn.cudnn_attention,
+           lambda i, c, backend: cudnn.unsupported_reason(i, c, backend=backend))
 
 
 _register_builtins()

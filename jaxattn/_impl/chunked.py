@@ -227,6 +227,12 @@ def _dropout_scale(p: _Prepared, st: _Static, i, j):
   return jnp.where(keep, jnp.float32(1.0 / (1.0 - c.dropout_rate)), jnp.float32(0.0))
 
 
+def _zeros_like(x):
+  """float32 zeros derived from `x`, so loop carries inherit its sharding (explicit
+  mesh axes) and its device variance (shard_map's check_vma)."""
+  return jnp.zeros_like(x, dtype=jnp.float32)
+
+
 def _row_slice(x, i, rows):
   return lax.dynamic_slice_in_dim(x, i * rows, rows, axis=2)
 
@@ -273,8 +279,8 @@ def _forward(p: _Prepared, st: _Static):
           lambda s: kv_step(j, s, False),
       ], acc_state)
 
-    init = (jnp.full((B, K, rows), -jnp.inf, jnp.float32), jnp.zeros((B, K, rows), jnp.float32),
-            jnp.zeros((B, K, rows, Hv), jnp.float32))
+    row0 = _zeros_like(qi[..., 0])
+    init = (row0 - jnp.inf, row0, _zeros_like(qi[..., :1]) + _zeros_like(p.v[:, :, :1, :]))
     m, l, acc = lax.fori_loop(lo, hi, body, init)
     o = acc / jnp.where(l == 0, 1.0, l)[..., None]
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)
@@ -283,8 +289,8 @@ def _forward(p: _Prepared, st: _Static):
     lse = lax.dynamic_update_slice_in_dim(lse, lse_i, i * rows, axis=2)
     return out, lse
 
-  out = jnp.zeros((B, K, R, Hv), p.q.dtype)
-  lse = jnp.zeros((B, K, R), jnp.float32)
+  out = (_zeros_like(p.q[..., :1]) + _zeros_like(p.v[:, :, :1, :])).astype(p.q.dtype)
+  lse = _zeros_like(p.q[..., 0])
   return lax.fori_loop(0, nq, q_block, (out, lse))
 
 
@@ -368,13 +374,12 @@ def _backward(p: _Prepared, st: _Static, out, lse, d_out, d_lse):
           lambda s: q_step(i, s, False),
       ], state)
 
-    dk0 = jnp.zeros((B, K, st.bk, H), jnp.float32)
-    dv0 = jnp.zeros((B, K, st.bk, Hv), jnp.float32)
+    dk0, dv0 = _zeros_like(kj), _zeros_like(vj)
     dk, dv, dq, dbias, dscore = lax.fori_loop(lo, hi, body, (dk0, dv0, dq, dbias, dscore))
     return (dq, dbias, dscore), (dk, dv)
 
-  dq0 = jnp.zeros((B, K, R, H), jnp.float32)
-  dbias0 = None if p.bias is None else jnp.zeros(p.bias.shape, jnp.float32)
+  dq0 = _zeros_like(p.q)
+  dbias0 = None if p.bias is None else _zeros_like(p.bias)
   dscore0 = [jnp.zeros_like(x) for x in score_leaves]
   # A scan over key blocks: each step emits its (dK, dV) block, so no
   # read-modify-write of a full dK/dV carry is needed.
