@@ -18,6 +18,13 @@ from jaxattn.layers import (
     multi_head_attention,
     self_attention,
 )
+from jaxattn.parallel import (
+    from_balanced_layout,
+    layout_positions,
+    ring_attention,
+    sharded_ring_attention,
+    to_balanced_layout,
+)
 from jaxattn.rope import RopeConfig, apply_rope, rope_frequencies
 from jaxattn.softmax import log_softmax, logsumexp, softmax
 
@@ -35,6 +42,11 @@ __all__ = [
     "RopeConfig",
     "SelfAttentionParams",
     "apply_rope",
+    "from_balanced_layout",
+    "layout_positions",
+    "ring_attention",
+    "sharded_ring_attention",
+    "to_balanced_layout",
     "dot_product_attention",
     "implementations",
     "init_multi_head_attention",
