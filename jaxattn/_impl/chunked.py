@@ -177,8 +177,9 @@ def _prepare(inputs: common.AttentionInputs, st: _Static) -> _Prepared:
                    common.combined_score(inputs, st.config), inputs.dropout_key, g)
 
 
-def _tile_index(p: _Prepared, st: _Static, i, j):
-  """(b, h, q_idx, kv_idx) index arrays of tile (i, j) in the (B, K, rows, bk) layout."""
+def _tile_index(p: _Prepared, st: _Static, q0, k0, w):
+  """(b, h, q_idx, kv_idx) index arrays of the tile of queries [q0, q0 + bq)
+  and keys [k0, k0 + w), in the (B, K, rows, w) layout."""
   B, K = p.q.shape[:2]
   r = jnp.arange(st.bq * st.G)
   b = jnp.arange(B).reshape(B, 1, 1, 1)
@@ -186,8 +187,8 @@ def _tile_index(p: _Prepared, st: _Static, i, j):
     h = jnp.arange(K).reshape(1, K, 1, 1)
   else:
     h = (jnp.arange(K)[:, None] * st.G + (r % st.G)[None, :])[None, :, :, None]
-  q_idx = (i * st.bq + r // st.G)[None, None, :, None]
-  kv_idx = (j * st.bk + jnp.arange(st.bk))[None, None, None, :]
+  q_idx = (q0 + r // st.G)[None, None, :, None]
+  kv_idx = (k0 + jnp.arange(w))[None, None, None, :]
   return b, h, q_idx, kv_idx
 
 
@@ -196,20 +197,20 @@ def _raw_logits(st: _Static, qi, kj):
                     preferred_element_type=jnp.float32) * jnp.float32(st.config.scale)
 
 
-def _post(p: _Prepared, st: _Static, i, j, raw, score_fn, masked: bool):
+def _post(p: _Prepared, st: _Static, q0, k0, raw, score_fn, masked: bool):
   """Score modifiers, bias and (for partial blocks) the mask: raw -> logits."""
-  K = p.k.shape[1]
-  idx = _tile_index(p, st, i, j)
+  K, w = p.k.shape[1], raw.shape[-1]
+  idx = _tile_index(p, st, q0, k0, w)
   s = raw if score_fn is None else score_fn(raw, *idx)
   if p.bias is not None:
-    s = s + _to_rows(_tile(p.bias, i * st.bq, st.bq, j * st.bk, st.bk), K, st.G, st.bq).astype(jnp.float32)
+    s = s + _to_rows(_tile(p.bias, q0, st.bq, k0, w), K, st.G, st.bq).astype(jnp.float32)
   if masked:
     mask = None if p.mask_fn is None else p.mask_fn(*idx)
     if p.mask is not None:
-      user = _tile(p.mask, i * st.bq, st.bq, j * st.bk, st.bk)
-      user = _to_rows(jnp.broadcast_to(user, user.shape[:2] + (st.bq, st.bk)), K, st.G, st.bq)
+      user = _tile(p.mask, q0, st.bq, k0, w)
+      user = _to_rows(jnp.broadcast_to(user, user.shape[:2] + (st.bq, w)), K, st.G, st.bq)
       mask = user if mask is None else mask & user
-    if st.S % st.bk:
+    if p.k.shape[2] > st.S:  # padded key columns
       pad_ok = idx[3] < st.S
       mask = pad_ok if mask is None else mask & pad_ok
     if mask is not None:  # None: this branch is traced but nothing masks
@@ -217,12 +218,12 @@ def _post(p: _Prepared, st: _Static, i, j, raw, score_fn, masked: bool):
   return s
 
 
-def _dropout_scale(p: _Prepared, st: _Static, i, j):
-  """Per-element dropout multiplier (0 or 1/(1-rate)) for tile (i, j), or None."""
+def _dropout_scale(p: _Prepared, st: _Static, q0, k0, w):
+  """Per-element dropout multiplier (0 or 1/(1-rate)) for a tile, or None."""
   c = st.config
   if c.dropout_rate == 0.0:
     return None
-  b, h, q_idx, kv_idx = _tile_index(p, st, i, j)
+  b, h, q_idx, kv_idx = _tile_index(p, st, q0, k0, w)
   keep = common.dropout_keep(p.dropout_key, c.dropout_rate, b, h, q_idx, kv_idx)
   return jnp.where(keep, jnp.float32(1.0 / (1.0 - c.dropout_rate)), jnp.float32(0.0))
 
@@ -259,13 +260,13 @@ def _forward(p: _Prepared, st: _Static):
       m, l, acc = acc_state
       kj = lax.dynamic_slice_in_dim(p.k, j * st.bk, st.bk, axis=2)
       vj = lax.dynamic_slice_in_dim(p.v, j * st.bk, st.bk, axis=2)
-      s = _post(p, st, i, j, _raw_logits(st, qi, kj), p.score_fn, masked)
+      s = _post(p, st, i * st.bq, j * st.bk, _raw_logits(st, qi, kj), p.score_fn, masked)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
       e = jnp.exp(s - m_safe[..., None])
       alpha = jnp.exp(m - m_safe)
       l = l * alpha + jnp.sum(e, axis=-1)
-      drop = _dropout_scale(p, st, i, j)
+      drop = _dropout_scale(p, st, i * st.bq, j * st.bk, st.bk)
       if drop is not None:
         e = e * drop
       pv = jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj, precision=common.dot_precision(vdt),
@@ -339,13 +340,13 @@ def _backward(p: _Prepared, st: _Static, out, lse, d_out, d_lse):
       qi = _row_slice(p.q, i, rows)
       doi = _row_slice(d_out, i, rows)
       raw = _raw_logits(st, qi, kj)
-      post = lambda raw, leaves: _post(p, st, i, j, raw, rebuild_score(leaves), masked)
+      post = lambda raw, leaves: _post(p, st, i * st.bq, j * st.bk, raw, rebuild_score(leaves), masked)
       if p.score_fn is not None:
         s, pull = jax.vjp(post, raw, score_leaves)
       else:
         s = post(raw, score_leaves)
       prob = jnp.exp(s - _row_slice(lse_safe, i, rows)[..., None])
-      drop = _dropout_scale(p, st, i, j)
+      drop = _dropout_scale(p, st, i * st.bq, j * st.bk, st.bk)
       pd = prob if drop is None else prob * drop
       dv = dv + jnp.einsum("bkrc,bkrh->bkch", pd.astype(dt), doi, precision=prec,
                            preferred_element_type=jnp.float32)
@@ -355,7 +356,7 @@ def _backward(p: _Prepared, st: _Static, out, lse, d_out, d_lse):
         dp = dp * drop
       ds = prob * (dp - _row_slice(delta, i, rows)[..., None])
       if dbias is not None:
-        dbias = _accumulate_bias(dbias, ds, st, i, j, K)
+        dbias = _accumulate_bias(dbias, ds, st, i * st.bq, j * st.bk, K)
       if p.score_fn is not None:
         ds, d_leaves = pull(ds)
         dscore = [a + b for a, b in zip(dscore, d_leaves)]
@@ -405,15 +406,15 @@ def _score_cotangent(score_fn, dscore):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _accumulate_bias(dbias, ds, st: _Static, i, j, K):
-  """Adds tile gradient ds (B, K, bq*G, bk) into dbias (B|1, N|1, Tp|1, Sp|1)."""
-  B = ds.shape[0]
-  g = ds.reshape(B, K, st.bq, st.G, st.bk).transpose(0, 1, 3, 2, 4).reshape(B, K * st.G, st.bq, st.bk)
+def _accumulate_bias(dbias, ds, st: _Static, q0, k0, K):
+  """Adds tile gradient ds (B, K, bq*G, w) into dbias (B|1, N|1, Tp|1, Sp|1)."""
+  B, w = ds.shape[0], ds.shape[-1]
+  g = ds.reshape(B, K, st.bq, st.G, w).transpose(0, 1, 3, 2, 4).reshape(B, K * st.G, st.bq, w)
   b1, n1, t1, s1 = (d == 1 for d in dbias.shape)
   axes = tuple(a for a, one in enumerate((b1, n1, t1, s1)) if one)
   g = jnp.sum(g, axis=axes, keepdims=True)
-  q_start = 0 if t1 else i * st.bq
-  k_start = 0 if s1 else j * st.bk
+  q_start = 0 if t1 else q0
+  k_start = 0 if s1 else k0
   cur = lax.dynamic_slice(dbias, (0, 0, q_start, k_start), g.shape)
   return lax.dynamic_update_slice(dbias, cur + g, (0, 0, q_start, k_start))
 
