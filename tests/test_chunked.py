@@ -140,3 +140,43 @@ def test_dispatch_on_gpu_prefers_cudnn_then_pallas(dtype, kw, expected):
   inputs, config, _ = jaxattn.attention.normalize(q, k, v, **kw)
   assert jaxattn.attention.choose_implementation(inputs, config, backend="gpu") == expected
   assert jaxattn.attention.choose_implementation(inputs, config, backend="cpu") == "chunked"
+
+
+BAND_CASES = {
+    "window": dict(local_window_size=(3, 2)),
+    "causal_window_bottom_right": dict(local_window_size=(4, 0), is_causal=True, causal_alignment="bottom_right"),
+    "window_bias_lengths_cap_dropout": dict(local_window_size=(5, 1), key_value_seq_lengths=jnp.array([30, 47]),
+                                            logits_soft_cap=2.0, dropout_rate=0.2, dropout_key=jax.random.key(0),
+                                            bias=jax.random.normal(jax.random.key(3), (1, 6, 41, 47))),
+    "window_segments_mask": dict(local_window_size=(2, 2),
+                                 query_segment_ids=testing.random_segment_ids(jax.random.key(7), 2, 41),
+                                 key_value_segment_ids=testing.random_segment_ids(jax.random.key(8), 2, 47),
+                                 mask=testing.random_mask(jax.random.key(9), (2, 1, 41, 47))),
+}
+
+
+@pytest.mark.parametrize("name", list(BAND_CASES))
+@pytest.mark.parametrize("blocks", [(4, 8), (5, 3)])
+def test_narrow_band_path_values_and_gradients(name, blocks):
+  """Narrow windows take one unaligned key tile per query block: same results."""
+  q, k, v = testing.random_qkv(jax.random.key(1), B=2, T=41, S=47, N=6, K=3, H=5)
+  kw = dict(BAND_CASES[name])
+  bias, mask = kw.pop("bias", None), kw.pop("mask", None)
+  inputs, config, _ = jaxattn.attention.normalize(q, k, v, bias, mask, **kw)
+  st_ = chunked._static(inputs, config, blocks)
+  assert chunked._band(st_, -(-47 // blocks[1]) * blocks[1]) is not None  # the band path runs
+
+  def f(q, k, v, bias):
+    return jaxattn.dot_product_attention(q, k, v, bias, mask, return_residual=True, implementation="chunked",
+                                         block_sizes=blocks, **kw)
+
+  (out, lse), vjp = jax.vjp(f, q, k, v, bias)
+  ref, ref_lse = testing.reference_attention(q, k, v, bias, mask, return_residual=True, **kw)
+  testing.assert_attention_close((out, lse), (ref, ref_lse))
+  do = jax.random.normal(jax.random.key(5), out.shape)
+  dl = jnp.where(jnp.isfinite(lse), jax.random.normal(jax.random.key(6), lse.shape), 0.0)
+  grads = vjp((do, dl))
+  rg = testing.reference_attention_vjp(q, k, v, bias, mask, d_out=do, d_lse=dl, **kw)
+  testing.assert_attention_close(grads[:3], (rg["query"], rg["key"], rg["value"]))
+  if bias is not None:
+    testing.assert_attention_close(grads[3], rg["bias"])

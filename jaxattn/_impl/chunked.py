@@ -406,6 +406,129 @@ def _score_cotangent(score_fn, dscore):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+# ---------------------------------------------------------------------------
+# Narrow bands: one unaligned key window per query block.
+
+
+def _band(st: _Static, Sp: int):
+  """(key span w, left) when causal/window masks bound every query block's keys
+  to a window narrow enough that one tile per query block beats aligned key
+  blocks (w <= Sp / 2); None otherwise.
+
+  Aligned blocks touch up to ceil((w + bk - 1) / bk) blocks of bk keys for a
+  span of w keys, two of them partial; one tile of exactly w keys starting at
+  the band's first key does less work in one step (`python -m bench.masks`).
+  """
+  c = st.config
+  if c.window is None:
+    return None
+  left, right = c.window
+  if c.is_causal:
+    right = 0 if right is None else min(right, 0)
+  if left is None or right is None:
+    return None
+  w = st.bq + left + right
+  if 2 * w > Sp:
+    return None
+  return w, left
+
+
+def _band_start(st: _Static, q0, w, left, Sp):
+  return jnp.clip(q0 + st.config.q_offset - left, 0, Sp - w)
+
+
+def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
+  R = p.q.shape[2]
+  rows = st.bq * st.G
+  Sp = p.k.shape[2]
+  vdt = p.v.dtype
+
+  def q_block(i, carry):
+    out, lse = carry
+    q0 = i * st.bq
+    k0 = _band_start(st, q0, w, left, Sp)
+    qi = _row_slice(p.q, i, rows)
+    kj = lax.dynamic_slice_in_dim(p.k, k0, w, axis=2)
+    vj = lax.dynamic_slice_in_dim(p.v, k0, w, axis=2)
+    s = _post(p, st, q0, k0, _raw_logits(st, qi, kj), p.score_fn, True)
+    m = jnp.max(s, axis=-1)
+    m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+    e = jnp.exp(s - m_safe[..., None])
+    l = jnp.sum(e, axis=-1)
+    drop = _dropout_scale(p, st, q0, k0, w)
+    if drop is not None:
+      e = e * drop
+    pv = jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj, precision=common.dot_precision(vdt),
+                    preferred_element_type=jnp.float32)
+    o = pv / jnp.where(l == 0, 1.0, l)[..., None]
+    lse_i = jnp.where(l == 0, -jnp.inf, m_safe + jnp.log(jnp.where(l == 0, 1.0, l)))
+    out = lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), i * rows, axis=2)
+    lse = lax.dynamic_update_slice_in_dim(lse, lse_i, i * rows, axis=2)
+    return out, lse
+
+  out = (_zeros_like(p.q[..., :1]) + _zeros_like(p.v[:, :, :1, :])).astype(p.q.dtype)
+  lse = _zeros_like(p.q[..., 0])
+  return lax.fori_loop(0, R // rows, q_block, (out, lse))
+
+
+def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, d_out, d_lse):
+  R = p.q.shape[2]
+  K = p.k.shape[1]
+  rows = st.bq * st.G
+  Sp = p.k.shape[2]
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  if d_lse is not None:
+    delta = delta - d_lse
+  lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+  dt = p.q.dtype
+  prec = common.dot_precision(dt)
+  score_leaves, rebuild_score = _split_float_leaves(p.score_fn)
+
+  def q_block(i, carry):
+    dq, dk, dv, dbias, dscore = carry
+    q0 = i * st.bq
+    k0 = _band_start(st, q0, w, left, Sp)
+    qi = _row_slice(p.q, i, rows)
+    doi = _row_slice(d_out, i, rows)
+    kj = lax.dynamic_slice_in_dim(p.k, k0, w, axis=2)
+    vj = lax.dynamic_slice_in_dim(p.v, k0, w, axis=2)
+    raw = _raw_logits(st, qi, kj)
+    post = lambda raw, leaves: _post(p, st, q0, k0, raw, rebuild_score(leaves), True)
+    if p.score_fn is not None:
+      s, pull = jax.vjp(post, raw, score_leaves)
+    else:
+      s = post(raw, score_leaves)
+    prob = jnp.exp(s - _row_slice(lse_safe, i, rows)[..., None])
+    drop = _dropout_scale(p, st, q0, k0, w)
+    pd = prob if drop is None else prob * drop
+    dvj = jnp.einsum("bkrc,bkrh->bkch", pd.astype(dt), doi, precision=prec,
+                     preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bkrh,bkch->bkrc", doi, vj, precision=prec, preferred_element_type=jnp.float32)
+    if drop is not None:
+      dp = dp * drop
+    ds = prob * (dp - _row_slice(delta, i, rows)[..., None])
+    if dbias is not None:
+      dbias = _accumulate_bias(dbias, ds, st, q0, k0, K)
+    if p.score_fn is not None:
+      ds, d_leaves = pull(ds)
+      dscore = [a + b for a, b in zip(dscore, d_leaves)]
+    ds = ds * jnp.float32(st.config.scale)
+    dkj = jnp.einsum("bkrc,bkrh->bkch", ds.astype(dt), qi, precision=prec,
+                     preferred_element_type=jnp.float32)
+    dqi = jnp.einsum("bkrc,bkch->bkrh", ds.astype(dt), kj, precision=prec,
+                     preferred_element_type=jnp.float32)
+    dq = lax.dynamic_update_slice_in_dim(dq, dqi, i * rows, axis=2)  # complete: the band is one tile
+    dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, k0, w, axis=2) + dkj, k0, axis=2)
+    dv = lax.dynamic_update_slice_in_dim(dv, lax.dynamic_slice_in_dim(dv, k0, w, axis=2) + dvj, k0, axis=2)
+    return dq, dk, dv, dbias, dscore
+
+  init = (_zeros_like(p.q), _zeros_like(p.k), _zeros_like(p.v),
+          None if p.bias is None else _zeros_like(p.bias), [jnp.zeros_like(x) for x in score_leaves])
+  dq, dk, dv, dbias, dscore = lax.fori_loop(0, R // rows, q_block, init)
+  d_score_fn = None if p.score_fn is None else _score_cotangent(p.score_fn, dscore)
+  return dq, dk, dv, dbias, d_score_fn
+
+
 def _accumulate_bias(dbias, ds, st: _Static, q0, k0, K):
   """Adds tile gradient ds (B, K, bq*G, w) into dbias (B|1, N|1, Tp|1, Sp|1)."""
   B, w = ds.shape[0], ds.shape[-1]
@@ -459,7 +582,9 @@ def forward(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
   with `backward`.
   """
   st = _static(inputs, config, block_sizes)
-  out_rows, lse_rows = _forward(_prepare(inputs, st), st)
+  p = _prepare(inputs, st)
+  band = _band(st, p.k.shape[2])
+  out_rows, lse_rows = _forward(p, st) if band is None else _forward_band(p, st, *band)
   return _finish(inputs, st, out_rows, lse_rows)
 
 
@@ -489,7 +614,11 @@ def backward(inputs: common.AttentionInputs, config: common.AttentionConfig, out
   lse_rows = _to_row_layout(lse.astype(jnp.float32), st, Tp)
   do_rows = _to_row_layout(d_out.astype(inputs.query.dtype), st, Tp)
   dl_rows = None if d_lse is None else _to_row_layout(d_lse.astype(jnp.float32), st, Tp)
-  dq, dk, dv, dbias, dscore = _backward(p, st, out_rows, lse_rows, do_rows, dl_rows)
+  band = _band(st, p.k.shape[2])
+  if band is None:
+    dq, dk, dv, dbias, dscore = _backward(p, st, out_rows, lse_rows, do_rows, dl_rows)
+  else:
+    dq, dk, dv, dbias, dscore = _backward_band(p, st, *band, out_rows, lse_rows, do_rows, dl_rows)
   dq, _ = _finish(inputs, st, dq, lse_rows)
   dk = dk.transpose(0, 2, 1, 3)[:, :st.S]
   dv = dv.transpose(0, 2, 1, 3)[:, :st.S]
