@@ -153,8 +153,8 @@ def main(argv=None) -> int:
                       (query, k_bskh, v_bskh, lengths)))
 
   records = []
-  print(f"\n| implementation | ms (median) | ms (min) | vs read (median) | vs read (min) | GB/s "
-        f"| max abs diff | compile s | temp MiB |")
+  print("\n| implementation | ms (median) | ms (min) | vs read (median) | vs read (min) | GB/s "
+        "| max abs diff | compile s | temp MiB |")
   print("|---|---|---|---|---|---|---|---|---|")
   ref = None
   # The peers allocate and fault in GiBs per call, which disturbs whatever runs

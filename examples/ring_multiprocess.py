@@ -68,7 +68,6 @@ def worker(process_id: int, port: int) -> int:
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                              num_processes=NUM_PROCESSES, process_id=process_id,
                              initialization_timeout=120)
-  import jax.numpy as jnp
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec
 

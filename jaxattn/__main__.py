@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
+from jaxattn import testing
 
 NOTEBOOK_INPUTS = (
     np.array([[1, 0, 1, 0], [0, 2, 0, 2], [1, 1, 1, 1]]),
@@ -87,7 +88,7 @@ def _time(fn, *args, repeats=3):
 def head_to_head(T=2048, N=8, H=64):
   backend = jax.default_backend()
   print(f"\n== Head-to-head on {backend}: B=1, T=S={T}, N={N}, H={H}, float32, causal ==")
-  q, k, v = jaxattn.testing.random_qkv(jax.random.key(1), B=1, T=T, S=T, N=N, K=N, H=H)
+  q, k, v = testing.random_qkv(jax.random.key(1), B=1, T=T, S=T, N=N, K=N, H=H)
   peers = {
       "jaxattn (implementation=None)": lambda q, k, v: jaxattn.dot_product_attention(q, k, v, is_causal=True),
       "jax.nn.dot_product_attention": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
@@ -108,7 +109,6 @@ def head_to_head(T=2048, N=8, H=64):
 
 
 def main():
-  import jaxattn.testing  # noqa: F401  (random inputs for the head-to-head)
   rel = seed_demo()
   head_to_head()
   if not rel < 1e-5:

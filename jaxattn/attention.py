@@ -8,7 +8,7 @@ here, once, from static shapes and dtypes; the chosen implementation (see
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp

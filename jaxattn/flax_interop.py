@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from jaxattn import attention as _attention

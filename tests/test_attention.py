@@ -8,7 +8,7 @@ import pytest
 import jaxattn
 from jaxattn import testing
 
-from attention_base import AttentionTestBase, B, H, K, N, S, T
+from attention_base import AttentionTestBase
 
 
 class TestXla(AttentionTestBase):

@@ -1,7 +1,5 @@
 """Bad input: a clear ValueError or TypeError at trace time naming the argument and shapes."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import pytest

@@ -243,8 +243,7 @@ def _row_slice(x, i, rows):
 
 
 def _forward(p: _Prepared, st: _Static):
-  B, K, R, H = p.q.shape
-  Hv = p.v.shape[-1]
+  R = p.q.shape[2]
   rows = st.bq * st.G
   nq = R // rows
   g = p.geometry
@@ -313,20 +312,62 @@ def _split_float_leaves(tree):
   return [leaves[i] for i in diff], rebuild
 
 
+def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta_i, masked: bool,
+                score, dbias):
+  """Gradients from one tile: (dq_tile, dk_tile, dv_tile, dbias, d_score_leaves).
+
+  P is recomputed as exp(S - lse); dS = P (dP - D); `score` is
+  (leaves, rebuild) of the score modifier's float leaves, whose gradients come
+  from a VJP through the modifier (and the soft-cap) on this tile.
+  """
+  dt = p.q.dtype
+  prec = common.dot_precision(dt)
+  leaves, rebuild = score
+  w = kj.shape[2]
+  raw = _raw_logits(st, qi, kj)
+  post = lambda raw, leaves: _post(p, st, q0, k0, raw, rebuild(leaves), masked)
+  if p.score_fn is not None:
+    s, pull = jax.vjp(post, raw, leaves)
+  else:
+    s = post(raw, leaves)
+  prob = jnp.exp(s - lse_i[..., None])
+  drop = _dropout_scale(p, st, q0, k0, w)
+  pd = prob if drop is None else prob * drop
+  dv = jnp.einsum("bkrc,bkrh->bkch", pd.astype(dt), doi, precision=prec,
+                  preferred_element_type=jnp.float32)
+  dp = jnp.einsum("bkrh,bkch->bkrc", doi, vj, precision=prec, preferred_element_type=jnp.float32)
+  if drop is not None:
+    dp = dp * drop
+  ds = prob * (dp - delta_i[..., None])
+  if dbias is not None:
+    dbias = _accumulate_bias(dbias, ds, st, q0, k0, p.k.shape[1])
+  d_leaves = []
+  if p.score_fn is not None:
+    ds, d_leaves = pull(ds)
+  ds = (ds * jnp.float32(st.config.scale)).astype(dt)
+  dk = jnp.einsum("bkrc,bkrh->bkch", ds, qi, precision=prec, preferred_element_type=jnp.float32)
+  dq = jnp.einsum("bkrc,bkch->bkrh", ds, kj, precision=prec, preferred_element_type=jnp.float32)
+  return dq, dk, dv, dbias, d_leaves
+
+
+def _backward_prologue(out, lse, d_out, d_lse):
+  """D = rowsum(dO * O) - dlse (the lse cotangent adds P * dlse to dS), and an
+  lse whose -inf rows give P = exp(-inf) = 0."""
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  if d_lse is not None:
+    delta = delta - d_lse
+  return delta, jnp.where(lse == -jnp.inf, jnp.inf, lse)
+
+
 def _backward(p: _Prepared, st: _Static, out, lse, d_out, d_lse):
   B, K, R, H = p.q.shape
   Hv = p.v.shape[-1]
   rows = st.bq * st.G
   nk = p.k.shape[2] // st.bk
   g = p.geometry
-  # dS = P * (dP - D) with D = rowsum(dO * O) - dlse (the lse cotangent adds P * dlse).
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  if d_lse is not None:
-    delta = delta - d_lse
-  lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-  dt = p.q.dtype
-  prec = common.dot_precision(dt)
-  score_leaves, rebuild_score = _split_float_leaves(p.score_fn)
+  delta, lse_safe = _backward_prologue(out, lse, d_out, d_lse)
+  score = _split_float_leaves(p.score_fn)
+  score_leaves = score[0]
 
   def kv_block(j, carry):
     dq, dbias, dscore = carry
@@ -337,36 +378,11 @@ def _backward(p: _Prepared, st: _Static, out, lse, d_out, d_lse):
 
     def q_step(i, state, masked):
       dk, dv, dq, dbias, dscore = state
-      qi = _row_slice(p.q, i, rows)
-      doi = _row_slice(d_out, i, rows)
-      raw = _raw_logits(st, qi, kj)
-      post = lambda raw, leaves: _post(p, st, i * st.bq, j * st.bk, raw, rebuild_score(leaves), masked)
-      if p.score_fn is not None:
-        s, pull = jax.vjp(post, raw, score_leaves)
-      else:
-        s = post(raw, score_leaves)
-      prob = jnp.exp(s - _row_slice(lse_safe, i, rows)[..., None])
-      drop = _dropout_scale(p, st, i * st.bq, j * st.bk, st.bk)
-      pd = prob if drop is None else prob * drop
-      dv = dv + jnp.einsum("bkrc,bkrh->bkch", pd.astype(dt), doi, precision=prec,
-                           preferred_element_type=jnp.float32)
-      dp = jnp.einsum("bkrh,bkch->bkrc", doi, vj, precision=prec,
-                      preferred_element_type=jnp.float32)
-      if drop is not None:
-        dp = dp * drop
-      ds = prob * (dp - _row_slice(delta, i, rows)[..., None])
-      if dbias is not None:
-        dbias = _accumulate_bias(dbias, ds, st, i * st.bq, j * st.bk, K)
-      if p.score_fn is not None:
-        ds, d_leaves = pull(ds)
-        dscore = [a + b for a, b in zip(dscore, d_leaves)]
-      ds = ds * jnp.float32(st.config.scale)
-      dk = dk + jnp.einsum("bkrc,bkrh->bkch", ds.astype(dt), qi, precision=prec,
-                           preferred_element_type=jnp.float32)
-      dqi = jnp.einsum("bkrc,bkch->bkrh", ds.astype(dt), kj, precision=prec,
-                       preferred_element_type=jnp.float32)
+      dqi, dkj, dvj, dbias, d_leaves = _tile_grads(
+          p, st, i * st.bq, j * st.bk, _row_slice(p.q, i, rows), kj, vj, _row_slice(d_out, i, rows),
+          _row_slice(lse_safe, i, rows), _row_slice(delta, i, rows), masked, score, dbias)
       dq = lax.dynamic_update_slice_in_dim(dq, _row_slice(dq, i, rows) + dqi, i * rows, axis=2)
-      return dk, dv, dq, dbias, dscore
+      return dk + dkj, dv + dvj, dq, dbias, [a + b for a, b in zip(dscore, d_leaves)]
 
     def body(i, state):
       return lax.switch(kinds[i], [
@@ -473,54 +489,25 @@ def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
 
 def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, d_out, d_lse):
   R = p.q.shape[2]
-  K = p.k.shape[1]
   rows = st.bq * st.G
   Sp = p.k.shape[2]
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  if d_lse is not None:
-    delta = delta - d_lse
-  lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-  dt = p.q.dtype
-  prec = common.dot_precision(dt)
-  score_leaves, rebuild_score = _split_float_leaves(p.score_fn)
+  delta, lse_safe = _backward_prologue(out, lse, d_out, d_lse)
+  score = _split_float_leaves(p.score_fn)
+  score_leaves = score[0]
 
   def q_block(i, carry):
     dq, dk, dv, dbias, dscore = carry
     q0 = i * st.bq
     k0 = _band_start(st, q0, w, left, Sp)
-    qi = _row_slice(p.q, i, rows)
-    doi = _row_slice(d_out, i, rows)
     kj = lax.dynamic_slice_in_dim(p.k, k0, w, axis=2)
     vj = lax.dynamic_slice_in_dim(p.v, k0, w, axis=2)
-    raw = _raw_logits(st, qi, kj)
-    post = lambda raw, leaves: _post(p, st, q0, k0, raw, rebuild_score(leaves), True)
-    if p.score_fn is not None:
-      s, pull = jax.vjp(post, raw, score_leaves)
-    else:
-      s = post(raw, score_leaves)
-    prob = jnp.exp(s - _row_slice(lse_safe, i, rows)[..., None])
-    drop = _dropout_scale(p, st, q0, k0, w)
-    pd = prob if drop is None else prob * drop
-    dvj = jnp.einsum("bkrc,bkrh->bkch", pd.astype(dt), doi, precision=prec,
-                     preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bkrh,bkch->bkrc", doi, vj, precision=prec, preferred_element_type=jnp.float32)
-    if drop is not None:
-      dp = dp * drop
-    ds = prob * (dp - _row_slice(delta, i, rows)[..., None])
-    if dbias is not None:
-      dbias = _accumulate_bias(dbias, ds, st, q0, k0, K)
-    if p.score_fn is not None:
-      ds, d_leaves = pull(ds)
-      dscore = [a + b for a, b in zip(dscore, d_leaves)]
-    ds = ds * jnp.float32(st.config.scale)
-    dkj = jnp.einsum("bkrc,bkrh->bkch", ds.astype(dt), qi, precision=prec,
-                     preferred_element_type=jnp.float32)
-    dqi = jnp.einsum("bkrc,bkch->bkrh", ds.astype(dt), kj, precision=prec,
-                     preferred_element_type=jnp.float32)
+    dqi, dkj, dvj, dbias, d_leaves = _tile_grads(
+        p, st, q0, k0, _row_slice(p.q, i, rows), kj, vj, _row_slice(d_out, i, rows),
+        _row_slice(lse_safe, i, rows), _row_slice(delta, i, rows), True, score, dbias)
     dq = lax.dynamic_update_slice_in_dim(dq, dqi, i * rows, axis=2)  # complete: the band is one tile
     dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, k0, w, axis=2) + dkj, k0, axis=2)
     dv = lax.dynamic_update_slice_in_dim(dv, lax.dynamic_slice_in_dim(dv, k0, w, axis=2) + dvj, k0, axis=2)
-    return dq, dk, dv, dbias, dscore
+    return dq, dk, dv, dbias, [a + b for a, b in zip(dscore, d_leaves)]
 
   init = (_zeros_like(p.q), _zeros_like(p.k), _zeros_like(p.v),
           None if p.bias is None else _zeros_like(p.bias), [jnp.zeros_like(x) for x in score_leaves])

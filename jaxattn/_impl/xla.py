@@ -6,7 +6,6 @@ for small problems. Memory is O(B N T S). Forward-mode autodiff works here.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jaxattn._impl import common
