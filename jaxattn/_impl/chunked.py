@@ -242,6 +242,22 @@ def _row_slice(x, i, rows):
 # Forward.
 
 
+def _output_init(p: _Prepared):
+  """Zero output (B, K, R, Hv) and lse (B, K, R) carries shaped and sharded like q and v."""
+  out = (_zeros_like(p.q[..., :1]) + _zeros_like(p.v[:, :, :1, :])).astype(p.q.dtype)
+  return out, _zeros_like(p.q[..., 0])
+
+
+def _write_rows(out, lse, i, rows, acc, m_safe, l):
+  """Normalizes a query block's accumulator (acc / l, lse = m + log l; rows with
+  nothing to attend give 0 and -inf) and writes it into the output carries."""
+  o = acc / jnp.where(l == 0, 1.0, l)[..., None]
+  lse_i = jnp.where(l == 0, -jnp.inf, m_safe + jnp.log(jnp.where(l == 0, 1.0, l)))
+  out = lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), i * rows, axis=2)
+  lse = lax.dynamic_update_slice_in_dim(lse, lse_i, i * rows, axis=2)
+  return out, lse
+
+
 def _forward(p: _Prepared, st: _Static):
   R = p.q.shape[2]
   rows = st.bq * st.G
@@ -282,16 +298,9 @@ def _forward(p: _Prepared, st: _Static):
     row0 = _zeros_like(qi[..., 0])
     init = (row0 - jnp.inf, row0, _zeros_like(qi[..., :1]) + _zeros_like(p.v[:, :, :1, :]))
     m, l, acc = lax.fori_loop(lo, hi, body, init)
-    o = acc / jnp.where(l == 0, 1.0, l)[..., None]
-    m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-    lse_i = jnp.where(l == 0, -jnp.inf, m_safe + jnp.log(jnp.where(l == 0, 1.0, l)))
-    out = lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), i * rows, axis=2)
-    lse = lax.dynamic_update_slice_in_dim(lse, lse_i, i * rows, axis=2)
-    return out, lse
+    return _write_rows(out, lse, i, rows, acc, jnp.where(m == -jnp.inf, 0.0, m), l)
 
-  out = (_zeros_like(p.q[..., :1]) + _zeros_like(p.v[:, :, :1, :])).astype(p.q.dtype)
-  lse = _zeros_like(p.q[..., 0])
-  return lax.fori_loop(0, nq, q_block, (out, lse))
+  return lax.fori_loop(0, nq, q_block, _output_init(p))
 
 
 # ---------------------------------------------------------------------------
@@ -476,15 +485,9 @@ def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
       e = e * drop
     pv = jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj, precision=common.dot_precision(vdt),
                     preferred_element_type=jnp.float32)
-    o = pv / jnp.where(l == 0, 1.0, l)[..., None]
-    lse_i = jnp.where(l == 0, -jnp.inf, m_safe + jnp.log(jnp.where(l == 0, 1.0, l)))
-    out = lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), i * rows, axis=2)
-    lse = lax.dynamic_update_slice_in_dim(lse, lse_i, i * rows, axis=2)
-    return out, lse
+    return _write_rows(out, lse, i, rows, pv, m_safe, l)
 
-  out = (_zeros_like(p.q[..., :1]) + _zeros_like(p.v[:, :, :1, :])).astype(p.q.dtype)
-  lse = _zeros_like(p.q[..., 0])
-  return lax.fori_loop(0, R // rows, q_block, (out, lse))
+  return lax.fori_loop(0, R // rows, q_block, _output_init(p))
 
 
 def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, d_out, d_lse):
