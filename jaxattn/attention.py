@@ -17,6 +17,7 @@ import numpy as np
 from jaxattn import _impl
 from jaxattn import masks as _masks
 from jaxattn import scores as _scores
+from jaxattn import tuning as _tuning
 from jaxattn._impl import common
 
 _FN = "dot_product_attention"
@@ -347,7 +348,8 @@ def dot_product_attention(
       logits_soft_cap=logits_soft_cap, causal_alignment=causal_alignment,
       dropout_rate=dropout_rate, dropout_key=dropout_key, mask_fn=mask_fn, score_fn=score_fn)
   name = implementation or choose_implementation(inputs, config)
-  options = () if block_sizes is None or name == "xla" else (("block_sizes", block_sizes),)
+  blocks = block_sizes or _tuning.block_sizes_for(name, inputs, config)
+  options = () if blocks is None or name == "xla" else (("block_sizes", blocks),)
   try:
     out, lse = _run(inputs, name=name, config=config, options=options)
   except NotImplementedError:
@@ -356,7 +358,8 @@ def dot_product_attention(
     # A kernel refused at trace time what its static check let through: the
     # portable implementations serve every valid input.
     name = "chunked" if inputs.query.shape[1] * inputs.key.shape[1] >= _CHUNKED_MIN_LOGITS else "xla"
-    options = () if block_sizes is None or name == "xla" else (("block_sizes", block_sizes),)
+    blocks = block_sizes or _tuning.block_sizes_for(name, inputs, config)
+    options = () if blocks is None or name == "xla" else (("block_sizes", blocks),)
     out, lse = _run(inputs, name=name, config=config, options=options)
   if rank3:
     out, lse = out[0], lse[0]

@@ -9,3 +9,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# A user's block-size tuning cache must not change what the tests compile;
+# tests/test_tuning.py points it at a temporary file where it needs one.
+os.environ["JAXATTN_TUNING_CACHE"] = ""
