@@ -27,6 +27,7 @@ from jaxattn.parallel import (
 )
 from jaxattn.rope import RopeConfig, apply_rope, rope_frequencies
 from jaxattn.softmax import log_softmax, logsumexp, softmax
+from jaxattn.tuning import tune
 
 __version__ = "0.1.0"
 
@@ -57,4 +58,5 @@ __all__ = [
     "rope_frequencies",
     "self_attention",
     "softmax",
+    "tune",
 ]
