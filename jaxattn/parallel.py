@@ -218,8 +218,10 @@ def _vma(*xs) -> frozenset:
   out = frozenset()
   for x in jax.tree.leaves(xs):
     t = jax.typeof(x)
-    mat = getattr(t, "mat", None)  # jax >= 0.10: ManualAxisType; before: .vma
-    out |= frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
+    # jax >= 0.10: the ShapedArray field `manual_axis_type`, a public
+    # jax.sharding.ManualAxisType whose `varying` are the axes; before: `vma`.
+    axis_type = getattr(t, "manual_axis_type", None)
+    out |= frozenset(axis_type.varying if axis_type is not None else getattr(t, "vma", ()))
   return out
 
 

@@ -6,6 +6,7 @@ reference. Compiling and running them on a GPU is bench/gpu.sh's job; what
 CPU can check of that is the lowering to Triton IR, done below.
 """
 
+import contextlib
 import re
 
 import chex
@@ -133,6 +134,20 @@ def test_compiled_kernels_refuse_what_triton_cannot_lower():
     pallas.pallas_attention(inputs, config, interpret=False, platform="tpu")
 
 
+def _abstract_gpu():
+  """A context naming an abstract NVIDIA GPU as the lowering target.
+
+  jax >= 0.11 asks Pallas' Triton lowering for a GPU to read its compute
+  capability from; on a CPU-only machine that is an abstract device on an
+  abstract mesh (public `jax.sharding` API). Older jax lowers without one.
+  """
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    return contextlib.nullcontext()
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
 @pytest.mark.parametrize("kw", [
     dict(is_causal=True),
     dict(query_segment_ids="segments", key_value_seq_lengths="lengths", bias="bias", mask="mask",
@@ -154,7 +169,8 @@ def test_kernels_lower_to_triton_for_gpu(kw):
     out, vjp = jax.vjp(attend, q, k, v, bias)
     return out, vjp(out)
 
-  text = jax.jit(f).trace(q, k, v, bias).lower(lowering_platforms=("cuda",)).as_text()
+  with _abstract_gpu():
+    text = jax.jit(f).trace(q, k, v, bias).lower(lowering_platforms=("cuda",)).as_text()
   kernels = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)
   assert len(kernels) == 3, "forward, dK/dV and dQ kernels"
 
