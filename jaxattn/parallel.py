@@ -215,7 +215,7 @@ def _piece_inputs(p: _Piece, q, qseg, kv):
 
 def _vma(*xs) -> frozenset:
   """The mesh axes the arrays vary over, inside shard_map (empty outside)."""
-  out = frozenset()
+  out: frozenset = frozenset()
   for x in jax.tree.leaves(xs):
     t = jax.typeof(x)
     # jax >= 0.10: the ShapedArray field `manual_axis_type`, a public
