@@ -448,9 +448,9 @@ def ring_attention(
   >>> mesh = jax.make_mesh((1,), ("seq",))
   >>> x = jax.random.normal(jax.random.key(0), (2, 8, 4, 16))
   >>> x = jax.device_put(x, NamedSharding(mesh, P(None, "seq")))
-  >>> f = jax.shard_map(lambda q, k, v: ring_attention(
+  >>> f = jax.jit(jax.shard_map(lambda q, k, v: ring_attention(
   ...     q, k, v, axis_name="seq", is_causal=True, layout="zigzag"),
-  ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq"))
+  ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq")))
   >>> f(x, x, x).shape
   (2, 8, 4, 16)
   """
