@@ -19,11 +19,14 @@ import jaxattn
 from jaxattn import scores, testing
 from jaxattn._impl import pallas
 
-from attention_base import B, N, S, AttentionTestBase, option_grid, random_cotangents
+from attention_base import (B, GRID_NAMES, N, S, AttentionTestBase, jax_nn_cases, option_grid,
+                            random_cotangents, slow_unless)
 
 # jax.nn parity on a subset (each case compiles the three kernels in interpret
 # mode, seconds each on 2 cores); the float64 grid above it covers every option.
 JAX_NN_SUBSET = ["plain", "causal_window", "bias_and_mask", "both_lengths_causal"]
+PALLAS_FAST = ("plain", "causal_bottom_right", "window_left_only_br", "bias_bcast_batch_q",
+               "mask_bcast", "both_lengths_causal", "segments", "soft_cap", "dropout", "everything")
 
 
 ON_CPU = jax.default_backend() == "cpu"
@@ -38,10 +41,15 @@ class TestPallasSmallBlocks(AttentionTestBase):
   implementation = "pallas"
   block_sizes = (2, 3) if ON_CPU else (16, 16)
 
-  @pytest.mark.parametrize("name", JAX_NN_SUBSET)
-  @pytest.mark.parametrize("layout", ["BTNH", "TNH"])
+  @pytest.mark.parametrize("name,layout", jax_nn_cases(JAX_NN_SUBSET, tnh_fast=("plain",)))
   def test_matches_jax_nn(self, name, layout):
     super().test_matches_jax_nn(name, layout)
+
+  # Interpret mode compiles the three kernels per case (the heaviest tests): the default set
+  # takes options that each reach different kernel code; `-m slow` runs the whole grid.
+  @pytest.mark.parametrize("name", slow_unless(GRID_NAMES, PALLAS_FAST))
+  def test_matches_float64_reference_values_and_gradients(self, name):
+    super().test_matches_float64_reference_values_and_gradients(name)
 
 
 def _normalized(q, k, v, bias=None, mask=None, **kw):
