@@ -49,10 +49,24 @@ class Impl(NamedTuple):
   name: str
   framework: str
   load: Callable[[], tuple[str, Callable[[specs.Case, specs.Inputs], Runnable]]]
+  # Runs in Pallas' interpreter here (a GPU/TPU kernel off its accelerator):
+  # measured and marked, never ranked fastest (its time says nothing of the kernel).
+  interpreted: bool = False
 
   @property
   def is_peer(self) -> bool:
     return not self.name.startswith("jaxattn.")
+
+
+# jaxattn's kernel implementations and the backends they are compiled for; on any
+# other backend they run in Pallas' interpreter.
+KERNEL_BACKENDS = {"pallas": ("gpu", "tpu"), "mosaic": ("gpu",), "splash": ("tpu",)}
+
+
+def interpreted(name: str, backend: str | None = None) -> bool:
+  """Whether jaxattn implementation `name` runs in an interpreter on `backend` (default: JAX's)."""
+  backends = KERNEL_BACKENDS.get(name)
+  return backends is not None and (backend or jax.default_backend()) not in backends
 
 
 def _as_list(outs) -> list[np.ndarray]:
@@ -95,7 +109,7 @@ def _jaxattn(name: str) -> Impl:
             q, k, v, implementation=name, **specs.jaxattn_kwargs(case, aux))
       return _jax_runnable(case, inputs, attend)
     return jaxattn.__version__, build
-  return Impl(f"jaxattn.{name}", "jax", load)
+  return Impl(f"jaxattn.{name}", "jax", load, interpreted(name))
 
 
 def _load_jax_nn():

@@ -18,11 +18,22 @@ def _ok(rec) -> bool:
   return rec["status"] == "ok"
 
 
+def _ranked(rec) -> bool:
+  """Measured and comparable: an implementation run in Pallas' interpreter is not."""
+  return _ok(rec) and not rec.get("interpreted", False)
+
+
 def _by_case(records) -> dict[str, list[dict]]:
   cases: dict[str, list[dict]] = {}
   for rec in records:
     cases.setdefault(rec["case"], []).append(rec)
   return cases
+
+
+def _note(rec) -> str:
+  if not _ok(rec):
+    return rec["status"]
+  return "interpreter (not ranked)" if rec.get("interpreted") else ""
 
 
 def _ratio(num, den) -> str:
@@ -48,6 +59,10 @@ def table(records: list[dict], machine: dict, baseline: str = "jax.nn") -> str:
   ]
   if missing:
     lines.append(f"Not installed: {', '.join(missing)} (`pip install -e '.[bench]'`).")
+  interpreted = sorted({r["impl"] for r in records if r.get("interpreted")})
+  if interpreted:
+    lines.append(f"Run in Pallas' interpreter here (GPU/TPU kernels; marked, never ranked "
+                 f"fastest): {', '.join(interpreted)}.")
   lines.append(f"Speedups: `vs {baseline}` = {baseline} time / time, `vs best peer` = fastest "
                "peer's time / time; above 1 is faster. GFLOP/s: dense-equivalent "
                "(4BNTSH, x3.5 for fwdbwd) and effective (masked logits not counted).")
@@ -57,7 +72,7 @@ def table(records: list[dict], machine: dict, baseline: str = "jax.nn") -> str:
             "| GFLOP/s | eff. GFLOP/s | temp MiB | max abs err | note |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   for case, recs in _by_case(records).items():
-    done = [r for r in recs if _ok(r)]
+    done = [r for r in recs if _ranked(r)]
     base = next((r["time_s"] for r in done if r["impl"] == baseline), None)
     ours = min((r for r in done if not r["peer"]), key=lambda r: r["time_s"], default=None)
     peer = min((r for r in done if r["peer"]), key=lambda r: r["time_s"], default=None)
@@ -74,7 +89,7 @@ def table(records: list[dict], machine: dict, baseline: str = "jax.nn") -> str:
           f"| {case} | {r['impl']} | {_g(t and t * 1e3)} | {_ratio(base, t)} | {_ratio(best_peer, t)} "
           f"| {_g(r.get('lower_s'), '.2f')} | {_g(r.get('compile_s'), '.2f')} | {_g(r.get('gflops'))} "
           f"| {_g(r.get('gflops_effective'))} | {_mib(r.get('temp_bytes'))} "
-          f"| {_g(r.get('max_abs_err'), '.1e')} | {'' if _ok(r) else r['status']} |")
+          f"| {_g(r.get('max_abs_err'), '.1e')} | {_note(r)} |")
   return "\n".join(lines + summary + detail) + "\n"
 
 
@@ -102,7 +117,8 @@ def plot(records: list[dict], path: str) -> bool:
       mine = sorted((r for r in recs if r["impl"] == impl), key=lambda r: r["T"])
       times = [(r["T"], r["time_s"] * 1e3) for r in mine if _ok(r)]
       mems = [(r["T"], r["temp_bytes"] / 2**20) for r in mine if r.get("temp_bytes")]
-      style = dict(marker="o", linestyle="-" if impl.startswith("jaxattn.") else "--", label=impl)
+      label = impl + (" (interpreter)" if any(r.get("interpreted") for r in mine) else "")
+      style = dict(marker="o", linestyle="-" if impl.startswith("jaxattn.") else "--", label=label)
       for ax, points in zip(row, (times, mems)):
         if points:
           ax.plot(*zip(*points), **style)
@@ -133,5 +149,6 @@ def write(records: list[dict], machine: dict, out_dir: str, baseline: str = "jax
   if plot(records, png):
     written.append(png)
   else:
-    print("matplotlib is not installed: no plot (pip install matplotlib).", file=sys.stderr)
+    print("matplotlib is not installed: no plot written (it comes with the bench extra: "
+          "pip install -e '.[bench]', or pip install matplotlib).", file=sys.stderr)
   return written

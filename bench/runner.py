@@ -239,7 +239,7 @@ def run(preset: str, case_patterns=None, impl_patterns=None) -> list[dict]:
     reference = _reference(case, inputs)
     for impl in impls:
       base = dict(case=case.name, family=case.family, impl=impl.name, peer=impl.is_peer,
-                  framework=impl.framework, **{f: getattr(case, f) for f in (
+                  framework=impl.framework, interpreted=impl.interpreted, **{f: getattr(case, f) for f in (
                       "mode", "mask", "B", "T", "S", "N", "K", "H", "dtype")},
                   flops=case.flops)
       if isinstance(loaded[impl.name], str):

@@ -215,11 +215,13 @@ def _piece_inputs(p: _Piece, q, qseg, kv):
 
 def _vma(*xs) -> frozenset:
   """The mesh axes the arrays vary over, inside shard_map (empty outside)."""
-  out = frozenset()
+  out: frozenset = frozenset()
   for x in jax.tree.leaves(xs):
     t = jax.typeof(x)
-    mat = getattr(t, "mat", None)  # jax >= 0.10: ManualAxisType; before: .vma
-    out |= frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
+    # jax >= 0.10: the ShapedArray field `manual_axis_type`, a public
+    # jax.sharding.ManualAxisType whose `varying` are the axes; before: `vma`.
+    axis_type = getattr(t, "manual_axis_type", None)
+    out |= frozenset(axis_type.varying if axis_type is not None else getattr(t, "vma", ()))
   return out
 
 
@@ -446,9 +448,9 @@ def ring_attention(
   >>> mesh = jax.make_mesh((1,), ("seq",))
   >>> x = jax.random.normal(jax.random.key(0), (2, 8, 4, 16))
   >>> x = jax.device_put(x, NamedSharding(mesh, P(None, "seq")))
-  >>> f = jax.shard_map(lambda q, k, v: ring_attention(
+  >>> f = jax.jit(jax.shard_map(lambda q, k, v: ring_attention(
   ...     q, k, v, axis_name="seq", is_causal=True, layout="zigzag"),
-  ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq"))
+  ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq")))
   >>> f(x, x, x).shape
   (2, 8, 4, 16)
   """

@@ -63,6 +63,26 @@ JAX_NN_NAMES = ["plain", "scale", "causal", "window", "window_int", "causal_wind
                 "bias_and_mask", "q_lengths", "kv_lengths", "both_lengths_causal"]
 
 
+# The default test set runs a subset of each grid; `python -m pytest -m slow` runs the
+# rest (CI runs both). Each grid entry is a separate compile, so this is where time goes.
+# jax.nn parity in the unbatched (T, N, H) layout: the layout handling is shared by every
+# option, so a few options show it; the batched layout runs every option by default.
+TNH_FAST = ("plain", "causal", "bias_and_mask", "both_lengths_causal")
+
+
+def slow_unless(names, fast):
+  """pytest params for `names`; those not in `fast` are marked slow."""
+  return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+def jax_nn_cases(names, tnh_fast=TNH_FAST, all_slow=False):
+  """(name, layout) params: every name in (B, T, N, H), `tnh_fast` of them also in (T, N, H)
+  by default; the other (T, N, H) cases (and all cases when `all_slow`) are slow."""
+  cases = [(n, "BTNH") for n in names] + [(n, "TNH") for n in names]
+  return [pytest.param(n, lay, id=f"{lay}-{n}", marks=() if not all_slow and (
+      lay == "BTNH" or n in tnh_fast) else pytest.mark.slow) for n, lay in cases]
+
+
 def _split(kw):
   kw = dict(kw)
   return kw.pop("bias", None), kw.pop("mask", None), kw
@@ -112,8 +132,7 @@ class AttentionTestBase:
       testing.assert_attention_close(grads[3], ref["bias"])
     chex.assert_tree_all_finite(grads[:3])
 
-  @pytest.mark.parametrize("name", JAX_NN_NAMES)
-  @pytest.mark.parametrize("layout", ["BTNH", "TNH"])
+  @pytest.mark.parametrize("name,layout", jax_nn_cases(JAX_NN_NAMES))
   def test_matches_jax_nn(self, name, layout):
     grid = option_grid(jax.random.key(1), B=1 if layout == "TNH" else B)
     bias, mask, kw = _split(grid[name])

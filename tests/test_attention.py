@@ -8,7 +8,7 @@ import pytest
 import jaxattn
 from jaxattn import testing
 
-from attention_base import AttentionTestBase
+from attention_base import JAX_NN_NAMES, AttentionTestBase, jax_nn_cases
 
 
 class TestXla(AttentionTestBase):
@@ -33,6 +33,12 @@ class TestChunkedSmallBlocks(AttentionTestBase):
 class TestChunkedOneBlock(AttentionTestBase):
   implementation = "chunked"
   block_sizes = None
+
+  # The same code as TestChunkedSmallBlocks with one block per side: the float64 grid
+  # covers that path; jax.nn parity adds nothing there beyond the slow set.
+  @pytest.mark.parametrize("name,layout", jax_nn_cases(JAX_NN_NAMES, all_slow=True))
+  def test_matches_jax_nn(self, name, layout):
+    super().test_matches_jax_nn(name, layout)
 
 
 def test_chunked_forward_mode_is_a_clear_error():

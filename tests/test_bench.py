@@ -80,3 +80,36 @@ def test_case_names_filter_and_reject_bad_cases():
       specs.Case("fwd", "window", 4096), specs.Case("fwd", "documents", 4096)]
   with pytest.raises(ValueError, match="documents need T == S"):
     specs.Case("fwd", "documents", 8, S=16)
+
+
+def _record(impl, time_s, *, peer=False, interpreted=False):
+  return dict(case="fwd-causal-T128", family="fwd-causal", impl=impl, peer=peer, framework="jax",
+              interpreted=interpreted, status="ok", time_s=time_s, T=128)
+
+
+def test_interpreted_implementations_are_marked_and_never_ranked_fastest():
+  from bench import report
+  machine = dict(preset="quick", date="d", cpu="c", cpu_count=2, memory_gib=1, platform="p",
+                 jax="j", device_kind="cpu", git_commit=None, git_dirty=None)
+  records = [_record("jaxattn.pallas", 0.001, interpreted=True), _record("jaxattn.chunked", 0.004),
+             _record("jax.nn", 0.008, peer=True)]
+  text = report.table(records, machine)
+  summary = next(line for line in text.splitlines() if line.startswith("| fwd-causal-T128 |"))
+  assert summary.startswith("| fwd-causal-T128 | jaxattn.chunked | 4 | 2.00x | jax.nn |"), summary
+  assert "Run in Pallas' interpreter here" in text and "interpreter (not ranked)" in text
+
+
+def test_kernels_count_as_interpreted_only_off_their_accelerator():
+  from bench import peers
+  assert peers.interpreted("pallas", "cpu") and not peers.interpreted("pallas", "gpu")
+  assert not peers.interpreted("chunked", "cpu") and not peers.interpreted("xla", "cpu")
+
+
+def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys):
+  from bench import report
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+  machine = dict(preset="quick", date="d", cpu="c", cpu_count=2, memory_gib=1, platform="p",
+                 jax="j", device_kind="cpu", git_commit=None, git_dirty=None)
+  written = report.write([_record("jax.nn", 0.008, peer=True)], machine, str(tmp_path))
+  assert not any(p.endswith(".png") for p in written)
+  assert "pip install -e '.[bench]'" in capsys.readouterr().err

@@ -268,6 +268,7 @@ def _load_example():
   return module
 
 
+@pytest.mark.interop
 def test_tiny_lm_cached_greedy_equals_full_forward():
   pytest.importorskip("optax", reason='optax absent: pip install -e ".[examples]"')
   lm = _load_example()

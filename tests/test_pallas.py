@@ -6,6 +6,7 @@ reference. Compiling and running them on a GPU is bench/gpu.sh's job; what
 CPU can check of that is the lowering to Triton IR, done below.
 """
 
+import contextlib
 import re
 
 import chex
@@ -18,11 +19,14 @@ import jaxattn
 from jaxattn import scores, testing
 from jaxattn._impl import pallas
 
-from attention_base import B, N, S, AttentionTestBase, option_grid, random_cotangents
+from attention_base import (B, GRID_NAMES, N, S, AttentionTestBase, jax_nn_cases, option_grid,
+                            random_cotangents, slow_unless)
 
 # jax.nn parity on a subset (each case compiles the three kernels in interpret
 # mode, seconds each on 2 cores); the float64 grid above it covers every option.
 JAX_NN_SUBSET = ["plain", "causal_window", "bias_and_mask", "both_lengths_causal"]
+PALLAS_FAST = ("plain", "causal_bottom_right", "window_left_only_br", "bias_bcast_batch_q",
+               "mask_bcast", "both_lengths_causal", "segments", "soft_cap", "dropout", "everything")
 
 
 ON_CPU = jax.default_backend() == "cpu"
@@ -37,10 +41,15 @@ class TestPallasSmallBlocks(AttentionTestBase):
   implementation = "pallas"
   block_sizes = (2, 3) if ON_CPU else (16, 16)
 
-  @pytest.mark.parametrize("name", JAX_NN_SUBSET)
-  @pytest.mark.parametrize("layout", ["BTNH", "TNH"])
+  @pytest.mark.parametrize("name,layout", jax_nn_cases(JAX_NN_SUBSET, tnh_fast=("plain",)))
   def test_matches_jax_nn(self, name, layout):
     super().test_matches_jax_nn(name, layout)
+
+  # Interpret mode compiles the three kernels per case (the heaviest tests): the default set
+  # takes options that each reach different kernel code; `-m slow` runs the whole grid.
+  @pytest.mark.parametrize("name", slow_unless(GRID_NAMES, PALLAS_FAST))
+  def test_matches_float64_reference_values_and_gradients(self, name):
+    super().test_matches_float64_reference_values_and_gradients(name)
 
 
 def _normalized(q, k, v, bias=None, mask=None, **kw):
@@ -133,6 +142,20 @@ def test_compiled_kernels_refuse_what_triton_cannot_lower():
     pallas.pallas_attention(inputs, config, interpret=False, platform="tpu")
 
 
+def _abstract_gpu():
+  """A context naming an abstract NVIDIA GPU as the lowering target.
+
+  jax >= 0.11 asks Pallas' Triton lowering for a GPU to read its compute
+  capability from; on a CPU-only machine that is an abstract device on an
+  abstract mesh (public `jax.sharding` API). Older jax lowers without one.
+  """
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    return contextlib.nullcontext()
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
 @pytest.mark.parametrize("kw", [
     dict(is_causal=True),
     dict(query_segment_ids="segments", key_value_seq_lengths="lengths", bias="bias", mask="mask",
@@ -154,7 +177,8 @@ def test_kernels_lower_to_triton_for_gpu(kw):
     out, vjp = jax.vjp(attend, q, k, v, bias)
     return out, vjp(out)
 
-  text = jax.jit(f).trace(q, k, v, bias).lower(lowering_platforms=("cuda",)).as_text()
+  with _abstract_gpu():
+    text = jax.jit(f).trace(q, k, v, bias).lower(lowering_platforms=("cuda",)).as_text()
   kernels = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)
   assert len(kernels) == 3, "forward, dK/dV and dQ kernels"
 

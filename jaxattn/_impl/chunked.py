@@ -230,8 +230,10 @@ def _dropout_scale(p: _Prepared, st: _Static, q0, k0, w):
 
 def _zeros_like(x):
   """float32 zeros derived from `x`, so loop carries inherit its sharding (explicit
-  mesh axes) and its device variance (shard_map's check_vma)."""
-  return jnp.zeros_like(x, dtype=jnp.float32)
+  mesh axes) and its device variance (shard_map's check_vma). A select, not
+  `zeros_like`: jax >= 0.11 drops explicit shardings from created arrays outside
+  a mesh context; the select folds to a broadcast and ignores NaN/inf in `x`."""
+  return jnp.where(False, x.astype(jnp.float32), jnp.float32(0))
 
 
 def _row_slice(x, i, rows):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
