@@ -364,7 +364,7 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   d_leaves = []
   if p.score_fn is not None:
     ds, d_leaves = pull(ds)
-  ds = (ds * jnp.float32(st.config.scale)).astype(dt)
+  ds = (ds * jnp.asarray(st.config.scale, ds.dtype)).astype(dt)
   dk = jnp.einsum("bkrc,bkrh->bkch", ds, qi, precision=prec, preferred_element_type=acc)
   dq = jnp.einsum("bkrc,bkch->bkrh", ds, kj, precision=prec, preferred_element_type=acc)
   return dq, dk, dv, dbias, d_leaves

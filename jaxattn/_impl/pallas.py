@@ -152,6 +152,9 @@ def _make_plan(inputs: common.AttentionInputs, config: common.AttentionConfig,
   platform = platform or _platform()
   if interpret is None:
     interpret = platform == "cpu"
+  if jnp.dtype(inputs.query.dtype) == jnp.float64:
+    raise NotImplementedError("pallas: float64 inputs are not supported (the kernels keep "
+                              "float32 statistics); use implementation='xla' or 'chunked'.")
   if not interpret and platform == "tpu":
     # Mosaic needs (8, 128)-aligned trailing block dims, block tables in SMEM
     # and K/V as (B, K, S, H); these kernels are laid out for Triton.
@@ -819,34 +822,30 @@ def _flash(p: _Plan, inputs: common.AttentionInputs):
   return _finish(p, out_rows, lse_rows)
 
 
-def _flash_fwd(p: _Plan, inputs):
-  out_rows, lse_rows, lo_rows = _forward(p, inputs)
-  return _finish(p, out_rows, lse_rows), (inputs, out_rows, lse_rows, lo_rows)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _forward_in_vjp(p: _Plan, inputs):
+  return _forward(p, inputs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _backward_once(p: _Plan, *args):
-  return _backward(p, *args)
-
-
-def _backward_once_fwd(p: _Plan, *args):
-  return _backward(p, *args), None
-
-
-def _backward_once_bwd(p: _Plan, res, cts):
+@_forward_in_vjp.defjvp
+def _forward_in_vjp_jvp(p: _Plan, primals, tangents):
+  # Reached only when the forward of the VJP is itself differentiated:
+  # second-order reverse mode (jax.grad of a function of jax.grad).
   raise NotImplementedError(
       "dot_product_attention: implementation='pallas' does not support second-order "
-      "reverse-mode differentiation (jax.grad of a function of its jax.grad): its backward "
-      "is a Pallas kernel without a VJP; use implementation='xla'.")
+      "differentiation (jax.grad of a function of its jax.grad): its kernels have "
+      "first-order rules only; use implementation='xla'.")
 
 
-_backward_once.defvjp(_backward_once_fwd, _backward_once_bwd)
+def _flash_fwd(p: _Plan, inputs):
+  out_rows, lse_rows, lo_rows = _forward_in_vjp(p, inputs)
+  return _finish(p, out_rows, lse_rows), (inputs, out_rows, lse_rows, lo_rows)
 
 
 def _flash_bwd(p: _Plan, res, cts):
   inputs, out_rows, lse_rows, lo_rows = res
   d_out, d_lse = cts
-  dq, dk, dv, dbias, dleaves = _backward_once(p, inputs, out_rows, lse_rows, lo_rows, d_out, d_lse)
+  dq, dk, dv, dbias, dleaves = _backward(p, inputs, out_rows, lse_rows, lo_rows, d_out, d_lse)
   d_score = None
   if inputs.score_fn is not None:
     # The soft-cap holds no arrays, so the combined modifier's leaves are the caller's.
@@ -901,5 +900,14 @@ def pallas_attention(inputs: common.AttentionInputs, config: common.AttentionCon
   Raises:
     NotImplementedError: see the module docstring.
   """
+  B, T, N, _ = inputs.query.shape
+  Hv = inputs.value.shape[-1]
+  if B == 0:  # nothing to compute; the same empty results as every implementation
+    return (jnp.zeros((0, T, N, Hv), inputs.query.dtype), jnp.zeros((0, T, N), jnp.float32))
+  if Hv == 0:  # the logsumexp is still defined: run with one zero value column
+    one = inputs._replace(value=jnp.pad(inputs.value, ((0, 0), (0, 0), (0, 0), (0, 1))))
+    out, lse = pallas_attention(one, config, block_sizes=block_sizes, interpret=interpret,
+                                platform=platform, gpu_layout=gpu_layout)
+    return out[..., :0], lse
   p = _make_plan(inputs, config, block_sizes, interpret, platform, gpu_layout)
   return _flash(p, inputs)
