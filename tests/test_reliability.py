@@ -327,46 +327,72 @@ def _sweep_fn(impl, block_sizes, static):
   return jax.jit(run)
 
 
+def _structures(n, seed=0):
+  """n random static structures: implementation, blocks, shape, dtype, options, which arrays.
+
+  Everything that selects a compiled program is drawn here, from a fixed pool,
+  so a long sweep spends its time on cases, not compiles; hypothesis draws the
+  data (values, lengths, segment ids, masks) for each.
+  """
+  rng = np.random.RandomState(seed)
+  pick = lambda xs: xs[rng.randint(len(xs))]
+  out = []
+  for _ in range(n):
+    impl, block_sizes = pick(SWEEP_RUNS)
+    static = {}
+    if rng.rand() < 0.5:
+      static["is_causal"] = True
+      static["causal_alignment"] = pick(["top_left", "bottom_right"])
+    if rng.rand() < 0.25:
+      static["local_window_size"] = pick([1, (2, 0), (0, 3), (3, None)])
+    if rng.rand() < 0.2:
+      static["logits_soft_cap"] = pick([1.5, 20.0])
+    if rng.rand() < 0.2:
+      static["scale"] = pick([0.3, 2.0])
+    shape = pick(SHAPES)
+    B, T, S, N = shape[:4]
+    out.append(dict(
+        impl=impl, block_sizes=block_sizes, shape=shape,
+        dtype=pick([jnp.float32] * 4 + [jnp.bfloat16, jnp.float16]),
+        static=tuple(sorted(static.items())), lengths=pick([0, 1, 1, 2]), segments=rng.rand() < 0.25,
+        alibi=rng.rand() < 0.25, bias_shape=pick([None, None, (B, N, T, S), (1, 1, 1, S), (T, S)]),
+        mask_shape=pick([None, None, None, (B, 1, T, S), (S,)])))
+  return out
+
+
+SAMPLE_STRUCTURES = _structures(6)
+FULL_STRUCTURES = _structures(300)
+
+
 @st.composite
-def _cases(draw):
-  impl, block_sizes = draw(st.sampled_from(SWEEP_RUNS))
-  B, T, S, N, K, H = draw(st.sampled_from(SHAPES))
-  dtype = draw(st.sampled_from([jnp.float32] * 4 + [jnp.bfloat16, jnp.float16]))
-  static, arrays, extra = {}, {}, {}
-  if draw(st.booleans()):
-    static["is_causal"] = True
-    static["causal_alignment"] = draw(st.sampled_from(["top_left", "bottom_right"]))
-  if draw(st.integers(0, 3)) == 0:
-    static["local_window_size"] = draw(st.sampled_from([1, (2, 0), (0, 3), (3, None)]))
-  if draw(st.integers(0, 3)) == 0:
-    static["logits_soft_cap"] = draw(st.sampled_from([1.5, 20.0]))
-  if draw(st.integers(0, 3)) == 0:
-    static["scale"] = draw(st.sampled_from([0.3, 2.0]))
-  if draw(st.integers(0, 3)) == 0:
-    extra["score_fn"] = "alibi"
-  lengths = draw(st.integers(0, 2))
-  if lengths:
+def _cases(draw, structures):
+  case = dict(draw(st.sampled_from(structures)))
+  B, T, S = case["shape"][:3]
+  arrays = {}
+  if case["lengths"]:
     arrays["key_value_seq_lengths"] = jnp.array(draw(st.lists(st.integers(0, S), min_size=B, max_size=B)), jnp.int32)
-    if lengths == 2:
+    if case["lengths"] == 2:
       arrays["query_seq_lengths"] = jnp.array(draw(st.lists(st.integers(0, T), min_size=B, max_size=B)), jnp.int32)
-  if draw(st.integers(0, 4)) == 0:
+  if case["segments"]:
     ids = lambda L: sorted(draw(st.lists(st.integers(0, 2), min_size=L, max_size=L)))
     arrays["query_segment_ids"] = jnp.array([ids(T) for _ in range(B)], jnp.int32)
     arrays["key_value_segment_ids"] = jnp.array([ids(S) for _ in range(B)], jnp.int32)
-  bias_shape = draw(st.sampled_from([None, None, (B, N, T, S), (1, 1, 1, S), (T, S)]))
-  mask_shape = draw(st.sampled_from([None, None, None, (B, 1, T, S), (S,)]))
-  seed = draw(st.integers(0, 2**16))
-  return impl, block_sizes, (B, T, S, N, K, H), dtype, static, arrays, extra, bias_shape, mask_shape, seed
+  case["arrays"] = arrays
+  case["seed"] = draw(st.integers(0, 2**16))
+  return case
 
 
 def _check_case(case):
-  impl, block_sizes, (B, T, S, N, K, H), dtype, static, arrays, extra, bias_shape, mask_shape, seed = case
+  impl, block_sizes, dtype, arrays, seed = (case[n] for n in ("impl", "block_sizes", "dtype", "arrays", "seed"))
+  B, T, S, N, K, H = case["shape"]
+  static = dict(case["static"])
+  bias_shape, mask_shape = case["bias_shape"], case["mask_shape"]
   ks = jax.random.split(jax.random.key(seed), 6)
   q, k, v = testing.random_qkv(ks[0], B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
   bias = None if bias_shape is None else (2.0 * jax.random.normal(ks[1], bias_shape)).astype(dtype)
   mask = None if mask_shape is None else testing.random_mask(ks[2], mask_shape, p_keep=0.8)
-  score_fn = scores.alibi(scores.alibi_slopes(N)) if extra.get("score_fn") == "alibi" else None
-  fn = _sweep_fn(impl, block_sizes, tuple(sorted(static.items())))
+  score_fn = scores.alibi(scores.alibi_slopes(N)) if case["alibi"] else None
+  fn = _sweep_fn(impl, block_sizes, case["static"])
   out_shape, lse_shape = (B, T, N, H), (B, T, N)
   do = jax.random.normal(ks[3], out_shape, jnp.float32).astype(dtype)
   dl0 = jax.random.normal(ks[4], lse_shape, jnp.float32).astype(dtype)
@@ -408,7 +434,7 @@ _SWEEP = dict(deadline=None, derandomize=True, database=None,
 
 
 @settings(max_examples=25, **_SWEEP)
-@given(case=_cases())
+@given(case=_cases(SAMPLE_STRUCTURES))
 def test_sweep_sample(case):
   """A sample of the sweep (the default run); `-m slow` runs >= 2000 cases."""
   _check_case(case)
@@ -416,6 +442,6 @@ def test_sweep_sample(case):
 
 @pytest.mark.slow
 @settings(max_examples=2000, **_SWEEP)
-@given(case=_cases())
+@given(case=_cases(FULL_STRUCTURES))
 def test_sweep_full(case):
   _check_case(case)
