@@ -307,13 +307,18 @@ def dot_product_attention(
     key: (B, S, K, H) or (S, K, H), the query's dtype.
     value: (B, S, K, Hv) or (S, K, Hv), the query's dtype; Hv may differ
       from H (jax.nn requires Hv == H).
-    bias: optional float array added to the logits, broadcastable dim by dim
-      to (B, N, T, S) (or (N, T, S)); differentiable.
+    bias: optional float array added to the logits, broadcastable to
+      (B, N, T, S) (or (N, T, S)) by NumPy rules, as in jax.nn: missing
+      leading dims are 1, so a (S,) or (T, S) bias applies to every batch and
+      head; differentiable.
     mask: optional boolean array, True = attend, broadcastable like bias.
-    scale: logit scale, default 1/sqrt(H).
+    scale: logit scale, default 1/sqrt(H); must be finite.
     is_causal: mask keys after the query's position.
     query_seq_lengths: int (B,); query rows at or past the length give 0.
     key_value_seq_lengths: int (B,); keys at or past the length are masked.
+      Lengths are clipped to [0, T] / [0, S] (any integer width). Padding
+      (query rows and key/value slots past the lengths) never reaches an
+      output or a gradient, even if it holds NaN or inf.
     local_window_size: `w` or `(left, right)`: query at position p sees keys
       in [p - left, p + right]; a side may be None (unbounded).
     implementation: None (choose per backend and shape), or a registered
@@ -321,7 +326,7 @@ def dot_product_attention(
     return_residual: also return the logsumexp of the masked logits, (B, T, N)
       or (T, N), differentiable (-inf for a fully masked row).
     query_segment_ids: int (B, T); a query attends only to keys with the same
-      id (packed documents).
+      id (packed documents). Ids of any integer width keep their meaning.
     key_value_segment_ids: int (B, S); defaults to query_segment_ids if T == S.
     logits_soft_cap: `cap * tanh(logits / cap)` applied to the scaled logits,
       before the bias (Gemma 2).
@@ -353,7 +358,11 @@ def dot_product_attention(
 
   Differences from jax.nn: a query row with no key to attend to gives 0 (jax.nn
   gives the mean of V), its logsumexp is -inf, and the residual is
-  differentiable.
+  differentiable. NaN in padding masked by the lengths does not propagate
+  (jax.nn's output is NaN). float64 inputs are computed in float64 ("xla",
+  "chunked"; "pallas" raises NotImplementedError). Second-order reverse mode
+  (jax.grad of jax.grad) works on "xla" only; "chunked" and "pallas" raise
+  NotImplementedError naming it, and forward mode (jax.jvp) is "xla" only.
 
   >>> import jax, jaxattn
   >>> q = k = v = jax.random.normal(jax.random.key(0), (2, 5, 4, 8))
