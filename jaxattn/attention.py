@@ -8,6 +8,7 @@ here, once, from static shapes and dtypes; the chosen implementation (see
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal
 
 import jax
@@ -40,11 +41,12 @@ def _check_float(name, x):
 
 
 def _broadcastable_4d(name: str, x, full: tuple[int, int, int, int], rank3: bool):
-  """Checks that x broadcasts to (B, N, T, S) dim by dim; returns it as 4D."""
+  """Checks that x broadcasts to (B, N, T, S) by NumPy rules (missing leading
+  dims are 1, as in jax.nn: a (S,) mask applies to every query); returns it as 4D."""
   letters = "(N, T, S)" if rank3 else "(B, N, T, S)"
   shown = full[1:] if rank3 else full
-  if x.ndim < 2 or x.ndim > 4:
-    raise _err(name, f"must have rank 2 to 4 and broadcast to {letters} = "
+  if x.ndim > 4:
+    raise _err(name, f"must have rank at most 4 and broadcast to {letters} = "
                f"{_fmt(shown)}; got shape {_fmt(x.shape)}.")
   x4 = x.reshape((1,) * (4 - x.ndim) + x.shape)
   for have, want in zip(x4.shape, full):
@@ -54,7 +56,7 @@ def _broadcastable_4d(name: str, x, full: tuple[int, int, int, int], rank3: bool
   return x4
 
 
-def _check_lengths(name, x, B, rank3):
+def _check_lengths(name, x, B, L, rank3):
   if x is None:
     return None
   x = jnp.asarray(x)
@@ -63,7 +65,9 @@ def _check_lengths(name, x, B, rank3):
   if x.shape != (B,):
     want = "(B,) = " + _fmt((B,)) if not rank3 else "(1,) for the 3D (T, N, H) layout"
     raise _err(name, f"must have shape {want}; got {_fmt(x.shape)}.")
-  return x.astype(jnp.int32)
+  # Clipped to [0, L] in the caller's width first: a length past the sequence
+  # means all of it (2**32 would wrap to 0 in int32), a negative one none of it.
+  return jnp.clip(x, 0, L).astype(jnp.int32)
 
 
 def _check_segments(name, x, B, L, letter, rank3):
@@ -74,7 +78,26 @@ def _check_segments(name, x, B, L, letter, rank3):
   if x.shape != want:
     letters = f"({letter},)" if rank3 else f"(B, {letter})"
     raise _err(name, f"must have shape {letters} = {_fmt(want)}; got {_fmt(x.shape)}.")
-  return x.reshape(B, L).astype(jnp.int32)
+  return x.reshape(B, L)
+
+
+def _segments_as_int32(q_ids, kv_ids):
+  """int32 ids with the same equalities and order as the caller's.
+
+  Ids that do not fit int32 (int64, uint32, uint64) are replaced by their rank
+  among all ids of the call, which keeps which documents are equal (the mask)
+  and their order (block classification) where a cast would merge
+  documents whose ids differ only above bit 31.
+  """
+  dt = jnp.dtype(q_ids.dtype)
+  fits = lambda d: jnp.iinfo(d).min >= -2**31 and jnp.iinfo(d).max <= 2**31 - 1
+  if fits(dt) and fits(kv_ids.dtype):
+    return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
+  common_dt = jnp.promote_types(dt, kv_ids.dtype)
+  q_ids, kv_ids = q_ids.astype(common_dt), kv_ids.astype(common_dt)
+  table = jnp.sort(jnp.concatenate([q_ids.ravel(), kv_ids.ravel()]))
+  rank = lambda x: jnp.searchsorted(table, x, side="left").astype(jnp.int32)
+  return rank(q_ids), rank(kv_ids)
 
 
 def _check_window(w):
@@ -160,8 +183,8 @@ def normalize(query, key, value, bias=None, mask=None, *, scale=None,
                       f"masks as bias=); got {mask.dtype}.")
     mask = _broadcastable_4d("mask", mask, full, rank3)
 
-  query_seq_lengths = _check_lengths("query_seq_lengths", query_seq_lengths, B, rank3)
-  key_value_seq_lengths = _check_lengths("key_value_seq_lengths", key_value_seq_lengths, B, rank3)
+  query_seq_lengths = _check_lengths("query_seq_lengths", query_seq_lengths, B, T, rank3)
+  key_value_seq_lengths = _check_lengths("key_value_seq_lengths", key_value_seq_lengths, B, S, rank3)
 
   if key_value_segment_ids is not None and query_segment_ids is None:
     raise _err("query_segment_ids", "is required when key_value_segment_ids is given.")
@@ -173,6 +196,7 @@ def normalize(query, key, value, bias=None, mask=None, *, scale=None,
       key_value_segment_ids = query_segment_ids
     else:
       key_value_segment_ids = _check_segments("key_value_segment_ids", key_value_segment_ids, B, S, "S", rank3)
+    query_segment_ids, key_value_segment_ids = _segments_as_int32(query_segment_ids, key_value_segment_ids)
 
   window = _check_window(local_window_size)
   if not isinstance(is_causal, (bool, np.bool_)):
@@ -184,10 +208,15 @@ def normalize(query, key, value, bias=None, mask=None, *, scale=None,
   elif isinstance(scale, jax.core.Tracer):
     raise TypeError(f"{_FN}: scale must be a static Python number; got a traced value.")
   scale = float(scale)
+  if not math.isfinite(scale):
+    raise _err("scale", f"must be a finite number; got {scale}.")
   if logits_soft_cap is not None:
     logits_soft_cap = float(logits_soft_cap)
     if not logits_soft_cap > 0:
       raise _err("logits_soft_cap", f"must be positive; got {logits_soft_cap}.")
+    if not math.isfinite(logits_soft_cap):
+      raise _err("logits_soft_cap", f"must be finite (cap * tanh(x / cap) is nan at "
+                 f"cap = inf; pass None for no cap); got {logits_soft_cap}.")
   dropout_rate = float(dropout_rate)
   if not 0.0 <= dropout_rate < 1.0:
     raise _err("dropout_rate", f"must be in [0, 1); got {dropout_rate}.")
@@ -243,7 +272,7 @@ def choose_implementation(inputs: common.AttentionInputs,
 
 @functools.partial(jax.jit, static_argnames=("name", "config", "options"))
 def _run(inputs, *, name, config, options):
-  return _impl.get(name)(inputs, config, **dict(options))
+  return _impl.get(name)(common.zero_padding(inputs), config, **dict(options))
 
 
 def dot_product_attention(
@@ -279,13 +308,18 @@ def dot_product_attention(
     key: (B, S, K, H) or (S, K, H), the query's dtype.
     value: (B, S, K, Hv) or (S, K, Hv), the query's dtype; Hv may differ
       from H (jax.nn requires Hv == H).
-    bias: optional float array added to the logits, broadcastable dim by dim
-      to (B, N, T, S) (or (N, T, S)); differentiable.
+    bias: optional float array added to the logits, broadcastable to
+      (B, N, T, S) (or (N, T, S)) by NumPy rules, as in jax.nn: missing
+      leading dims are 1, so a (S,) or (T, S) bias applies to every batch and
+      head; differentiable.
     mask: optional boolean array, True = attend, broadcastable like bias.
-    scale: logit scale, default 1/sqrt(H).
+    scale: logit scale, default 1/sqrt(H); must be finite.
     is_causal: mask keys after the query's position.
     query_seq_lengths: int (B,); query rows at or past the length give 0.
     key_value_seq_lengths: int (B,); keys at or past the length are masked.
+      Lengths are clipped to [0, T] / [0, S] (any integer width). Padding
+      (query rows and key/value slots past the lengths) never reaches an
+      output or a gradient, even if it holds NaN or inf.
     local_window_size: `w` or `(left, right)`: query at position p sees keys
       in [p - left, p + right]; a side may be None (unbounded).
     implementation: None (choose per backend and shape), or a registered
@@ -293,7 +327,7 @@ def dot_product_attention(
     return_residual: also return the logsumexp of the masked logits, (B, T, N)
       or (T, N), differentiable (-inf for a fully masked row).
     query_segment_ids: int (B, T); a query attends only to keys with the same
-      id (packed documents).
+      id (packed documents). Ids of any integer width keep their meaning.
     key_value_segment_ids: int (B, S); defaults to query_segment_ids if T == S.
     logits_soft_cap: `cap * tanh(logits / cap)` applied to the scaled logits,
       before the bias (Gemma 2).
@@ -325,7 +359,11 @@ def dot_product_attention(
 
   Differences from jax.nn: a query row with no key to attend to gives 0 (jax.nn
   gives the mean of V), its logsumexp is -inf, and the residual is
-  differentiable.
+  differentiable. NaN in padding masked by the lengths does not propagate
+  (jax.nn's output is NaN). float64 inputs are computed in float64 ("xla",
+  "chunked"; "pallas" raises NotImplementedError). Second-order reverse mode
+  (jax.grad of jax.grad) works on "xla" only; "chunked" and "pallas" raise
+  NotImplementedError naming it, and forward mode (jax.jvp) is "xla" only.
 
   >>> import jax, jaxattn
   >>> q = k = v = jax.random.normal(jax.random.key(0), (2, 5, 4, 8))

@@ -35,7 +35,7 @@ BAD = [
     ("bias_shape", (q, k, v, jnp.ones((B, N, T, 8))), {}, ValueError,
      r"bias must broadcast to \(B, N, T, S\) = \(2, 6, 5, 7\) \(each dim 1 or full\); got shape \(2, 6, 5, 8\)"),
     ("bias_rank", (q, k, v, jnp.ones((1, B, N, T, S))), {}, ValueError,
-     r"bias must have rank 2 to 4 and broadcast to \(B, N, T, S\) = \(2, 6, 5, 7\); got shape \(1, 2, 6, 5, 7\)"),
+     r"bias must have rank at most 4 and broadcast to \(B, N, T, S\) = \(2, 6, 5, 7\); got shape \(1, 2, 6, 5, 7\)"),
     ("mask_not_bool", (q, k, v, None, jnp.ones((B, N, T, S))), {}, TypeError,
      r"mask must be boolean \(True = attend; pass additive masks as bias=\); got float32"),
     ("mask_shape", (q, k, v, None, jnp.ones((B, 4, T, S), bool)), {}, ValueError,

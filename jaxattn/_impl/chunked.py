@@ -193,8 +193,9 @@ def _tile_index(p: _Prepared, st: _Static, q0, k0, w):
 
 
 def _raw_logits(st: _Static, qi, kj):
+  acc = common.stat_dtype(qi.dtype)
   return jnp.einsum("bkrh,bkch->bkrc", qi, kj, precision=common.dot_precision(qi.dtype),
-                    preferred_element_type=jnp.float32) * jnp.float32(st.config.scale)
+                    preferred_element_type=acc) * jnp.asarray(st.config.scale, acc)
 
 
 def _post(p: _Prepared, st: _Static, q0, k0, raw, score_fn, masked: bool):
@@ -203,7 +204,7 @@ def _post(p: _Prepared, st: _Static, q0, k0, raw, score_fn, masked: bool):
   idx = _tile_index(p, st, q0, k0, w)
   s = raw if score_fn is None else score_fn(raw, *idx)
   if p.bias is not None:
-    s = s + _to_rows(_tile(p.bias, q0, st.bq, k0, w), K, st.G, st.bq).astype(jnp.float32)
+    s = s + _to_rows(_tile(p.bias, q0, st.bq, k0, w), K, st.G, st.bq).astype(s.dtype)
   if masked:
     mask = None if p.mask_fn is None else p.mask_fn(*idx)
     if p.mask is not None:
@@ -229,11 +230,13 @@ def _dropout_scale(p: _Prepared, st: _Static, q0, k0, w):
 
 
 def _zeros_like(x):
-  """float32 zeros derived from `x`, so loop carries inherit its sharding (explicit
-  mesh axes) and its device variance (shard_map's check_vma). A select, not
-  `zeros_like`: jax >= 0.11 drops explicit shardings from created arrays outside
-  a mesh context; the select folds to a broadcast and ignores NaN/inf in `x`."""
-  return jnp.where(False, x.astype(jnp.float32), jnp.float32(0))
+  """Zeros in the statistics dtype (float32, or float64 for float64 inputs)
+  derived from `x`, so loop carries inherit its sharding (explicit mesh axes)
+  and its device variance (shard_map's check_vma). A select, not `zeros_like`:
+  jax >= 0.11 drops explicit shardings from created arrays outside a mesh
+  context; the select folds to a broadcast and ignores NaN/inf in `x`."""
+  dtype = common.stat_dtype(x.dtype)
+  return jnp.where(False, x.astype(dtype), jnp.zeros((), dtype))
 
 
 def _row_slice(x, i, rows):
@@ -245,19 +248,28 @@ def _row_slice(x, i, rows):
 
 
 def _output_init(p: _Prepared):
-  """Zero output (B, K, R, Hv) and lse (B, K, R) carries shaped and sharded like q and v."""
+  """Zero output (B, K, R, Hv), lse and lse_lo (B, K, R) carries shaped and sharded like q and v."""
   out = (_zeros_like(p.q[..., :1]) + _zeros_like(p.v[:, :, :1, :])).astype(p.q.dtype)
-  return out, _zeros_like(p.q[..., 0])
+  return out, _zeros_like(p.q[..., 0]), _zeros_like(p.q[..., 0])
 
 
-def _write_rows(out, lse, i, rows, acc, m_safe, l):
+def _write_rows(carry, i, rows, acc, m_safe, l):
   """Normalizes a query block's accumulator (acc / l, lse = m + log l; rows with
-  nothing to attend give 0 and -inf) and writes it into the output carries."""
-  o = acc / jnp.where(l == 0, 1.0, l)[..., None]
-  lse_i = jnp.where(l == 0, -jnp.inf, m_safe + jnp.log(jnp.where(l == 0, 1.0, l)))
+  nothing to attend give 0 and -inf) and writes it into the output carries.
+
+  lse is also kept as the exact sum hi + lo of two floats (`common.two_sum`),
+  for the backward's exp((s - hi) - lo).
+  """
+  out, lse, lse_lo = carry
+  live = l > 0
+  o = acc / jnp.where(live, l, 1.0)[..., None]
+  hi, lo = common.two_sum(m_safe, jnp.log(jnp.where(live, l, 1.0)))
+  lse_i = jnp.where(live, hi, -jnp.inf)
+  lo_i = jnp.where(live, lo, 0.0)
   out = lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), i * rows, axis=2)
   lse = lax.dynamic_update_slice_in_dim(lse, lse_i, i * rows, axis=2)
-  return out, lse
+  lse_lo = lax.dynamic_update_slice_in_dim(lse_lo, lo_i, i * rows, axis=2)
+  return out, lse, lse_lo
 
 
 def _forward(p: _Prepared, st: _Static):
@@ -268,7 +280,6 @@ def _forward(p: _Prepared, st: _Static):
   vdt = p.v.dtype
 
   def q_block(i, carry):
-    out, lse = carry
     qi = _row_slice(p.q, i, rows)
     kinds = _kinds(p.mask_fn, p.summary, p.mask is not None, g, i, jnp.arange(g.nk))
     lo, hi = _ranges(kinds > 0)
@@ -287,7 +298,7 @@ def _forward(p: _Prepared, st: _Static):
       if drop is not None:
         e = e * drop
       pv = jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj, precision=common.dot_precision(vdt),
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=common.stat_dtype(vdt))
       return m_new, l, acc * alpha[..., None] + pv
 
     def body(j, acc_state):
@@ -300,7 +311,7 @@ def _forward(p: _Prepared, st: _Static):
     row0 = _zeros_like(qi[..., 0])
     init = (row0 - jnp.inf, row0, _zeros_like(qi[..., :1]) + _zeros_like(p.v[:, :, :1, :]))
     m, l, acc = lax.fori_loop(lo, hi, body, init)
-    return _write_rows(out, lse, i, rows, acc, jnp.where(m == -jnp.inf, 0.0, m), l)
+    return _write_rows(carry, i, rows, acc, jnp.where(m == -jnp.inf, 0.0, m), l)
 
   return lax.fori_loop(0, nq, q_block, _output_init(p))
 
@@ -324,10 +335,10 @@ def _split_float_leaves(tree):
 
 
 def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta_i, masked: bool,
-                score, dbias):
+                score, dbias, lo_i):
   """Gradients from one tile: (dq_tile, dk_tile, dv_tile, dbias, d_score_leaves).
 
-  P is recomputed as exp(S - lse); dS = P (dP - D); `score` is
+  P is recomputed as exp((S - lse) - lse_lo); dS = P (dP - D); `score` is
   (leaves, rebuild) of the score modifier's float leaves, whose gradients come
   from a VJP through the modifier (and the soft-cap) on this tile.
   """
@@ -341,12 +352,13 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
     s, pull = jax.vjp(post, raw, leaves)
   else:
     s = post(raw, leaves)
-  prob = jnp.exp(s - lse_i[..., None])
+  prob = jnp.exp((s - lse_i[..., None]) - lo_i[..., None])
   drop = _dropout_scale(p, st, q0, k0, w)
   pd = prob if drop is None else prob * drop
+  acc = common.stat_dtype(dt)
   dv = jnp.einsum("bkrc,bkrh->bkch", pd.astype(dt), doi, precision=prec,
-                  preferred_element_type=jnp.float32)
-  dp = jnp.einsum("bkrh,bkch->bkrc", doi, vj, precision=prec, preferred_element_type=jnp.float32)
+                  preferred_element_type=acc)
+  dp = jnp.einsum("bkrh,bkch->bkrc", doi, vj, precision=prec, preferred_element_type=acc)
   if drop is not None:
     dp = dp * drop
   ds = prob * (dp - delta_i[..., None])
@@ -355,28 +367,30 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   d_leaves = []
   if p.score_fn is not None:
     ds, d_leaves = pull(ds)
-  ds = (ds * jnp.float32(st.config.scale)).astype(dt)
-  dk = jnp.einsum("bkrc,bkrh->bkch", ds, qi, precision=prec, preferred_element_type=jnp.float32)
-  dq = jnp.einsum("bkrc,bkch->bkrh", ds, kj, precision=prec, preferred_element_type=jnp.float32)
+  ds = (ds * jnp.asarray(st.config.scale, ds.dtype)).astype(dt)
+  dk = jnp.einsum("bkrc,bkrh->bkch", ds, qi, precision=prec, preferred_element_type=acc)
+  dq = jnp.einsum("bkrc,bkch->bkrh", ds, kj, precision=prec, preferred_element_type=acc)
   return dq, dk, dv, dbias, d_leaves
 
 
-def _backward_prologue(out, lse, d_out, d_lse):
+def _backward_prologue(out, lse, lse_lo, d_out, d_lse):
   """D = rowsum(dO * O) - dlse (the lse cotangent adds P * dlse to dS), and an
-  lse whose -inf rows give P = exp(-inf) = 0."""
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  lse whose -inf rows (nothing attended, or padding) give P = exp(-inf) = 0."""
+  acc = lse.dtype
+  delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1)
   if d_lse is not None:
     delta = delta - d_lse
-  return delta, jnp.where(lse == -jnp.inf, jnp.inf, lse)
+  dead = lse == -jnp.inf
+  return delta, jnp.where(dead, jnp.inf, lse), jnp.where(dead, 0.0, lse_lo)
 
 
-def _backward(p: _Prepared, st: _Static, out, lse, d_out, d_lse):
+def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
   B, K, R, H = p.q.shape
   Hv = p.v.shape[-1]
   rows = st.bq * st.G
   nk = p.k.shape[2] // st.bk
   g = p.geometry
-  delta, lse_safe = _backward_prologue(out, lse, d_out, d_lse)
+  delta, lse_safe, lo_safe = _backward_prologue(out, lse, lse_lo, d_out, d_lse)
   score = _split_float_leaves(p.score_fn)
   score_leaves = score[0]
 
@@ -391,7 +405,8 @@ def _backward(p: _Prepared, st: _Static, out, lse, d_out, d_lse):
       dk, dv, dq, dbias, dscore = state
       dqi, dkj, dvj, dbias, d_leaves = _tile_grads(
           p, st, i * st.bq, j * st.bk, _row_slice(p.q, i, rows), kj, vj, _row_slice(d_out, i, rows),
-          _row_slice(lse_safe, i, rows), _row_slice(delta, i, rows), masked, score, dbias)
+          _row_slice(lse_safe, i, rows), _row_slice(delta, i, rows), masked, score, dbias,
+          _row_slice(lo_safe, i, rows))
       dq = lax.dynamic_update_slice_in_dim(dq, _row_slice(dq, i, rows) + dqi, i * rows, axis=2)
       return dk + dkj, dv + dvj, dq, dbias, [a + b for a, b in zip(dscore, d_leaves)]
 
@@ -471,7 +486,6 @@ def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
   vdt = p.v.dtype
 
   def q_block(i, carry):
-    out, lse = carry
     q0 = i * st.bq
     k0 = _band_start(st, q0, w, left, Sp)
     qi = _row_slice(p.q, i, rows)
@@ -486,17 +500,17 @@ def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
     if drop is not None:
       e = e * drop
     pv = jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj, precision=common.dot_precision(vdt),
-                    preferred_element_type=jnp.float32)
-    return _write_rows(out, lse, i, rows, pv, m_safe, l)
+                    preferred_element_type=common.stat_dtype(vdt))
+    return _write_rows(carry, i, rows, pv, m_safe, l)
 
   return lax.fori_loop(0, R // rows, q_block, _output_init(p))
 
 
-def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, d_out, d_lse):
+def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_lo, d_out, d_lse):
   R = p.q.shape[2]
   rows = st.bq * st.G
   Sp = p.k.shape[2]
-  delta, lse_safe = _backward_prologue(out, lse, d_out, d_lse)
+  delta, lse_safe, lo_safe = _backward_prologue(out, lse, lse_lo, d_out, d_lse)
   score = _split_float_leaves(p.score_fn)
   score_leaves = score[0]
 
@@ -508,7 +522,8 @@ def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, d_out
     vj = lax.dynamic_slice_in_dim(p.v, k0, w, axis=2)
     dqi, dkj, dvj, dbias, d_leaves = _tile_grads(
         p, st, q0, k0, _row_slice(p.q, i, rows), kj, vj, _row_slice(d_out, i, rows),
-        _row_slice(lse_safe, i, rows), _row_slice(delta, i, rows), True, score, dbias)
+        _row_slice(lse_safe, i, rows), _row_slice(delta, i, rows), True, score, dbias,
+        _row_slice(lo_safe, i, rows))
     dq = lax.dynamic_update_slice_in_dim(dq, dqi, i * rows, axis=2)  # complete: the band is one tile
     dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, k0, w, axis=2) + dkj, k0, axis=2)
     dv = lax.dynamic_update_slice_in_dim(dv, lax.dynamic_slice_in_dim(dv, k0, w, axis=2) + dvj, k0, axis=2)
@@ -549,12 +564,12 @@ def _finish(inputs, st: _Static, out_rows, lse_rows):
   return out, lse
 
 
-def _to_row_layout(x, st: _Static, Tp):
-  """(B, T, N, ...) -> (B, K, Tp*G, ...), padding T to Tp with zeros."""
+def _to_row_layout(x, st: _Static, Tp, value=0):
+  """(B, T, N, ...) -> (B, K, Tp*G, ...), padding T to Tp with `value`."""
   B, T, N = x.shape[:3]
   K = N // st.G
   rest = x.shape[3:]
-  x = _pad_to(x, 1, Tp).reshape((B, Tp, K, st.G) + rest)
+  x = _pad_to(x, 1, Tp, value).reshape((B, Tp, K, st.G) + rest)
   x = jnp.moveaxis(x, 1, 2)
   return x.reshape((B, K, Tp * st.G) + rest)
 
@@ -566,22 +581,31 @@ def _static(inputs: common.AttentionInputs, config: common.AttentionConfig, bloc
   return _Static(config=config, T=T, S=S, bq=min(bq, T), bk=min(bk, S), G=N // K)
 
 
+def _forward_with_lo(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
+  """(output, lse, lse_lo): lse + lse_lo is the logsumexp to twice the precision."""
+  st = _static(inputs, config, block_sizes)
+  p = _prepare(inputs, st)
+  band = _band(st, p.k.shape[2])
+  out_rows, lse_rows, lo_rows = _forward(p, st) if band is None else _forward_band(p, st, *band)
+  out, lse = _finish(inputs, st, out_rows, lse_rows)
+  _, lse_lo = _finish(inputs, st, out_rows, lo_rows)
+  return out, lse, lse_lo
+
+
 def forward(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
             block_sizes: tuple[int, int] | None = None):
-  """The blocked forward without a VJP rule: (output (B, T, N, Hv), lse (B, T, N) f32).
+  """The blocked forward without a VJP rule: (output (B, T, N, Hv), lse (B, T, N)
+  float32, float64 for float64 inputs).
 
   For kernels built on this one (ring attention) that define their own VJP
   with `backward`.
   """
-  st = _static(inputs, config, block_sizes)
-  p = _prepare(inputs, st)
-  band = _band(st, p.k.shape[2])
-  out_rows, lse_rows = _forward(p, st) if band is None else _forward_band(p, st, *band)
-  return _finish(inputs, st, out_rows, lse_rows)
+  out, lse, _ = _forward_with_lo(inputs, config, block_sizes)
+  return out, lse
 
 
 def backward(inputs: common.AttentionInputs, config: common.AttentionConfig, out, lse,
-             d_out, d_lse=None, *, block_sizes: tuple[int, int] | None = None):
+             d_out, d_lse=None, *, block_sizes: tuple[int, int] | None = None, lse_lo=None):
   """Gradients of `forward` given its output and logsumexp.
 
   `out` and `lse` may be those of a larger problem that this one is a part of
@@ -589,28 +613,49 @@ def backward(inputs: common.AttentionInputs, config: common.AttentionConfig, out
   probabilities are recomputed as exp(logits - lse), so the returned dK, dV
   are this part's exact share and dQ its additive contribution.
 
+  Second-order reverse mode (differentiating this backward) raises a clear
+  error: its loops have data-dependent bounds (skipped blocks).
+
   Args:
     inputs, config: as for `forward`.
     out: (B, T, N, Hv) attention output; lse: (B, T, N) float32 logsumexp.
     d_out: cotangent of out; d_lse: optional cotangent of lse.
     block_sizes: as for `forward`.
+    lse_lo: optional low part of the logsumexp (lse + lse_lo exactly), for
+      probabilities accurate at large logits; None means 0.
 
   Returns:
-    (dq, dk, dv, dbias, d_score_fn) in float32; dbias is None without a bias,
-    d_score_fn None without score modifiers.
+    (dq, dk, dv, dbias, d_score_fn) in float32 (float64 for float64 inputs);
+    dbias is None without a bias, d_score_fn None without score modifiers.
   """
+  return _backward_once(config, block_sizes, inputs, out, lse, lse_lo, d_out, d_lse)
+
+
+_SECOND_ORDER = ("dot_product_attention: implementation='chunked' does not support "
+                 "second-order reverse-mode differentiation (jax.grad of a function of its "
+                 "jax.grad): its backward skips empty blocks with data-dependent loop bounds, "
+                 "which JAX cannot differentiate in reverse mode; use implementation='xla'.")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _backward_once(config, block_sizes, inputs, out, lse, lse_lo, d_out, d_lse):
   st = _static(inputs, config, block_sizes)
   p = _prepare(inputs, st)
+  acc = common.stat_dtype(inputs.query.dtype)
   Tp = _blocks(st.T, st.bq) * st.bq
   out_rows = _to_row_layout(out, st, Tp)
-  lse_rows = _to_row_layout(lse.astype(jnp.float32), st, Tp)
+  # Padding rows get lse -inf, hence P = 0: they contribute exactly nothing,
+  # whatever their logits (a large bias or ALiBi would overflow exp(s - 0)).
+  lse_rows = _to_row_layout(lse.astype(acc), st, Tp, -jnp.inf)
+  lo_rows = _zeros_like(lse_rows) if lse_lo is None else _to_row_layout(lse_lo.astype(acc), st, Tp)
   do_rows = _to_row_layout(d_out.astype(inputs.query.dtype), st, Tp)
-  dl_rows = None if d_lse is None else _to_row_layout(d_lse.astype(jnp.float32), st, Tp)
+  dl_rows = None if d_lse is None else _to_row_layout(d_lse.astype(acc), st, Tp)
   band = _band(st, p.k.shape[2])
   if band is None:
-    dq, dk, dv, dbias, dscore = _backward(p, st, out_rows, lse_rows, do_rows, dl_rows)
+    dq, dk, dv, dbias, dscore = _backward(p, st, out_rows, lse_rows, lo_rows, do_rows, dl_rows)
   else:
-    dq, dk, dv, dbias, dscore = _backward_band(p, st, *band, out_rows, lse_rows, do_rows, dl_rows)
+    dq, dk, dv, dbias, dscore = _backward_band(p, st, *band, out_rows, lse_rows, lo_rows, do_rows,
+                                               dl_rows)
   dq, _ = _finish(inputs, st, dq, lse_rows)
   dk = dk.transpose(0, 2, 1, 3)[:, :st.S]
   dv = dv.transpose(0, 2, 1, 3)[:, :st.S]
@@ -619,21 +664,32 @@ def backward(inputs: common.AttentionInputs, config: common.AttentionConfig, out
   return dq, dk, dv, dbias, dscore
 
 
+def _backward_once_fwd(config, block_sizes, *args):
+  return _backward_once(config, block_sizes, *args), None
+
+
+def _backward_once_bwd(config, block_sizes, res, cts):
+  raise NotImplementedError(_SECOND_ORDER)
+
+
+_backward_once.defvjp(_backward_once_fwd, _backward_once_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _flash(config, block_sizes, inputs: common.AttentionInputs):
   return forward(inputs, config, block_sizes=block_sizes)
 
 
 def _flash_fwd(config, block_sizes, inputs):
-  out, lse = forward(inputs, config, block_sizes=block_sizes)
-  return (out, lse), (inputs, out, lse)
+  out, lse, lse_lo = _forward_with_lo(inputs, config, block_sizes)
+  return (out, lse), (inputs, out, lse, lse_lo)
 
 
 def _flash_bwd(config, block_sizes, res, cts):
-  inputs, out, lse = res
+  inputs, out, lse, lse_lo = res
   d_out, d_lse = cts
   dq, dk, dv, dbias, dscore = backward(inputs, config, out, lse, d_out, d_lse,
-                                       block_sizes=block_sizes)
+                                       block_sizes=block_sizes, lse_lo=lse_lo)
   cast = lambda g, x: None if g is None else g.astype(x.dtype)
   # combined_score is the caller's score_fn, chained with SoftCap when a cap is set.
   d_user_score = None
@@ -649,5 +705,5 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def chunked_attention(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
                       block_sizes: tuple[int, int] | None = None):
-  """Returns (output (B, T, N, H) in query dtype, lse (B, T, N) float32)."""
+  """Returns (output (B, T, N, H) in query dtype, lse (B, T, N) float32 or wider)."""
   return _flash(config, block_sizes, inputs)

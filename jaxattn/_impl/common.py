@@ -86,6 +86,26 @@ def combined_mask(inputs: AttentionInputs, config: AttentionConfig):
   return _masks.all_of(band, lengths, docs, inputs.mask_fn)
 
 
+def zero_padding(inputs: AttentionInputs) -> AttentionInputs:
+  """Zeroes the key/value slots and query rows that the lengths mask for every pair.
+
+  A masked logit never reaches a probability (it is -inf), but masked slots
+  still meet a zero weight in P V, dS K and dS^T Q, and 0 * NaN = NaN: padding
+  is where real batches keep garbage, so it is replaced by 0 before any
+  implementation sees it. Gradients for those slots are 0, as for any
+  masked slot.
+  """
+  q, k, v = inputs.query, inputs.key, inputs.value
+  if inputs.key_value_seq_lengths is not None:
+    live = (jnp.arange(k.shape[1])[None, :] < inputs.key_value_seq_lengths[:, None])[:, :, None, None]
+    k = jnp.where(live, k, jnp.zeros((), k.dtype))
+    v = jnp.where(live, v, jnp.zeros((), v.dtype))
+  if inputs.query_seq_lengths is not None:
+    live = (jnp.arange(q.shape[1])[None, :] < inputs.query_seq_lengths[:, None])[:, :, None, None]
+    q = jnp.where(live, q, jnp.zeros((), q.dtype))
+  return inputs._replace(query=q, key=k, value=v)
+
+
 def combined_score(inputs: AttentionInputs, config: AttentionConfig):
   """The caller's score_fn, then the soft-cap, as one modifier (or None)."""
   cap = None if config.logits_soft_cap is None else _scores.SoftCap(config.logits_soft_cap)
@@ -141,6 +161,25 @@ def dropout_keep_numpy(key_data, rate: float, b_idx, n_idx, q_idx, kv_idx):
     h = fmix(h ^ u(kv_idx) * np.uint32(0xC2B2AE3D) ^ k[1])
   threshold = np.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
   return h >= threshold
+
+
+def stat_dtype(dtype):
+  """The dtype of logits, softmax statistics and accumulators for inputs of `dtype`:
+  float32 for half precision and float32, float64 for float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def two_sum(a, b):
+  """(hi, lo) with hi = fl(a + b) and hi + lo = a + b exactly (Knuth's TwoSum).
+
+  The blocked backward recomputes probabilities as exp((s - hi) - lo): with hi
+  alone (a logsumexp rounded at the logits' magnitude) every probability of
+  a row with logits ~ 1e4 would be off by ~1e-3 relative in float32.
+  """
+  hi = a + b
+  bb = hi - a
+  lo = (a - (hi - bb)) + (b - bb)
+  return hi, lo
 
 
 def dot_precision(dtype):

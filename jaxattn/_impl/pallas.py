@@ -152,6 +152,9 @@ def _make_plan(inputs: common.AttentionInputs, config: common.AttentionConfig,
   platform = platform or _platform()
   if interpret is None:
     interpret = platform == "cpu"
+  if jnp.dtype(inputs.query.dtype) == jnp.float64:
+    raise NotImplementedError("pallas: float64 inputs are not supported (the kernels keep "
+                              "float32 statistics); use implementation='xla' or 'chunked'.")
   if not interpret and platform == "tpu":
     # Mosaic needs (8, 128)-aligned trailing block dims, block tables in SMEM
     # and K/V as (B, K, S, H); these kernels are laid out for Triton.
@@ -591,7 +594,11 @@ def _forward_kernel(refs, p: _Plan, prep: _Prepared):
   l_safe = jnp.where(live, l, 1.0)
   refs["out"][...] = (acc / l_safe[:, None]).astype(refs["out"].dtype)
   m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-  refs["lse"][...] = jnp.where(live, m_safe + jnp.log(l_safe), -jnp.inf)
+  # lse = hi + lo exactly: the backward's exp((s - hi) - lo) stays accurate at
+  # logits ~ 1e4, where hi alone is rounded by ~1e-3.
+  hi, lo = common.two_sum(m_safe, jnp.log(l_safe))
+  refs["lse"][...] = jnp.where(live, hi, -jnp.inf)
+  refs["lse_lo"][...] = jnp.where(live, lo, 0.0)
 
 
 def _forward(p: _Plan, inputs: common.AttentionInputs):
@@ -606,17 +613,19 @@ def _forward(p: _Plan, inputs: common.AttentionInputs):
               pl.BlockSpec((None, None, p.rows, p.Hvp), lambda b, h, i: (b, h, i, 0))),
       "lse": (jax.ShapeDtypeStruct((p.B, p.K, R), jnp.float32),
               pl.BlockSpec((None, None, p.rows), lambda b, h, i: (b, h, i))),
+      "lse_lo": (jax.ShapeDtypeStruct((p.B, p.K, R), jnp.float32),
+                 pl.BlockSpec((None, None, p.rows), lambda b, h, i: (b, h, i))),
   }
   res = _call(functools.partial(_forward_kernel, p=p, prep=prep), p, "forward",
               (p.B, p.K, p.nq), ins, specs, outs)
-  return res["out"], res["lse"]
+  return res["out"], res["lse"], res["lse_lo"]
 
 
 # ---------------------------------------------------------------------------
 # Backward kernels.
 
 
-def _tile_grads(ctx: _Ctx, i, j, q, k, v, do, lse, delta, score_leaves, masked, want_leaves):
+def _tile_grads(ctx: _Ctx, i, j, q, k, v, do, lse, lse_lo, delta, score_leaves, masked, want_leaves):
   """Recomputes tile (i, j); returns (p_dropped, dS at the logits, dS at raw * scale, d leaves)."""
   p = ctx.p
   scale = jnp.float32(p.config.scale)
@@ -631,7 +640,8 @@ def _tile_grads(ctx: _Ctx, i, j, q, k, v, do, lse, delta, score_leaves, masked, 
   else:
     s = _post(ctx, i, j, raw, score_leaves, masked)
     pull = None
-  prob = jnp.exp(s - jnp.where(lse == -jnp.inf, jnp.inf, lse)[:, None])
+  dead = lse == -jnp.inf
+  prob = jnp.exp((s - jnp.where(dead, jnp.inf, lse)[:, None]) - jnp.where(dead, 0.0, lse_lo)[:, None])
   drop = _dropout_scale(ctx, i, j)
   pd = prob if drop is None else prob * drop
   dp = _dot_nt(do, v)
@@ -662,8 +672,8 @@ def _dkv_kernel(refs, p: _Plan, prep: _Prepared):
     rs = pl.ds(i * p.rows, p.rows)
     q = refs["q"][rs, :]
     do = refs["do"][rs, :]
-    pd, ds_logits, ds, d_l = _tile_grads(ctx, i, j, q, k, v, do, refs["lse"][rs], refs["delta"][rs],
-                                         score_leaves, masked, want_leaves)
+    pd, ds_logits, ds, d_l = _tile_grads(ctx, i, j, q, k, v, do, refs["lse"][rs], refs["lse_lo"][rs],
+                                         refs["delta"][rs], score_leaves, masked, want_leaves)
     dv = dv + _dot_tn(pd.astype(dt), do)
     dk = dk + _dot_tn(ds.astype(dt), q)
     if "dbias" in refs:
@@ -711,13 +721,14 @@ def _dq_kernel(refs, p: _Plan, prep: _Prepared):
   q = refs["q"][...]
   do = refs["do"][...]
   lse = refs["lse"][...]
+  lse_lo = refs["lse_lo"][...]
   delta = refs["delta"][...]
   score_leaves = _score_leaf_values(ctx)
 
   def step(j, dq, masked):
     k = refs["k"][pl.ds(j * p.bk, p.bk), :]
     v = refs["v"][pl.ds(j * p.bk, p.bk), :]
-    _, _, ds, _ = _tile_grads(ctx, i, j, q, k, v, do, lse, delta, score_leaves, masked, False)
+    _, _, ds, _ = _tile_grads(ctx, i, j, q, k, v, do, lse, lse_lo, delta, score_leaves, masked, False)
     return dq + _dot_nn(ds.astype(k.dtype), k)
 
   def body(j, dq):
@@ -728,7 +739,7 @@ def _dq_kernel(refs, p: _Plan, prep: _Prepared):
   refs["dq"][...] = dq.astype(refs["dq"].dtype)
 
 
-def _backward(p: _Plan, inputs: common.AttentionInputs, out_rows, lse_rows, d_out, d_lse):
+def _backward(p: _Plan, inputs: common.AttentionInputs, out_rows, lse_rows, lo_rows, d_out, d_lse):
   """Gradients (dq, dk, dv, dbias, d score leaves) in the inputs' own layouts."""
   prep = _prepare(inputs, p)
   do_rows = _to_rows(d_out.astype(inputs.query.dtype), p, p.Hvp)
@@ -738,13 +749,13 @@ def _backward(p: _Plan, inputs: common.AttentionInputs, out_rows, lse_rows, d_ou
     delta = delta - _to_rows(d_lse.astype(jnp.float32), p, 0)
   q_rows = _to_rows(inputs.query, p, p.Hp)
   R = p.Tp * p.Gp
-  shared = dict(prep.arrays, q=q_rows, do=do_rows, lse=lse_rows, delta=delta)
+  shared = dict(prep.arrays, q=q_rows, do=do_rows, lse=lse_rows, lse_lo=lo_rows, delta=delta)
 
   # dK, dV (and dbias, d score leaves): grid over key blocks.
   specs = _common_specs(prep, p, "k")
   for name, width in (("q", p.Hp), ("do", p.Hvp)):
     specs[name] = pl.BlockSpec((None, None, R, width), lambda b, h, j: (b, h, 0, 0))
-  for name in ("lse", "delta"):
+  for name in ("lse", "lse_lo", "delta"):
     specs[name] = pl.BlockSpec((None, None, R), lambda b, h, j: (b, h, 0))
   outs = {
       "dk": (jax.ShapeDtypeStruct((p.B, p.Sp, p.K, p.Hp), inputs.key.dtype),
@@ -774,7 +785,7 @@ def _backward(p: _Plan, inputs: common.AttentionInputs, out_rows, lse_rows, d_ou
   specs = _common_specs(prep, p, "q")
   specs["q"] = pl.BlockSpec((None, None, p.rows, p.Hp), lambda b, h, i: (b, h, i, 0))
   specs["do"] = pl.BlockSpec((None, None, p.rows, p.Hvp), lambda b, h, i: (b, h, i, 0))
-  for name in ("lse", "delta"):
+  for name in ("lse", "lse_lo", "delta"):
     specs[name] = pl.BlockSpec((None, None, p.rows), lambda b, h, i: (b, h, i))
   outs = {"dq": (jax.ShapeDtypeStruct((p.B, p.K, R, p.Hp), inputs.query.dtype),
                  pl.BlockSpec((None, None, p.rows, p.Hp), lambda b, h, i: (b, h, i, 0)))}
@@ -807,18 +818,34 @@ def _finish(p: _Plan, out_rows, lse_rows):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(p: _Plan, inputs: common.AttentionInputs):
-  return _finish(p, *_forward(p, inputs))
+  out_rows, lse_rows, _ = _forward(p, inputs)
+  return _finish(p, out_rows, lse_rows)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _forward_in_vjp(p: _Plan, inputs):
+  return _forward(p, inputs)
+
+
+@_forward_in_vjp.defjvp
+def _forward_in_vjp_jvp(p: _Plan, primals, tangents):
+  # Reached only when the forward of the VJP is itself differentiated:
+  # second-order reverse mode (jax.grad of a function of jax.grad).
+  raise NotImplementedError(
+      "dot_product_attention: implementation='pallas' does not support second-order "
+      "differentiation (jax.grad of a function of its jax.grad): its kernels have "
+      "first-order rules only; use implementation='xla'.")
 
 
 def _flash_fwd(p: _Plan, inputs):
-  out_rows, lse_rows = _forward(p, inputs)
-  return _finish(p, out_rows, lse_rows), (inputs, out_rows, lse_rows)
+  out_rows, lse_rows, lo_rows = _forward_in_vjp(p, inputs)
+  return _finish(p, out_rows, lse_rows), (inputs, out_rows, lse_rows, lo_rows)
 
 
 def _flash_bwd(p: _Plan, res, cts):
-  inputs, out_rows, lse_rows = res
+  inputs, out_rows, lse_rows, lo_rows = res
   d_out, d_lse = cts
-  dq, dk, dv, dbias, dleaves = _backward(p, inputs, out_rows, lse_rows, d_out, d_lse)
+  dq, dk, dv, dbias, dleaves = _backward(p, inputs, out_rows, lse_rows, lo_rows, d_out, d_lse)
   d_score = None
   if inputs.score_fn is not None:
     # The soft-cap holds no arrays, so the combined modifier's leaves are the caller's.
@@ -873,5 +900,14 @@ def pallas_attention(inputs: common.AttentionInputs, config: common.AttentionCon
   Raises:
     NotImplementedError: see the module docstring.
   """
+  B, T, N, _ = inputs.query.shape
+  Hv = inputs.value.shape[-1]
+  if B == 0:  # nothing to compute; the same empty results as every implementation
+    return (jnp.zeros((0, T, N, Hv), inputs.query.dtype), jnp.zeros((0, T, N), jnp.float32))
+  if Hv == 0:  # the logsumexp is still defined: run with one zero value column
+    one = inputs._replace(value=jnp.pad(inputs.value, ((0, 0), (0, 0), (0, 0), (0, 1))))
+    out, lse = pallas_attention(one, config, block_sizes=block_sizes, interpret=interpret,
+                                platform=platform, gpu_layout=gpu_layout)
+    return out[..., :0], lse
   p = _make_plan(inputs, config, block_sizes, interpret, platform, gpu_layout)
   return _flash(p, inputs)

@@ -7,9 +7,9 @@ for small problems. Memory is O(B N T S). Forward-mode autodiff works here.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 from jaxattn._impl import common
-from jaxattn.softmax import logsumexp as _logsumexp
 
 
 def _grouped(x, K, G):
@@ -21,8 +21,9 @@ def _grouped(x, K, G):
 
 
 def xla_attention(inputs: common.AttentionInputs, config: common.AttentionConfig):
-  """Returns (output (B, T, N, Hv) in query dtype, lse (B, T, N) float32)."""
+  """Returns (output (B, T, N, Hv) in query dtype, lse (B, T, N) float32 or wider)."""
   q, k, v = inputs.query, inputs.key, inputs.value
+  acc = common.stat_dtype(q.dtype)
   B, T, N, H = q.shape
   _, S, K, Hv = v.shape
   G = N // K
@@ -31,8 +32,8 @@ def xla_attention(inputs: common.AttentionInputs, config: common.AttentionConfig
   rows = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
   logits = jnp.einsum("bkrh,bskh->bkrs", rows, k,
                       precision=common.dot_precision(q.dtype),
-                      preferred_element_type=jnp.float32).reshape(B, K, G, T, S)
-  logits = logits * jnp.float32(config.scale)
+                      preferred_element_type=acc).reshape(B, K, G, T, S)
+  logits = logits * jnp.asarray(config.scale, acc)
   # Index arrays in the (B, K, G, T, S) layout; the head index is k * G + g.
   b = jnp.arange(B).reshape(B, 1, 1, 1, 1)
   h = (jnp.arange(K)[:, None] * G + jnp.arange(G)[None, :]).reshape(1, K, G, 1, 1)
@@ -42,7 +43,7 @@ def xla_attention(inputs: common.AttentionInputs, config: common.AttentionConfig
   if score_fn is not None:
     logits = score_fn(logits, b, h, qi, ki)
   if inputs.bias is not None:
-    logits = logits + _grouped(inputs.bias, K, G).astype(jnp.float32)
+    logits = logits + _grouped(inputs.bias, K, G).astype(acc)
 
   mask_fn = common.combined_mask(inputs, config)
   mask = None if mask_fn is None else mask_fn(b, h, qi, ki)
@@ -52,11 +53,18 @@ def xla_attention(inputs: common.AttentionInputs, config: common.AttentionConfig
   if mask is not None:
     logits = jnp.where(mask, logits, -jnp.inf)
 
-  # One pass for the statistics; a row with nothing to attend has lse -inf and
-  # probabilities exp(-inf - 0) = 0.
-  lse = _logsumexp(logits, axis=-1)
-  lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-  probs = jnp.exp(logits - lse_safe[..., None])
+  # Probabilities are exp(logits - max) / sum, not exp(logits - lse): lse is
+  # rounded at the logits' magnitude (1e-3 at |logits| ~ 1e4 in float32) and
+  # that error would scale every probability. A row with nothing to attend has
+  # max -inf (shifted by 0 instead), sum 0, probabilities 0 and lse -inf.
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  e = jnp.exp(logits - m)
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  live = total > 0
+  total = jnp.where(live, total, 1.0)
+  probs = e / total
+  lse = jnp.where(live, m + jnp.log(total), -jnp.inf)[..., 0]
 
   if config.dropout_rate > 0.0:
     keep = common.dropout_keep(inputs.dropout_key, config.dropout_rate, b, h, qi, ki)
@@ -64,7 +72,7 @@ def xla_attention(inputs: common.AttentionInputs, config: common.AttentionConfig
 
   out = jnp.einsum("bkrs,bskh->bkrh", probs.astype(v.dtype).reshape(B, K, G * T, S), v,
                    precision=common.dot_precision(v.dtype),
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=acc)
   out = out.reshape(B, K, G, T, Hv).transpose(0, 3, 1, 2, 4).reshape(B, T, N, Hv).astype(q.dtype)
   lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, N)
   return out, lse
