@@ -16,7 +16,8 @@ import numpy as np
 
 def fmt(shape) -> str:
   """A shape as `(2, 5, 6)` (ints, also for numpy ints and 1-tuples)."""
-  return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+  shape = tuple(int(s) for s in shape)
+  return str(shape)
 
 
 def is_int(value) -> bool:
@@ -110,5 +111,5 @@ def concrete(x):
 
 def callable_name(f) -> str:
   """A user function's name for messages: `name`, else its repr."""
-  name = getattr(f, "__qualname__", None) or getattr(f, "__name__", None)
+  name = getattr(f, "__name__", None)
   return name if isinstance(name, str) else repr(f)
