@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxattn import _checks
 from jaxattn import attention as _attention
 from jaxattn import layers as _layers
 from jaxattn import rope as _rope
@@ -250,6 +251,55 @@ def _cache_sizes(fn, cache):
   return B, K, H, L, k.dtype
 
 
+def _check_values(fn, cache, L, *, new=None, T=None, name=None, reading=False):
+  """Refuses bad cache contents that are visible now (outside jit); see the module docstring.
+
+  Under jit the values are traced and nothing is checked here: the kernels
+  mask instead (negative lengths count as 0, tokens past the capacity are
+  dropped, invalid page ids are never read or written).
+
+  Args:
+    fn: the public function.
+    cache: the cache.
+    L: its capacity.
+    new: the (B,) counts of new tokens (seq_lengths or query_seq_lengths).
+    T: the new tokens' axis size.
+    name: new's argument name.
+    reading: decode_attention (the new tokens are already in the cache)
+      rather than update_kv_cache (they are about to be appended).
+  """
+  lengths = _checks.concrete(cache.lengths)
+  if lengths is not None:
+    if np.any(lengths < 0):
+      raise ValueError(f"{fn}: cache.lengths must be non-negative; got {lengths.tolist()}.")
+    if np.any(lengths > L):
+      raise ValueError(f"{fn}: cache.lengths must be at most the capacity L = {L}; got "
+                       f"{lengths.tolist()}.")
+  n = _checks.concrete(new)
+  if n is not None and new is not None:
+    if np.any(n < 0) or np.any(n > T):
+      raise ValueError(f"{fn}: {name} must be in [0, T] = [0, {T}]; got {n.tolist()}.")
+    if lengths is not None and not reading and np.any(lengths + n > L):
+      raise ValueError(f"{fn}: appending {name} = {n.tolist()} tokens to cache.lengths = "
+                       f"{lengths.tolist()} overflows the capacity L = {L}.")
+    if lengths is not None and reading and np.any(n > lengths):
+      raise ValueError(f"{fn}: {name} = {n.tolist()} exceeds cache.lengths = "
+                       f"{lengths.tolist()}: the new tokens' keys must be in the cache "
+                       f"(call update_kv_cache first).")
+  if isinstance(cache, PagedKVCache) and lengths is not None:
+    table = _checks.concrete(cache.page_table)
+    if table is not None:
+      num_pages, _, S, _ = cache.key_pages.shape
+      end = lengths + (0 if reading or n is None else n)
+      used = np.arange(table.shape[1])[None, :] * S < end[:, None]   # pages holding tokens
+      bad = used & ((table < 0) | (table >= num_pages))
+      if np.any(bad):
+        b, j = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{fn}: cache.page_table entries must be page ids in [0, num_pages) "
+                         f"= [0, {num_pages}) for every page that holds tokens; got "
+                         f"page_table[{b}, {j}] = {int(table[b, j])}.")
+
+
 def _seq_lengths(fn, name, x, B, T):
   """Counts (B,) of real new tokens (T for every row when None); kernels clip them to [0, T].
 
@@ -315,43 +365,53 @@ def update_kv_cache(cache, key, value, *, seq_lengths=None):
   if T > L:
     raise ValueError(f"{fn}: T = {T} new tokens exceed the cache capacity L = {L}.")
   n = _seq_lengths(fn, "seq_lengths", seq_lengths, B, T)
+  _check_values(fn, cache, L, new=n, T=T, name="seq_lengths")
   if isinstance(cache, KVCache):
     return _update_contiguous(cache, key, value, n)
   return _update_paged(cache, key, value, n)
 
 
-def _new_positions(lengths, n, T):
-  """(B, T) target positions, the (B, T) mask of tokens to write, the counts in [0, T]."""
+def _new_positions(lengths, n, T, L):
+  """(B, T) target positions, the (B, T) mask of tokens to write, the new lengths.
+
+  Negative lengths count as 0; tokens at positions >= L (overflow) are not
+  written but still counted, so that decode_attention places every query at
+  its true position (and gives 0 for those whose keys were dropped).
+  """
+  lengths = jnp.maximum(lengths, 0)
   n = jnp.clip(n, 0, T)
   t = jnp.arange(T, dtype=jnp.int32)[None, :]
-  return lengths[:, None] + t, t < n[:, None], n
+  pos = lengths[:, None] + t
+  return pos, (t < n[:, None]) & (pos < L), lengths + n
 
 
 @jax.jit
 def _update_contiguous(cache: KVCache, key, value, n):
   L = cache.key.shape[2]
-  pos, write, n = _new_positions(cache.lengths, n, key.shape[1])
-  # Out-of-range positions (padding, overflow) are dropped by the scatter.
+  pos, write, lengths = _new_positions(cache.lengths, n, key.shape[1], L)
+  # Padding and overflow go to position L, which the scatter drops (a negative
+  # index would wrap around instead).
   pos = jnp.where(write, pos, L)
   b = jnp.arange(key.shape[0])[:, None]
   # Advanced indices (b, pos) around a slice put (B, T) first: updates are (B, T, K, H).
   k = cache.key.at[b, :, pos].set(key, mode="drop")
   v = cache.value.at[b, :, pos].set(value, mode="drop")
-  return KVCache(k, v, jnp.minimum(cache.lengths + n, L))
+  return KVCache(k, v, lengths)
 
 
 @jax.jit
 def _update_paged(cache: PagedKVCache, key, value, n):
   num_pages, _, S, _ = cache.key_pages.shape
   M = cache.page_table.shape[1]
-  pos, write, n = _new_positions(cache.lengths, n, key.shape[1])
-  write = write & (pos < M * S)
+  pos, write, lengths = _new_positions(cache.lengths, n, key.shape[1], M * S)
   page = jnp.take_along_axis(cache.page_table, jnp.clip(pos // S, 0, M - 1), axis=1)
+  # A page id outside [0, num_pages) is never written (nor wrapped to another page).
+  write = write & (page >= 0) & (page < num_pages)
   page = jnp.where(write, page, num_pages)
   off = pos % S
   k = cache.key_pages.at[page, :, off].set(key, mode="drop")
   v = cache.value_pages.at[page, :, off].set(value, mode="drop")
-  return PagedKVCache(k, v, cache.page_table, jnp.minimum(cache.lengths + n, M * S))
+  return PagedKVCache(k, v, cache.page_table, lengths)
 
 
 # ---------------------------------------------------------------------------
@@ -373,12 +433,17 @@ def _from_rows(out, lse, T, G):
   return out, lse
 
 
-def _row_positions(lengths, q_lengths, T, G):
-  """Per query row (B, T*G): its absolute position and whether it is real."""
+def _row_positions(lengths, q_lengths, T, G, L):
+  """Per query row (B, T*G): its absolute position and whether it is real.
+
+  A row is real if it is one of the n[b] new tokens and its key was stored
+  (position < L): a query whose token overflowed the cache gives 0.
+  """
+  lengths = jnp.maximum(lengths, 0)
   q_lengths = jnp.clip(q_lengths, 0, T)
   t = jnp.arange(T, dtype=jnp.int32)[None, :]
   pos = lengths[:, None] - q_lengths[:, None] + t
-  real = t < q_lengths[:, None]
+  real = (t < q_lengths[:, None]) & (pos < L)
   rep = lambda x: jnp.broadcast_to(x[:, :, None], x.shape + (G,)).reshape(x.shape[0], T * G)
   return rep(pos), rep(real)
 
@@ -405,15 +470,19 @@ def _finish(m, l, acc):
   return out, lse
 
 
-def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, *, scale, soft_cap,
-                    window_left, value_dtype, chunks=None):
+def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, kv_lengths, *, scale,
+                    soft_cap, window_left, value_dtype, chunks=None):
   """Online softmax of rows q (B, K, R, H) over key blocks lo .. hi - 1 of num_blocks.
 
   `read(j)` returns block j: keys and values (B, K, [P,] C, H), their
-  positions ([P,] C) and which of them are this block's own ([P,] C) bool (a
-  clamped last block overlaps its neighbour). With `chunks` = P, every step
-  reads one block of each of P independent chunks and keeps P states.
-  Returns the float32 state (max, sum, output sum), (B, K, [P,] R[, H]).
+  positions ([P,] C) and which of them are this block's own ((B or 1, [P,]
+  C) bool: a clamped last block overlaps its neighbour; a page with an
+  invalid id is no one's). With `chunks` = P, every step reads one block of
+  each of P independent chunks and keeps P states. Keys at or past
+  `kv_lengths` (B,) (stale slots) and not own are replaced by 0 with a
+  `where` before any arithmetic, so NaN or inf there never reaches an output
+  or a gradient. Returns the float32 state (max, sum, output sum),
+  (B, K, [P,] R[, H]).
 
   The loop has a static trip count, so reverse-mode differentiation works;
   blocks outside [lo, hi) (beyond every sequence's length, or before every
@@ -432,11 +501,14 @@ def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, *, scale, so
   def body(j, carry):
     m, l, acc = carry
     kb, vb, kv_pos, own = read(j)
+    stored = own & (kv_pos[None] < kv_lengths.reshape((B,) + (1,) * kv_pos.ndim))  # (B, [P,] C)
+    keep = stored[:, None, ..., None]                                # (B, 1, [P,] C, 1)
+    kb, vb = jnp.where(keep, kb, 0), jnp.where(keep, vb, 0)
     s = jnp.einsum(spec, q, kb,
                    preferred_element_type=jnp.float32) * jnp.float32(scale)
     s = _soft_cap(s, soft_cap)
-    kv_pos, own = kv_pos[..., None, :][None], own[..., None, :][None]  # (1, [P,] 1, C)
-    ok = _allowed(kv_pos, rpos, rreal, window_left) & own
+    kv_pos = kv_pos[..., None, :][None]                              # (1, [P,] 1, C)
+    ok = _allowed(kv_pos, rpos, rreal, window_left) & stored[..., None, :]
     s = jnp.where(ok[:, None], s, -jnp.inf)                          # (B, K, [P,] R, C)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -512,7 +584,7 @@ def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
   Cb = min(max(1, block_size // P), Lp)  # block_size keys per step over all P chunks
   nb = -(-Lp // Cb)
   q = _query_rows(query, K)                                          # (B, K, R, H)
-  row_pos, row_real = _row_positions(lengths, q_lengths, T, G)      # (B, R)
+  row_pos, row_real = _row_positions(lengths, q_lengths, T, G, L)   # (B, R)
   base = (jnp.arange(P, dtype=jnp.int32) * Lp)[:, None]              # (P, 1)
 
   def read(j):
@@ -523,10 +595,10 @@ def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
     own = idx >= j * Cb
     if P == 1:
       block = lambda x: lax.dynamic_slice_in_dim(x, start, Cb, axis=2)
-      return block(key), block(value), idx, own
+      return block(key), block(value), idx, own[None]
     # Reshaped inside the loop: a reshaped loop invariant makes XLA copy the cache.
     block = lambda x: lax.dynamic_slice_in_dim(x.reshape(B, K, P, Lp, H), start, Cb, axis=3)
-    return block(key), block(value), base + idx[None, :], jnp.broadcast_to(own, (P, Cb))
+    return block(key), block(value), base + idx[None, :], jnp.broadcast_to(own, (1, P, Cb))
 
   # Chunk p's block j holds keys p * Lp + [j * Cb, (j + 1) * Cb): chunk 0 needs
   # the most blocks, the last chunk the earliest (with a window).
@@ -535,7 +607,8 @@ def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
   lo = 0
   if window_left is not None:
     lo = jnp.clip((_first_key(row_pos, row_real, window_left) - (P - 1) * Lp) // Cb, 0, hi)
-  m, l, acc = _online_softmax(q, read, nb, lo, hi, row_pos, row_real, scale=scale,
+  m, l, acc = _online_softmax(q, read, nb, lo, hi, row_pos, row_real,
+                              jnp.clip(lengths, 0, L), scale=scale,
                               soft_cap=soft_cap, window_left=window_left,
                               value_dtype=value.dtype, chunks=None if P == 1 else P)
   if P > 1:
@@ -563,7 +636,8 @@ def _paged(query, key_pages, value_pages, page_table, lengths, q_lengths, *, sca
   M = page_table.shape[1]
   G, W = N // K, pages_per_step
   q = _query_rows(query, K)
-  row_pos, row_real = _row_positions(lengths, q_lengths, T, G)
+  num_pages = key_pages.shape[0]
+  row_pos, row_real = _row_positions(lengths, q_lengths, T, G, M * S)
   nb = -(-M // W)
   end = jnp.max(jnp.where(row_real, row_pos + 1, 0))
   hi = jnp.clip((end + W * S - 1) // (W * S), 0, nb)
@@ -578,10 +652,13 @@ def _paged(query, key_pages, value_pages, page_table, lengths, q_lengths, *, sca
     block = lambda x: jnp.take(x, ids, axis=0, mode="clip").transpose(0, 2, 1, 3, 4).reshape(
         B, K, W * S, H)
     pos = (cols[:, None] * S + jnp.arange(S, dtype=jnp.int32)[None, :]).reshape(W * S)
-    own = jnp.broadcast_to((cols < M)[:, None], (W, S)).reshape(W * S)
+    # A page id outside [0, num_pages) is never read: its (clipped) page is no one's.
+    valid = (cols[None, :] < M) & (ids >= 0) & (ids < num_pages)      # (B, W)
+    own = jnp.broadcast_to(valid[:, :, None], (B, W, S)).reshape(B, W * S)
     return block(key_pages), block(value_pages), pos, own
 
-  m, l, acc = _online_softmax(q, read, nb, lo, hi, row_pos, row_real, scale=scale,
+  m, l, acc = _online_softmax(q, read, nb, lo, hi, row_pos, row_real,
+                              jnp.clip(lengths, 0, M * S), scale=scale,
                               soft_cap=soft_cap, window_left=window_left,
                               value_dtype=value_pages.dtype)
   out, lse = _finish(m, l, acc)
@@ -597,12 +674,13 @@ def _window_left(fn, w):
   if not (isinstance(w, tuple) and len(w) == 2):
     raise ValueError(f"{fn}: local_window_size must be an int or a (left, right) tuple; "
                      f"got {w!r}.")
-  left = w[0]
-  if left is not None and (isinstance(left, bool) or not isinstance(left, (int, np.integer))
-                           or left < 0):
-    raise ValueError(f"{fn}: local_window_size's left side must be a non-negative int or "
-                     f"None; got {w!r}.")
-  return None if left is None else int(left)
+  # Both sides are checked, as dot_product_attention does, though causality
+  # makes the right side moot here.
+  for side in w:
+    if side is not None and (not _checks.is_int(side) or side < 0):
+      raise ValueError(f"{fn}: local_window_size sides must be non-negative ints or None; "
+                       f"got {w!r}.")
+  return None if w[0] is None else int(w[0])
 
 
 def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | None = None,
@@ -675,11 +753,11 @@ def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | Non
   if query.dtype != dtype:
     raise TypeError(f"{fn}: query must have the cache's dtype {dtype}; got {query.dtype}.")
   n = _seq_lengths(fn, "query_seq_lengths", query_seq_lengths, B, T)
-  scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
+  _check_values(fn, cache, L, new=None if query_seq_lengths is None else n, T=T,
+                name="query_seq_lengths", reading=True)
+  scale = 1.0 / math.sqrt(H) if scale is None else _checks.finite_float(fn, "scale", scale)
   if logits_soft_cap is not None:
-    logits_soft_cap = float(logits_soft_cap)
-    if not logits_soft_cap > 0:
-      raise ValueError(f"{fn}: logits_soft_cap must be positive; got {logits_soft_cap}.")
+    logits_soft_cap = _checks.finite_positive_float(fn, "logits_soft_cap", logits_soft_cap)
   left = _window_left(fn, local_window_size)
   lengths = cache.lengths
   if block_size is not None and (isinstance(block_size, bool) or not isinstance(
@@ -740,14 +818,18 @@ def _dense(query, cache: KVCache, lengths, n, *, scale, soft_cap, window_left, i
   B, T, N, H = query.shape
   L = cache.key.shape[2]
   G = 1
-  row_pos, row_real = _row_positions(lengths, n, T, G)                # (B, T)
+  row_pos, row_real = _row_positions(lengths, n, T, G, L)             # (B, T)
   kv_pos = jnp.arange(L, dtype=jnp.int32)[None, None, :]
   mask = _allowed(kv_pos, row_pos[:, :, None], row_real[:, :, None], window_left)
-  key = cache.key.transpose(0, 2, 1, 3)                              # (B, L, K, H)
-  value = cache.value.transpose(0, 2, 1, 3)
+  stored = jnp.clip(lengths, 0, L)
+  # Stale slots are zeroed (a where, not a product): NaN there never reaches
+  # an output or gradient, whatever the implementation does with masked keys.
+  keep = (kv_pos[0, 0][None, :] < stored[:, None])[:, :, None, None]  # (B, L, 1, 1)
+  key = jnp.where(keep, cache.key.transpose(0, 2, 1, 3), 0)          # (B, L, K, H)
+  value = jnp.where(keep, cache.value.transpose(0, 2, 1, 3), 0)
   out, lse = _attention.dot_product_attention(
       query, key, value, mask=mask[:, None], scale=scale, logits_soft_cap=soft_cap,
-      query_seq_lengths=jnp.clip(n, 0, T), key_value_seq_lengths=lengths,
+      query_seq_lengths=jnp.clip(n, 0, T), key_value_seq_lengths=stored,
       implementation=implementation,
       return_residual=True)
   return out, lse.astype(jnp.float32)
@@ -835,7 +917,7 @@ def multi_head_attention_decode(
   q = _layers._qk_normalize(q, p.query_norm_scale, qk_norm_type, float(qk_norm_epsilon))
   k = _layers._qk_normalize(k, p.key_norm_scale, qk_norm_type, float(qk_norm_epsilon))
   if rope is not None:
-    positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    positions = jnp.maximum(cache.lengths, 0)[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     q = rope.apply(q, positions)
     k = rope.apply(k, positions)
   q, k, v = (a.astype(cache_dtype) for a in (q, k, v))

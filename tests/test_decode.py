@@ -168,21 +168,24 @@ def test_window_soft_cap_and_scale(kind):
     _check_against(reference, positions, n, out, lse)
 
 
-def test_overflow_saturates_and_empty_rows_are_zero():
+def test_overflow_is_dropped_under_jit_and_empty_rows_are_zero():
   cache = dec.init_kv_cache(B, L, K, H)._replace(lengths=jnp.array([18, 0, 20], jnp.int32))
   kv = jnp.ones((B, 4, K, H))
-  new = dec.update_kv_cache(cache, kv, 2 * kv)
-  np.testing.assert_array_equal(new.lengths, [20, 4, 20])       # past L: dropped, saturated
+  new = jax.jit(dec.update_kv_cache)(cache, kv, 2 * kv)
+  np.testing.assert_array_equal(new.lengths, [22, 4, 24])       # counted, past L not stored
   key = np.asarray(new.key)
   np.testing.assert_array_equal(key[0, :, 18:], 1.0)
   np.testing.assert_array_equal(key[2], 0.0)                      # a full row is untouched
 
   q = jnp.asarray(_normal(5, (B, 2, N, H)))
   n = jnp.array([0, 2, 1], jnp.int32)
-  f = lambda q: dec.decode_attention(q, new, query_seq_lengths=n, return_residual=True)
+  attend = jax.jit(lambda q, c: dec.decode_attention(q, c, query_seq_lengths=n,
+                                                    return_residual=True))
+  f = lambda q: attend(q, new)
   out, lse = (np.asarray(a) for a in f(q))
   np.testing.assert_array_equal(out[0], 0.0)
-  assert np.all(lse[0] == -np.inf)
+  np.testing.assert_array_equal(out[2], 0.0)                      # its token overflowed
+  assert np.all(lse[0] == -np.inf) and np.all(lse[2] == -np.inf)
   grad = np.asarray(jax.grad(lambda q: jnp.sum(f(q)[0]))(q))
   chex.assert_tree_all_finite(grad)
   np.testing.assert_array_equal(grad[0], 0.0)
