@@ -44,6 +44,34 @@ layouts.
 Everything is a pure function of arrays: lengths and page tables are array
 leaves, so appending under `jax.jit` never retraces per position. Jit the step
 with the cache donated (`donate_argnums`) so the append writes in place.
+
+Bad input. Shapes and dtypes are checked at trace time. Values (lengths,
+page ids) are checked when they are concrete, i.e. when `update_kv_cache` or
+`decode_attention` is called outside jit; these raise ValueError:
+
+- `cache.lengths` negative or above the capacity L (pages_per_sequence *
+  page_size for a paged cache);
+- `seq_lengths` / `query_seq_lengths` outside [0, T];
+- an append whose tokens do not fit (`lengths + seq_lengths > L`);
+- `query_seq_lengths` above `cache.lengths` (the queries' keys are not in
+  the cache);
+- a page table entry outside [0, num_pages) for a page that holds (or is
+  about to hold) tokens. Entries no token reaches may hold anything, e.g. -1.
+
+Under jit the same values are traced and cannot raise; they are masked, and
+never corrupt the cache or reach an output:
+
+- negative lengths count as 0;
+- an append that overflows writes the tokens that fit and drops the rest;
+  the lengths still count every token (they may exceed L, which marks the
+  overflow). Queries keep their true positions `lengths - n + t`, so a query
+  sits with its own key, and a query whose key was dropped gives 0, as
+  padding does;
+- a page id outside [0, num_pages) is never written (no wrap-around to
+  another page) and never read: the tokens it should hold are missing;
+- slots at or past `lengths` (stale data, anything: NaN, inf) are replaced by
+  0 with a `where` before any arithmetic, in every implementation, so they
+  reach neither outputs nor gradients.
 """
 
 from __future__ import annotations
@@ -326,8 +354,9 @@ def update_kv_cache(cache, key, value, *, seq_lengths=None):
   Row b's token t goes to position `cache.lengths[b] + t`; the lengths grow
   by `seq_lengths` (default T). Prefill (a whole prompt) and decode steps (one
   or a few tokens) are the same call. Tokens at or past `seq_lengths[b]`
-  (right padding of a ragged batch) are not written, nor are tokens past the
-  cache's capacity: lengths saturate at the capacity.
+  (right padding of a ragged batch) are not written. An append that does not
+  fit raises outside jit; under jit, tokens past the capacity are dropped and
+  counted (see "Bad input" in the module docstring).
 
   Args:
     cache: KVCache or PagedKVCache.
@@ -340,7 +369,9 @@ def update_kv_cache(cache, key, value, *, seq_lengths=None):
     the write happens in place instead of copying the cache.
 
   Raises:
-    ValueError: shapes do not match the cache, T exceeds its capacity.
+    ValueError: shapes do not match the cache, T exceeds its capacity;
+      outside jit: negative lengths, seq_lengths outside [0, T], an append
+      that overflows, an invalid page id where tokens go.
     TypeError: dtypes do not match the cache.
 
   >>> import jax.numpy as jnp, jaxattn.decode as dec
@@ -726,7 +757,10 @@ def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | Non
 
   Raises:
     ValueError: shapes do not fit the cache; unknown implementation; num_splits
-      does not divide L.
+      does not divide L; a negative window side, a non-finite scale or
+      soft cap; outside jit: lengths outside [0, L], query_seq_lengths
+      outside [0, T] or above the lengths, an invalid page id where tokens
+      are.
     TypeError: query dtype differs from the cache's.
 
   >>> import jax, jax.numpy as jnp, jaxattn.decode as dec
