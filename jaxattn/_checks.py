@@ -85,12 +85,12 @@ def finite_positive_float(fn: str, name: str, value) -> float:
 
 
 def float_dtype(fn: str, name: str, dtype) -> np.dtype:
-  """`dtype` as a real floating point numpy dtype."""
+  """`dtype` as a real floating point numpy dtype (float16, bfloat16, float32, ...)."""
   try:
     dtype = np.dtype(dtype)
   except TypeError:
     raise TypeError(f"{fn}: {name} must be a floating point dtype; got {dtype!r}.") from None
-  if not np.issubdtype(dtype, np.floating):
+  if not jax.numpy.issubdtype(dtype, jax.numpy.floating):   # bfloat16 too
     raise TypeError(f"{fn}: {name} must be a floating point dtype; got {dtype}.")
   return dtype
 

@@ -937,6 +937,12 @@ def multi_head_attention_decode(
   if rope is not None and not isinstance(rope, _rope.RopeConfig):
     raise TypeError(f"{fn}: rope must be a jaxattn.rope.RopeConfig or None; got "
                     f"{type(rope).__name__}.")
+  qk_norm_epsilon = _checks.finite_positive_float(fn, "qk_norm_epsilon", qk_norm_epsilon)
+  if rope is not None:
+    R = H if rope.rotary_dim is None else rope.rotary_dim
+    if R > H or R % 2:
+      raise ValueError(f"{fn}: RoPE rotates feature pairs: the rotary dim must be even and "
+                       f"at most the head dim H = {H}; got {R}.")
   leaves = [l for l in params if l is not None]
   if dtype is None:
     dtype = jnp.result_type(x.dtype, *(l.dtype for l in leaves))
