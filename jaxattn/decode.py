@@ -44,6 +44,34 @@ layouts.
 Everything is a pure function of arrays: lengths and page tables are array
 leaves, so appending under `jax.jit` never retraces per position. Jit the step
 with the cache donated (`donate_argnums`) so the append writes in place.
+
+Bad input. Shapes and dtypes are checked at trace time. Values (lengths,
+page ids) are checked when they are concrete, i.e. when `update_kv_cache` or
+`decode_attention` is called outside jit; these raise ValueError:
+
+- `cache.lengths` negative or above the capacity L (pages_per_sequence *
+  page_size for a paged cache);
+- `seq_lengths` / `query_seq_lengths` outside [0, T];
+- an append whose tokens do not fit (`lengths + seq_lengths > L`);
+- `query_seq_lengths` above `cache.lengths` (the queries' keys are not in
+  the cache);
+- a page table entry outside [0, num_pages) for a page that holds (or is
+  about to hold) tokens. Entries no token reaches may hold anything, e.g. -1.
+
+Under jit the same values are traced and cannot raise; they are masked, and
+never corrupt the cache or reach an output:
+
+- negative lengths count as 0;
+- an append that overflows writes the tokens that fit and drops the rest;
+  the lengths still count every token (they may exceed L, which marks the
+  overflow). Queries keep their true positions `lengths - n + t`, so a query
+  sits with its own key, and a query whose key was dropped gives 0, as
+  padding does;
+- a page id outside [0, num_pages) is never written (no wrap-around to
+  another page) and never read: the tokens it should hold are missing;
+- slots at or past `lengths` (stale data, anything: NaN, inf) are replaced by
+  0 with a `where` before any arithmetic, in every implementation, so they
+  reach neither outputs nor gradients.
 """
 
 from __future__ import annotations
@@ -57,6 +85,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxattn import _checks
 from jaxattn import attention as _attention
 from jaxattn import layers as _layers
 from jaxattn import rope as _rope
@@ -250,6 +279,55 @@ def _cache_sizes(fn, cache):
   return B, K, H, L, k.dtype
 
 
+def _check_values(fn, cache, L, *, new=None, T=None, name=None, reading=False):
+  """Refuses bad cache contents that are visible now (outside jit); see the module docstring.
+
+  Under jit the values are traced and nothing is checked here: the kernels
+  mask instead (negative lengths count as 0, tokens past the capacity are
+  dropped, invalid page ids are never read or written).
+
+  Args:
+    fn: the public function.
+    cache: the cache.
+    L: its capacity.
+    new: the (B,) counts of new tokens (seq_lengths or query_seq_lengths).
+    T: the new tokens' axis size.
+    name: new's argument name.
+    reading: decode_attention (the new tokens are already in the cache)
+      rather than update_kv_cache (they are about to be appended).
+  """
+  lengths = _checks.concrete(cache.lengths)
+  if lengths is not None:
+    if np.any(lengths < 0):
+      raise ValueError(f"{fn}: cache.lengths must be non-negative; got {lengths.tolist()}.")
+    if np.any(lengths > L):
+      raise ValueError(f"{fn}: cache.lengths must be at most the capacity L = {L}; got "
+                       f"{lengths.tolist()}.")
+  n = _checks.concrete(new)
+  if n is not None and new is not None:
+    if np.any(n < 0) or np.any(n > T):
+      raise ValueError(f"{fn}: {name} must be in [0, T] = [0, {T}]; got {n.tolist()}.")
+    if lengths is not None and not reading and np.any(lengths + n > L):
+      raise ValueError(f"{fn}: appending {name} = {n.tolist()} tokens to cache.lengths = "
+                       f"{lengths.tolist()} overflows the capacity L = {L}.")
+    if lengths is not None and reading and np.any(n > lengths):
+      raise ValueError(f"{fn}: {name} = {n.tolist()} exceeds cache.lengths = "
+                       f"{lengths.tolist()}: the new tokens' keys must be in the cache "
+                       f"(call update_kv_cache first).")
+  if isinstance(cache, PagedKVCache) and lengths is not None:
+    table = _checks.concrete(cache.page_table)
+    if table is not None:
+      num_pages, _, S, _ = cache.key_pages.shape
+      end = lengths + (0 if reading or n is None else n)
+      used = np.arange(table.shape[1])[None, :] * S < end[:, None]   # pages holding tokens
+      bad = used & ((table < 0) | (table >= num_pages))
+      if np.any(bad):
+        b, j = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{fn}: cache.page_table entries must be page ids in [0, num_pages) "
+                         f"= [0, {num_pages}) for every page that holds tokens; got "
+                         f"page_table[{b}, {j}] = {int(table[b, j])}.")
+
+
 def _seq_lengths(fn, name, x, B, T):
   """Counts (B,) of real new tokens (T for every row when None); kernels clip them to [0, T].
 
@@ -276,8 +354,9 @@ def update_kv_cache(cache, key, value, *, seq_lengths=None):
   Row b's token t goes to position `cache.lengths[b] + t`; the lengths grow
   by `seq_lengths` (default T). Prefill (a whole prompt) and decode steps (one
   or a few tokens) are the same call. Tokens at or past `seq_lengths[b]`
-  (right padding of a ragged batch) are not written, nor are tokens past the
-  cache's capacity: lengths saturate at the capacity.
+  (right padding of a ragged batch) are not written. An append that does not
+  fit raises outside jit; under jit, tokens past the capacity are dropped and
+  counted (see "Bad input" in the module docstring).
 
   Args:
     cache: KVCache or PagedKVCache.
@@ -290,7 +369,9 @@ def update_kv_cache(cache, key, value, *, seq_lengths=None):
     the write happens in place instead of copying the cache.
 
   Raises:
-    ValueError: shapes do not match the cache, T exceeds its capacity.
+    ValueError: shapes do not match the cache, T exceeds its capacity;
+      outside jit: negative lengths, seq_lengths outside [0, T], an append
+      that overflows, an invalid page id where tokens go.
     TypeError: dtypes do not match the cache.
 
   >>> import jax.numpy as jnp, jaxattn.decode as dec
@@ -315,43 +396,53 @@ def update_kv_cache(cache, key, value, *, seq_lengths=None):
   if T > L:
     raise ValueError(f"{fn}: T = {T} new tokens exceed the cache capacity L = {L}.")
   n = _seq_lengths(fn, "seq_lengths", seq_lengths, B, T)
+  _check_values(fn, cache, L, new=n, T=T, name="seq_lengths")
   if isinstance(cache, KVCache):
     return _update_contiguous(cache, key, value, n)
   return _update_paged(cache, key, value, n)
 
 
-def _new_positions(lengths, n, T):
-  """(B, T) target positions, the (B, T) mask of tokens to write, the counts in [0, T]."""
+def _new_positions(lengths, n, T, L):
+  """(B, T) target positions, the (B, T) mask of tokens to write, the new lengths.
+
+  Negative lengths count as 0; tokens at positions >= L (overflow) are not
+  written but still counted, so that decode_attention places every query at
+  its true position (and gives 0 for those whose keys were dropped).
+  """
+  lengths = jnp.maximum(lengths, 0)
   n = jnp.clip(n, 0, T)
   t = jnp.arange(T, dtype=jnp.int32)[None, :]
-  return lengths[:, None] + t, t < n[:, None], n
+  pos = lengths[:, None] + t
+  return pos, (t < n[:, None]) & (pos < L), lengths + n
 
 
 @jax.jit
 def _update_contiguous(cache: KVCache, key, value, n):
   L = cache.key.shape[2]
-  pos, write, n = _new_positions(cache.lengths, n, key.shape[1])
-  # Out-of-range positions (padding, overflow) are dropped by the scatter.
+  pos, write, lengths = _new_positions(cache.lengths, n, key.shape[1], L)
+  # Padding and overflow go to position L, which the scatter drops (a negative
+  # index would wrap around instead).
   pos = jnp.where(write, pos, L)
   b = jnp.arange(key.shape[0])[:, None]
   # Advanced indices (b, pos) around a slice put (B, T) first: updates are (B, T, K, H).
   k = cache.key.at[b, :, pos].set(key, mode="drop")
   v = cache.value.at[b, :, pos].set(value, mode="drop")
-  return KVCache(k, v, jnp.minimum(cache.lengths + n, L))
+  return KVCache(k, v, lengths)
 
 
 @jax.jit
 def _update_paged(cache: PagedKVCache, key, value, n):
   num_pages, _, S, _ = cache.key_pages.shape
   M = cache.page_table.shape[1]
-  pos, write, n = _new_positions(cache.lengths, n, key.shape[1])
-  write = write & (pos < M * S)
+  pos, write, lengths = _new_positions(cache.lengths, n, key.shape[1], M * S)
   page = jnp.take_along_axis(cache.page_table, jnp.clip(pos // S, 0, M - 1), axis=1)
+  # A page id outside [0, num_pages) is never written (nor wrapped to another page).
+  write = write & (page >= 0) & (page < num_pages)
   page = jnp.where(write, page, num_pages)
   off = pos % S
   k = cache.key_pages.at[page, :, off].set(key, mode="drop")
   v = cache.value_pages.at[page, :, off].set(value, mode="drop")
-  return PagedKVCache(k, v, cache.page_table, jnp.minimum(cache.lengths + n, M * S))
+  return PagedKVCache(k, v, cache.page_table, lengths)
 
 
 # ---------------------------------------------------------------------------
@@ -373,12 +464,17 @@ def _from_rows(out, lse, T, G):
   return out, lse
 
 
-def _row_positions(lengths, q_lengths, T, G):
-  """Per query row (B, T*G): its absolute position and whether it is real."""
+def _row_positions(lengths, q_lengths, T, G, L):
+  """Per query row (B, T*G): its absolute position and whether it is real.
+
+  A row is real if it is one of the n[b] new tokens and its key was stored
+  (position < L): a query whose token overflowed the cache gives 0.
+  """
+  lengths = jnp.maximum(lengths, 0)
   q_lengths = jnp.clip(q_lengths, 0, T)
   t = jnp.arange(T, dtype=jnp.int32)[None, :]
   pos = lengths[:, None] - q_lengths[:, None] + t
-  real = t < q_lengths[:, None]
+  real = (t < q_lengths[:, None]) & (pos < L)
   rep = lambda x: jnp.broadcast_to(x[:, :, None], x.shape + (G,)).reshape(x.shape[0], T * G)
   return rep(pos), rep(real)
 
@@ -405,15 +501,19 @@ def _finish(m, l, acc):
   return out, lse
 
 
-def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, *, scale, soft_cap,
-                    window_left, value_dtype, chunks=None):
+def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, kv_lengths, *, scale,
+                    soft_cap, window_left, value_dtype, chunks=None):
   """Online softmax of rows q (B, K, R, H) over key blocks lo .. hi - 1 of num_blocks.
 
   `read(j)` returns block j: keys and values (B, K, [P,] C, H), their
-  positions ([P,] C) and which of them are this block's own ([P,] C) bool (a
-  clamped last block overlaps its neighbour). With `chunks` = P, every step
-  reads one block of each of P independent chunks and keeps P states.
-  Returns the float32 state (max, sum, output sum), (B, K, [P,] R[, H]).
+  positions ([P,] C) and which of them are this block's own ((B or 1, [P,]
+  C) bool: a clamped last block overlaps its neighbour; a page with an
+  invalid id is no one's). With `chunks` = P, every step reads one block of
+  each of P independent chunks and keeps P states. Keys at or past
+  `kv_lengths` (B,) (stale slots) and not own are replaced by 0 with a
+  `where` before any arithmetic, so NaN or inf there never reaches an output
+  or a gradient. Returns the float32 state (max, sum, output sum),
+  (B, K, [P,] R[, H]).
 
   The loop has a static trip count, so reverse-mode differentiation works;
   blocks outside [lo, hi) (beyond every sequence's length, or before every
@@ -432,11 +532,14 @@ def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, *, scale, so
   def body(j, carry):
     m, l, acc = carry
     kb, vb, kv_pos, own = read(j)
+    stored = own & (kv_pos[None] < kv_lengths.reshape((B,) + (1,) * kv_pos.ndim))  # (B, [P,] C)
+    keep = stored[:, None, ..., None]                                # (B, 1, [P,] C, 1)
+    kb, vb = jnp.where(keep, kb, 0), jnp.where(keep, vb, 0)
     s = jnp.einsum(spec, q, kb,
                    preferred_element_type=jnp.float32) * jnp.float32(scale)
     s = _soft_cap(s, soft_cap)
-    kv_pos, own = kv_pos[..., None, :][None], own[..., None, :][None]  # (1, [P,] 1, C)
-    ok = _allowed(kv_pos, rpos, rreal, window_left) & own
+    kv_pos = kv_pos[..., None, :][None]                              # (1, [P,] 1, C)
+    ok = _allowed(kv_pos, rpos, rreal, window_left) & stored[..., None, :]
     s = jnp.where(ok[:, None], s, -jnp.inf)                          # (B, K, [P,] R, C)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -512,7 +615,7 @@ def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
   Cb = min(max(1, block_size // P), Lp)  # block_size keys per step over all P chunks
   nb = -(-Lp // Cb)
   q = _query_rows(query, K)                                          # (B, K, R, H)
-  row_pos, row_real = _row_positions(lengths, q_lengths, T, G)      # (B, R)
+  row_pos, row_real = _row_positions(lengths, q_lengths, T, G, L)   # (B, R)
   base = (jnp.arange(P, dtype=jnp.int32) * Lp)[:, None]              # (P, 1)
 
   def read(j):
@@ -523,10 +626,10 @@ def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
     own = idx >= j * Cb
     if P == 1:
       block = lambda x: lax.dynamic_slice_in_dim(x, start, Cb, axis=2)
-      return block(key), block(value), idx, own
+      return block(key), block(value), idx, own[None]
     # Reshaped inside the loop: a reshaped loop invariant makes XLA copy the cache.
     block = lambda x: lax.dynamic_slice_in_dim(x.reshape(B, K, P, Lp, H), start, Cb, axis=3)
-    return block(key), block(value), base + idx[None, :], jnp.broadcast_to(own, (P, Cb))
+    return block(key), block(value), base + idx[None, :], jnp.broadcast_to(own, (1, P, Cb))
 
   # Chunk p's block j holds keys p * Lp + [j * Cb, (j + 1) * Cb): chunk 0 needs
   # the most blocks, the last chunk the earliest (with a window).
@@ -535,7 +638,8 @@ def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
   lo = 0
   if window_left is not None:
     lo = jnp.clip((_first_key(row_pos, row_real, window_left) - (P - 1) * Lp) // Cb, 0, hi)
-  m, l, acc = _online_softmax(q, read, nb, lo, hi, row_pos, row_real, scale=scale,
+  m, l, acc = _online_softmax(q, read, nb, lo, hi, row_pos, row_real,
+                              jnp.clip(lengths, 0, L), scale=scale,
                               soft_cap=soft_cap, window_left=window_left,
                               value_dtype=value.dtype, chunks=None if P == 1 else P)
   if P > 1:
@@ -563,7 +667,8 @@ def _paged(query, key_pages, value_pages, page_table, lengths, q_lengths, *, sca
   M = page_table.shape[1]
   G, W = N // K, pages_per_step
   q = _query_rows(query, K)
-  row_pos, row_real = _row_positions(lengths, q_lengths, T, G)
+  num_pages = key_pages.shape[0]
+  row_pos, row_real = _row_positions(lengths, q_lengths, T, G, M * S)
   nb = -(-M // W)
   end = jnp.max(jnp.where(row_real, row_pos + 1, 0))
   hi = jnp.clip((end + W * S - 1) // (W * S), 0, nb)
@@ -578,10 +683,13 @@ def _paged(query, key_pages, value_pages, page_table, lengths, q_lengths, *, sca
     block = lambda x: jnp.take(x, ids, axis=0, mode="clip").transpose(0, 2, 1, 3, 4).reshape(
         B, K, W * S, H)
     pos = (cols[:, None] * S + jnp.arange(S, dtype=jnp.int32)[None, :]).reshape(W * S)
-    own = jnp.broadcast_to((cols < M)[:, None], (W, S)).reshape(W * S)
+    # A page id outside [0, num_pages) is never read: its (clipped) page is no one's.
+    valid = (cols[None, :] < M) & (ids >= 0) & (ids < num_pages)      # (B, W)
+    own = jnp.broadcast_to(valid[:, :, None], (B, W, S)).reshape(B, W * S)
     return block(key_pages), block(value_pages), pos, own
 
-  m, l, acc = _online_softmax(q, read, nb, lo, hi, row_pos, row_real, scale=scale,
+  m, l, acc = _online_softmax(q, read, nb, lo, hi, row_pos, row_real,
+                              jnp.clip(lengths, 0, M * S), scale=scale,
                               soft_cap=soft_cap, window_left=window_left,
                               value_dtype=value_pages.dtype)
   out, lse = _finish(m, l, acc)
@@ -597,12 +705,13 @@ def _window_left(fn, w):
   if not (isinstance(w, tuple) and len(w) == 2):
     raise ValueError(f"{fn}: local_window_size must be an int or a (left, right) tuple; "
                      f"got {w!r}.")
-  left = w[0]
-  if left is not None and (isinstance(left, bool) or not isinstance(left, (int, np.integer))
-                           or left < 0):
-    raise ValueError(f"{fn}: local_window_size's left side must be a non-negative int or "
-                     f"None; got {w!r}.")
-  return None if left is None else int(left)
+  # Both sides are checked, as dot_product_attention does, though causality
+  # makes the right side moot here.
+  for side in w:
+    if side is not None and (not _checks.is_int(side) or side < 0):
+      raise ValueError(f"{fn}: local_window_size sides must be non-negative ints or None; "
+                       f"got {w!r}.")
+  return None if w[0] is None else int(w[0])
 
 
 def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | None = None,
@@ -648,7 +757,10 @@ def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | Non
 
   Raises:
     ValueError: shapes do not fit the cache; unknown implementation; num_splits
-      does not divide L.
+      does not divide L; a negative window side, a non-finite scale or
+      soft cap; outside jit: lengths outside [0, L], query_seq_lengths
+      outside [0, T] or above the lengths, an invalid page id where tokens
+      are.
     TypeError: query dtype differs from the cache's.
 
   >>> import jax, jax.numpy as jnp, jaxattn.decode as dec
@@ -675,11 +787,11 @@ def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | Non
   if query.dtype != dtype:
     raise TypeError(f"{fn}: query must have the cache's dtype {dtype}; got {query.dtype}.")
   n = _seq_lengths(fn, "query_seq_lengths", query_seq_lengths, B, T)
-  scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
+  _check_values(fn, cache, L, new=None if query_seq_lengths is None else n, T=T,
+                name="query_seq_lengths", reading=True)
+  scale = 1.0 / math.sqrt(H) if scale is None else _checks.finite_float(fn, "scale", scale)
   if logits_soft_cap is not None:
-    logits_soft_cap = float(logits_soft_cap)
-    if not logits_soft_cap > 0:
-      raise ValueError(f"{fn}: logits_soft_cap must be positive; got {logits_soft_cap}.")
+    logits_soft_cap = _checks.finite_positive_float(fn, "logits_soft_cap", logits_soft_cap)
   left = _window_left(fn, local_window_size)
   lengths = cache.lengths
   if block_size is not None and (isinstance(block_size, bool) or not isinstance(
@@ -740,14 +852,18 @@ def _dense(query, cache: KVCache, lengths, n, *, scale, soft_cap, window_left, i
   B, T, N, H = query.shape
   L = cache.key.shape[2]
   G = 1
-  row_pos, row_real = _row_positions(lengths, n, T, G)                # (B, T)
+  row_pos, row_real = _row_positions(lengths, n, T, G, L)             # (B, T)
   kv_pos = jnp.arange(L, dtype=jnp.int32)[None, None, :]
   mask = _allowed(kv_pos, row_pos[:, :, None], row_real[:, :, None], window_left)
-  key = cache.key.transpose(0, 2, 1, 3)                              # (B, L, K, H)
-  value = cache.value.transpose(0, 2, 1, 3)
+  stored = jnp.clip(lengths, 0, L)
+  # Stale slots are zeroed (a where, not a product): NaN there never reaches
+  # an output or gradient, whatever the implementation does with masked keys.
+  keep = (kv_pos[0, 0][None, :] < stored[:, None])[:, :, None, None]  # (B, L, 1, 1)
+  key = jnp.where(keep, cache.key.transpose(0, 2, 1, 3), 0)          # (B, L, K, H)
+  value = jnp.where(keep, cache.value.transpose(0, 2, 1, 3), 0)
   out, lse = _attention.dot_product_attention(
       query, key, value, mask=mask[:, None], scale=scale, logits_soft_cap=soft_cap,
-      query_seq_lengths=jnp.clip(n, 0, T), key_value_seq_lengths=lengths,
+      query_seq_lengths=jnp.clip(n, 0, T), key_value_seq_lengths=stored,
       implementation=implementation,
       return_residual=True)
   return out, lse.astype(jnp.float32)
@@ -821,6 +937,12 @@ def multi_head_attention_decode(
   if rope is not None and not isinstance(rope, _rope.RopeConfig):
     raise TypeError(f"{fn}: rope must be a jaxattn.rope.RopeConfig or None; got "
                     f"{type(rope).__name__}.")
+  qk_norm_epsilon = _checks.finite_positive_float(fn, "qk_norm_epsilon", qk_norm_epsilon)
+  if rope is not None:
+    R = H if rope.rotary_dim is None else rope.rotary_dim
+    if R > H or R % 2:
+      raise ValueError(f"{fn}: RoPE rotates feature pairs: the rotary dim must be even and "
+                       f"at most the head dim H = {H}; got {R}.")
   leaves = [l for l in params if l is not None]
   if dtype is None:
     dtype = jnp.result_type(x.dtype, *(l.dtype for l in leaves))
@@ -835,7 +957,7 @@ def multi_head_attention_decode(
   q = _layers._qk_normalize(q, p.query_norm_scale, qk_norm_type, float(qk_norm_epsilon))
   k = _layers._qk_normalize(k, p.key_norm_scale, qk_norm_type, float(qk_norm_epsilon))
   if rope is not None:
-    positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    positions = jnp.maximum(cache.lengths, 0)[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     q = rope.apply(q, positions)
     k = rope.apply(k, positions)
   q, k, v = (a.astype(cache_dtype) for a in (q, k, v))

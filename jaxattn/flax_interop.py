@@ -11,6 +11,15 @@
 
 flax is optional: it is imported only inside the functions that need it.
 
+Calls jaxattn cannot serve are handed to flax's own default attention (its
+numbers and conventions): `sow_weights=True` (flax passes `module`; the user
+asked for the weights, and flax's materialized path computes and sows them),
+custom einsums (`qk_attn_weights_einsum`, `attn_weights_value_einsum`,
+`einsum_dot_general`, e.g. AQT quantization) and complex dtypes (jaxattn's
+softmax is real). dtypes follow flax: query, key and value are promoted
+together (`promote_dtype`, or `jnp.result_type` and the `dtype` argument) and
+the result has the promoted dtype.
+
 Differences from flax's default `dot_product_attention` that the adapter
 keeps: a query row with no key to attend to gives 0 (flax gives the mean of
 V); dropout draws jaxattn's counter-based mask, independent per batch element
@@ -175,17 +184,20 @@ def make_attention_fn(*, implementation: str | None = None,
                    qk_attn_weights_einsum=None, attn_weights_value_einsum=None,
                    einsum_dot_general=None, promote_dtype=None):
     """flax's `dot_product_attention`, computed by jaxattn (see make_attention_fn)."""
-    del broadcast_dropout, precision, force_fp32_for_softmax  # see the module docstring
     fn = "jaxattn.flax_interop.attention_fn"
-    if module is not None:
-      raise NotImplementedError(
-          f"{fn}: sow_weights=True needs the attention weights, which jaxattn does "
-          f"not materialize; call with sow_weights=False or use flax's default "
-          f"attention_fn for introspection.")
-    if any(f is not None for f in (qk_attn_weights_einsum, attn_weights_value_einsum,
-                                   einsum_dot_general)):
-      raise NotImplementedError(f"{fn}: custom einsums (e.g. AQT quantization) are not "
-                                f"supported; use flax's default attention_fn.")
+    einsums = dict(qk_attn_weights_einsum=qk_attn_weights_einsum,
+                   attn_weights_value_einsum=attn_weights_value_einsum,
+                   einsum_dot_general=einsum_dot_general)
+    is_complex = any(a is not None and jnp.issubdtype(jnp.result_type(a), jnp.complexfloating)
+                     for a in (query, key, value, bias))
+    if module is not None or is_complex or any(f is not None for f in einsums.values()):
+      return _flax_default(query, key, value, bias=bias, mask=mask,
+                           broadcast_dropout=broadcast_dropout, dropout_rng=dropout_rng,
+                           dropout_rate=dropout_rate, deterministic=deterministic, dtype=dtype,
+                           precision=precision, module=module, is_causal=is_causal,
+                           force_fp32_for_softmax=force_fp32_for_softmax,
+                           promote_dtype=promote_dtype, **einsums)
+    del broadcast_dropout, precision, force_fp32_for_softmax  # see the module docstring
     if promote_dtype is not None:
       query, key, value = promote_dtype((query, key, value), dtype=dtype)
     elif dtype is not None:
@@ -230,6 +242,36 @@ def make_attention_fn(*, implementation: str | None = None,
     return out.reshape(query.shape[:-1] + (value.shape[-1],))
 
   return attention_fn
+
+
+def _flax_default(query, key, value, *, module, is_causal, promote_dtype, force_fp32_for_softmax,
+                  qk_attn_weights_einsum, attn_weights_value_einsum, einsum_dot_general,
+                  **kwargs):
+  """flax's own dot_product_attention: nnx's for nnx modules, linen's otherwise.
+
+  linen's takes the einsum and fp32-softmax options but no is_causal (a causal
+  mask is added here); nnx's takes is_causal and promote_dtype.
+  """
+  from flax import nnx  # optional dependency
+  import flax.linen as nn
+  einsums = dict(qk_attn_weights_einsum=qk_attn_weights_einsum,
+                 attn_weights_value_einsum=attn_weights_value_einsum,
+                 einsum_dot_general=einsum_dot_general)
+  use_nnx = isinstance(module, nnx.Module) or (
+      module is None and promote_dtype is not None and not any(
+          f is not None for f in einsums.values()) and not force_fp32_for_softmax)
+  if use_nnx:
+    extra = {} if promote_dtype is None else dict(promote_dtype=promote_dtype)
+    return nnx.dot_product_attention(query, key, value, module=module, is_causal=is_causal,
+                                     **extra, **kwargs)
+  if is_causal:
+    T, S = query.shape[-3], key.shape[-3]
+    causal = jnp.tril(jnp.ones((T, S), bool))
+    mask = kwargs.pop("mask")
+    kwargs["mask"] = causal if mask is None else jnp.logical_and(mask, causal)
+  return nn.dot_product_attention(query, key, value, module=module,
+                                  force_fp32_for_softmax=force_fp32_for_softmax,
+                                  **{k: v for k, v in einsums.items() if v is not None}, **kwargs)
 
 
 attention_fn: Any = make_attention_fn()

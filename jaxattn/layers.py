@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxattn import _checks
 from jaxattn import attention as _attention
 from jaxattn import rope as _rope
 from jaxattn.softmax import softmax as _softmax
@@ -35,8 +36,16 @@ def init_self_attention(key, d_model: int, d_k: int, d_v: int | None = None,
 
   Returns:
     SelfAttentionParams with w_q, w_k of shape (D, d_k) and w_v (D, d_v).
+
+  Raises:
+    ValueError: a width is not a positive int.
+    TypeError: dtype is not floating point.
   """
-  d_v = d_k if d_v is None else d_v
+  fn = "init_self_attention"
+  d_model = _checks.positive_int(fn, "d_model", d_model)
+  d_k = _checks.positive_int(fn, "d_k", d_k)
+  d_v = d_k if d_v is None else _checks.positive_int(fn, "d_v", d_v)
+  dtype = _checks.float_dtype(fn, "dtype", dtype)
   kq, kk, kv = jax.random.split(key, 3)
   std = 1.0 / jnp.sqrt(d_model)
   return SelfAttentionParams(
@@ -167,6 +176,7 @@ def init_multi_head_attention(
   Raises:
     ValueError: a size is not a positive int, N % K != 0, or H is None and
       N does not divide D.
+    TypeError: param_dtype is not floating point.
 
   >>> import jax
   >>> from jaxattn.layers import init_multi_head_attention
@@ -190,7 +200,8 @@ def init_multi_head_attention(
   if N % K:
     raise ValueError(f"{fn}: num_kv_heads K = {K} must divide num_heads N = {N}.")
   return _init_mha(key, sizes=(D, C, N, K, H, O), use_bias=bool(use_bias),
-                   qk_norm=bool(qk_norm), param_dtype=np.dtype(param_dtype))
+                   qk_norm=bool(qk_norm),
+                   param_dtype=_checks.float_dtype(fn, "param_dtype", param_dtype))
 
 
 # One compiled program per configuration instead of one per random draw.
@@ -270,6 +281,88 @@ def _lead(a, ndim):
 def _project(x, w, b, spec):
   y = jnp.einsum(spec, x, w)
   return y if b is None else y + _lead(b, y.ndim)
+
+
+def _check_attention_options(fn, batched, lead, N, T, S, *, bias, mask, scale, is_causal,
+                             query_seq_lengths, key_value_seq_lengths, local_window_size,
+                             query_segment_ids, key_value_segment_ids, logits_soft_cap,
+                             causal_alignment, dropout_rate, dropout_key, implementation,
+                             block_sizes):
+  """The layer's own checks of what it forwards to dot_product_attention.
+
+  Shapes are the layer's: per example (N, T, S), (T,), scalars; with a
+  leading batch dim B of x, (B, ...). Errors name the layer.
+  """
+  letters = "(B, N, T, S)" if batched else "(N, T, S)"
+  full = tuple(lead) + (N, T, S)
+  for name, a in (("bias", bias), ("mask", mask)):
+    if a is None:
+      continue
+    a_shape = jnp.shape(a)
+    try:
+      ok = len(a_shape) <= len(full) and jnp.broadcast_shapes(a_shape, full) == full
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(f"{fn}: {name} must broadcast to {letters} = {_checks.fmt(full)}; got "
+                       f"{_checks.fmt(a_shape)}.")
+    dtype = jnp.result_type(a)
+    if name == "bias" and not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"{fn}: bias must have a floating point dtype (use mask= for booleans); "
+                      f"got {dtype}.")
+    if name == "mask" and dtype != jnp.bool_:
+      raise TypeError(f"{fn}: mask must be boolean (True = attend); got {dtype}.")
+  for name, a in (("query_seq_lengths", query_seq_lengths),
+                  ("key_value_seq_lengths", key_value_seq_lengths)):
+    if a is not None and not jnp.issubdtype(jnp.result_type(a), jnp.integer):
+      raise TypeError(f"{fn}: {name} must have an integer dtype; got {jnp.result_type(a)}.")
+  for name, a, L, letter in (("query_segment_ids", query_segment_ids, T, "T"),
+                             ("key_value_segment_ids", key_value_segment_ids, S, "S")):
+    if a is None:
+      continue
+    want = tuple(lead) + (L,)
+    if jnp.shape(a) != want:
+      shown = f"(B, {letter})" if batched else f"({letter},)"
+      raise ValueError(f"{fn}: {name} must have shape {shown} = {_checks.fmt(want)}; got "
+                       f"{_checks.fmt(jnp.shape(a))}.")
+    if not jnp.issubdtype(jnp.result_type(a), jnp.integer):
+      raise TypeError(f"{fn}: {name} must have an integer dtype; got {jnp.result_type(a)}.")
+  if key_value_segment_ids is not None and query_segment_ids is None:
+    raise ValueError(f"{fn}: query_segment_ids is required when key_value_segment_ids is "
+                     f"given.")
+  if query_segment_ids is not None and key_value_segment_ids is None and T != S:
+    raise ValueError(f"{fn}: key_value_segment_ids is required when T != S (T = {T}, "
+                     f"S = {S}).")
+  if local_window_size is not None:
+    w = local_window_size
+    sides = (w, None) if _checks.is_int(w) else w
+    if not (isinstance(sides, tuple) and len(sides) == 2 and all(
+        x is None or (_checks.is_int(x) and x >= 0) for x in sides)):
+      raise ValueError(f"{fn}: local_window_size must be a non-negative int or a (left, right) "
+                       f"tuple of non-negative ints or None; got {w!r}.")
+  if not isinstance(is_causal, bool):
+    raise TypeError(f"{fn}: is_causal must be a Python bool; got {type(is_causal).__name__}.")
+  if causal_alignment not in ("top_left", "bottom_right"):
+    raise ValueError(f"{fn}: causal_alignment must be 'top_left' or 'bottom_right'; got "
+                     f"{causal_alignment!r}.")
+  if scale is not None:
+    _checks.finite_float(fn, "scale", scale)
+  if logits_soft_cap is not None:
+    _checks.finite_positive_float(fn, "logits_soft_cap", logits_soft_cap)
+  rate = _checks.finite_float(fn, "dropout_rate", dropout_rate)
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"{fn}: dropout_rate must be in [0, 1); got {rate}.")
+  if rate > 0 and dropout_key is None:
+    raise ValueError(f"{fn}: dropout_key is required when dropout_rate > 0 (got rate {rate}).")
+  names = _attention.implementations()
+  if implementation is not None and implementation not in names:
+    raise ValueError(f"{fn}: implementation must be None or one of "
+                     f"{', '.join(map(repr, names))}; got {implementation!r}.")
+  if block_sizes is not None and not (
+      isinstance(block_sizes, tuple) and len(block_sizes) == 2
+      and all(_checks.is_int(b) and b > 0 for b in block_sizes)):
+    raise ValueError(f"{fn}: block_sizes must be a tuple of two positive ints; got "
+                     f"{block_sizes!r}.")
 
 
 def _lengths(fn, name, value, batched):
@@ -410,6 +503,15 @@ def multi_head_attention(
     raise ValueError(f"{fn}: positions are only used by RoPE; pass rope=RopeConfig(...) "
                      f"or leave positions=None.")
 
+  qk_norm_epsilon = _checks.finite_positive_float(fn, "qk_norm_epsilon", qk_norm_epsilon)
+  _check_attention_options(
+      fn, batched, x.shape[:-2], N, T, S, bias=bias, mask=mask, scale=scale,
+      is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+      query_segment_ids=query_segment_ids, key_value_segment_ids=key_value_segment_ids,
+      logits_soft_cap=logits_soft_cap, causal_alignment=causal_alignment,
+      dropout_rate=dropout_rate, dropout_key=dropout_key, implementation=implementation,
+      block_sizes=block_sizes)
   leaves = [l for l in params if l is not None]
   if dtype is None:
     dtype = jnp.result_type(x.dtype, context.dtype, *(l.dtype for l in leaves))

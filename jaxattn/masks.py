@@ -24,6 +24,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxattn import _checks
 
 _BIG = 2**30  # stands for an unbounded window side in int32 arithmetic
 
@@ -143,13 +146,29 @@ class Band(Mask):
 
 
 def causal(offset: int = 0) -> Mask:
-  """kv_idx <= q_idx + offset; offset S - T aligns bottom-right (decoding)."""
-  return Band(None, 0, offset)
+  """kv_idx <= q_idx + offset; offset S - T aligns bottom-right (decoding).
+
+  Raises:
+    ValueError: offset is not an int.
+  """
+  return Band(None, 0, _checks.int_value("causal", "offset", offset))
 
 
 def sliding_window(left: int | None, right: int | None = 0, offset: int = 0) -> Mask:
-  """Keys within `left` before and `right` after the query position (Mistral: right=0)."""
-  return Band(left, right, offset)
+  """Keys within `left` before and `right` after the query position (Mistral: right=0).
+
+  Args:
+    left: keys before the query position, an int >= 0 or None (unbounded).
+    right: keys after it, an int >= 0 or None.
+    offset: causal alignment, as for `causal`.
+
+  Raises:
+    ValueError: a side is negative or not an int (as `local_window_size` of
+      dot_product_attention), offset not an int.
+  """
+  fn = "sliding_window"
+  return Band(_checks.window_side(fn, "left", left), _checks.window_side(fn, "right", right),
+              _checks.int_value(fn, "offset", offset))
 
 
 @_pytree(meta=("size", "offset"))
@@ -170,7 +189,13 @@ class ChunkedLocal(Mask):
 
 
 def chunked_local(size: int, offset: int = 0) -> Mask:
-  return ChunkedLocal(size, offset)
+  """Attention within chunks of `size` positions (Llama 4's chunked local attention).
+
+  Raises:
+    ValueError: size is not a positive int, offset not an int.
+  """
+  return ChunkedLocal(_checks.positive_int("chunked_local", "size", size),
+                      _checks.int_value("chunked_local", "offset", offset))
 
 
 # ---------------------------------------------------------------------------
@@ -184,11 +209,13 @@ class Lengths(Mask):
   kv_lengths: jax.Array | None = None
 
   def __call__(self, b, h, q_idx, kv_idx):
+    # A scalar length applies to every batch element.
+    per_b = lambda x: x if x.ndim == 0 else x[b]
     out = True
     if self.q_lengths is not None:
-      out = q_idx < self.q_lengths[b]
+      out = q_idx < per_b(self.q_lengths)
     if self.kv_lengths is not None:
-      out = out & (kv_idx < self.kv_lengths[b])
+      out = out & (kv_idx < per_b(self.kv_lengths))
     return jnp.asarray(out)
 
   def classify(self, summary, g, qb, kb):
@@ -208,26 +235,71 @@ class Lengths(Mask):
 
   def validate(self, fn, B, N, T, S):
     for name, x in (("q_lengths", self.q_lengths), ("kv_lengths", self.kv_lengths)):
-      if x is not None and jnp.shape(x) != (B,):
-        raise ValueError(f"{fn}: mask {name} must have shape (B,) = ({B},); got {jnp.shape(x)}.")
+      if x is not None and jnp.shape(x) not in ((), (B,)):
+        raise ValueError(f"{fn}: mask {name} must have shape (B,) = ({B},) or (); got "
+                         f"{_checks.fmt(jnp.shape(x))}.")
+
+
+@_pytree(data=("q_lengths", "kv_lengths"))
+class _PrefixLengths(Lengths):
+  """kv_idx < prefix_lengths[b]: the array form of prefix_lm's prefix."""
+
+  def validate(self, fn, B, N, T, S):
+    if jnp.shape(self.kv_lengths) not in ((), (B,)):
+      raise ValueError(f"{fn}: mask prefix_lm's prefix_lengths must have shape (B,) = ({B},) "
+                       f"or (); got {_checks.fmt(jnp.shape(self.kv_lengths))}.")
+
+
+def _int_lengths(fn, name, x):
+  """An int array of rank 0 or 1 (the batch), as int32."""
+  if x is None:
+    return None
+  if not hasattr(x, "dtype"):
+    x = np.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{fn}: {name} must have an integer dtype; got {x.dtype}.")
+  if x.ndim > 1:
+    raise ValueError(f"{fn}: {name} must be a scalar or have shape (B,); got "
+                     f"{_checks.fmt(x.shape)}.")
+  return jnp.asarray(x, jnp.int32)
 
 
 def padding(q_lengths=None, kv_lengths=None) -> Mask:
-  """Queries and keys at or past their sequence's length are masked."""
-  as_i32 = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
-  return Lengths(as_i32(q_lengths), as_i32(kv_lengths))
+  """Queries and keys at or past their sequence's length are masked.
+
+  Args:
+    q_lengths: optional int (B,) (or a scalar for every sequence).
+    kv_lengths: optional int (B,) (or a scalar).
+
+  Raises:
+    TypeError: a length is not integer.
+    ValueError: a length has rank above 1.
+  """
+  return Lengths(_int_lengths("padding", "q_lengths", q_lengths),
+                 _int_lengths("padding", "kv_lengths", kv_lengths))
 
 
 def prefix_lm(prefix_lengths, offset: int = 0) -> Mask:
   """Bidirectional over the first keys, causal after (T5, PaliGemma).
 
   Args:
-    prefix_lengths: a static int, or int (B,) per-sequence prefix lengths.
+    prefix_lengths: a static int >= 0 (Python or NumPy), or an int array
+      (B,) of per-sequence prefix lengths (or a scalar array, e.g. traced).
     offset: causal alignment, as for `causal`.
+
+  Raises:
+    ValueError: a static prefix length is negative; an array has rank > 1.
+    TypeError: prefix_lengths is not integer.
   """
-  if isinstance(prefix_lengths, int):
-    return Or((_KeyBelow(prefix_lengths), causal(offset)))
-  return Or((Lengths(None, jnp.asarray(prefix_lengths, jnp.int32)), causal(offset)))
+  fn = "prefix_lm"
+  offset = _checks.int_value(fn, "offset", offset)
+  if _checks.is_int(prefix_lengths):
+    n = _checks.non_negative_int(fn, "prefix_lengths", prefix_lengths)
+    return Or((_KeyBelow(n), causal(offset)))
+  if isinstance(prefix_lengths, (bool, np.bool_)):
+    raise TypeError(f"{fn}: prefix_lengths must be an int or an int array; got a bool.")
+  return Or((_PrefixLengths(None, _int_lengths(fn, "prefix_lengths", prefix_lengths)),
+             causal(offset)))
 
 
 @_pytree(meta=("n",))
@@ -274,9 +346,31 @@ class Documents(Mask):
 
 
 def documents(q_segment_ids, kv_segment_ids=None) -> Mask:
-  """Packed documents from int segment ids (B, T) and (B, S) (default: the same ids)."""
-  q = jnp.asarray(q_segment_ids, jnp.int32)
-  return Documents(q, q if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32))
+  """Packed documents from int segment ids (B, T) and (B, S) (default: the same ids).
+
+  Raises:
+    TypeError: ids are not integer.
+    ValueError: ids are not 2-D or their batch sizes differ.
+  """
+  fn = "documents"
+  ids = []
+  for name, x in (("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids)):
+    if x is None:
+      ids.append(None)
+      continue
+    if not hasattr(x, "dtype"):
+      x = np.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise TypeError(f"{fn}: {name} must have an integer dtype; got {x.dtype}.")
+    if x.ndim != 2:
+      raise ValueError(f"{fn}: {name} must have shape (B, {'T' if name[0] == 'q' else 'S'}); "
+                       f"got {_checks.fmt(x.shape)}.")
+    ids.append(jnp.asarray(x, jnp.int32))
+  q, kv = ids
+  if kv is not None and kv.shape[0] != q.shape[0]:
+    raise ValueError(f"{fn}: kv_segment_ids must have shape (B, S) with B = {q.shape[0]} "
+                     f"from q_segment_ids {_checks.fmt(q.shape)}; got {_checks.fmt(kv.shape)}.")
+  return Documents(q, q if kv is None else kv)
 
 
 def _gather(ids, b, idx, fill):
@@ -329,9 +423,69 @@ class FunctionMask(Mask):
     any_, all_ = summary
     return ~any_[qb, kb], all_[qb, kb]
 
+  def validate(self, fn, B, N, T, S):
+    check_index_function(fn, "mask_fn", self.fn, (), B, N, T, S, score=False)
+
+
+def check_index_function(fn, arg, f, lead, B, N, T, S, *, score, name=None):
+  """Checks that a user's mask or score function is elementwise in its index arguments.
+
+  Kernels call it on tiles, with index arrays broadcastable to a tile, so its
+  result must have the broadcast shape of its arguments (or broadcast to
+  it); one evaluation of shapes on the whole (B, N, T, S) grid and one on a
+  single element show a result of the wrong shape at trace time, naming the
+  user's function and the expected shape, instead of a broadcasting error
+  deep inside a kernel.
+
+  Args:
+    fn: the public function, for the message.
+    arg: the argument's name ("mask_fn", "score_fn").
+    f: the user function; called as f(*lead, [score,] b, h, q_idx, kv_idx).
+    lead: leading arguments (a score function's params).
+    B, N, T, S: the problem's sizes.
+    score: f takes and returns a float score (B, N, T, S).
+    name: the user function's name for the message (default f's).
+  """
+  name = _checks.callable_name(f) if name is None else name
+  i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  for label, shape in (("(B, N, T, S) = ", (B, N, T, S)), ("one element: ", (1, 1, 1, 1))):
+    b, h, q, kv = (i32(tuple(n if i == d else 1 for i in range(4))) for d, n in enumerate(shape))
+    args = (b, h, q, kv)
+    if score:
+      args = (jax.ShapeDtypeStruct(shape, jnp.float32),) + args
+    out = jax.eval_shape(f, *lead, *args)
+    got = getattr(out, "shape", None)
+    try:
+      ok = got is not None and jnp.broadcast_shapes(got, shape) == shape
+    except ValueError:
+      ok = False
+    if score:
+      ok = ok and got == shape and jnp.issubdtype(out.dtype, jnp.floating)
+    if not ok:
+      what = ("a floating point score of its score argument's shape"
+              if score else "a bool array that broadcasts to its index arguments' shape")
+      shown = f"{None if got is None else _checks.fmt(got)}"
+      if score and got is not None:
+        shown += f" {out.dtype}"
+      where = label + _checks.fmt(shape)
+      raise ValueError(
+          f"{fn}: {arg} {name} must return {what}, {where}, when "
+          f"called with b {_checks.fmt(b.shape)}, h {_checks.fmt(h.shape)}, q_idx "
+          f"{_checks.fmt(q.shape)} and kv_idx {_checks.fmt(kv.shape)}; got {shown}.")
+
 
 def from_function(fn: Callable, block_fn: Callable | None = None) -> Mask:
-  """Wraps `fn(b, h, q_idx, kv_idx) -> bool` as a Mask (see FunctionMask)."""
+  """Wraps `fn(b, h, q_idx, kv_idx) -> bool` as a Mask (see FunctionMask).
+
+  Raises:
+    TypeError: fn or block_fn is not callable.
+  """
+  if not callable(fn):
+    raise TypeError(f"from_function: fn must be a function (b, h, q_idx, kv_idx) -> bool; "
+                    f"got {type(fn).__name__}.")
+  if block_fn is not None and not callable(block_fn):
+    raise TypeError(f"from_function: block_fn must be a function or None; got "
+                    f"{type(block_fn).__name__}.")
   return FunctionMask(fn, block_fn)
 
 

@@ -581,6 +581,29 @@ def sharded_ring_attention(
   if query.ndim != 4 or key.ndim != 4:
     raise ValueError(f"{fn}: query, key and value must have shapes (B, T, N, H) and "
                      f"(B, S, K, H) (or their 3D forms); got {query.shape}, {key.shape}.")
+  # The caller's global shapes are validated here, so errors show them (the
+  # ring inside shard_map would only see per-device shards).
+  try:
+    _attention.normalize(query, key, value, scale=scale, is_causal=is_causal,
+                         query_segment_ids=query_segment_ids,
+                         key_value_segment_ids=key_value_segment_ids,
+                         logits_soft_cap=logits_soft_cap)
+  except (ValueError, TypeError) as e:
+    raise _renamed(e, fn) from None
+  if is_causal and query.shape[1] != key.shape[1]:
+    raise ValueError(f"{fn}: is_causal needs query and key lengths to match "
+                     f"(self-attention); got T={query.shape[1]}, S={key.shape[1]}.")
+  size = lambda name: int(np.prod([mesh.shape[n] for n in (
+      name if isinstance(name, tuple) else (name,))]))
+  for arg, axis, dims in (("batch_axis", batch_axis, (("B", query.shape[0]),)),
+                          ("head_axis", head_axis, (("N", query.shape[2]), ("K", key.shape[2])))):
+    if axis is None:
+      continue
+    for letter, d in dims:
+      if d % size(axis):
+        raise ValueError(f"{fn}: {letter} = {d} (query {tuple(query.shape)}, key "
+                         f"{tuple(key.shape)}) must be divisible by the size of mesh axis "
+                         f"{arg} {axis!r} = {size(axis)}.")
   names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
   P = int(np.prod([mesh.shape[n] for n in names]))
   parts = 2 * P if (is_causal and layout == "zigzag") else P
@@ -588,7 +611,9 @@ def sharded_ring_attention(
     if length % parts:
       raise ValueError(f"{fn}: the {arg} sequence length ({length}) must be divisible by "
                        f"{'2 * ' if parts != P else ''}the size of mesh axis {axis_name!r} "
-                       f"= {parts}.")
+                       f"= {parts}; got query {tuple(query.shape)}, key {tuple(key.shape)}. "
+                       f"Pad the sequences to a multiple of {parts} and pass the real "
+                       f"lengths as segment ids (padding in its own segment).")
   if key_value_segment_ids is None and query_segment_ids is not None and key.shape[1] == query.shape[1]:
     key_value_segment_ids = query_segment_ids
   options = (("is_causal", bool(is_causal)), ("layout", layout), ("scale", scale),

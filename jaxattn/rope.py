@@ -112,6 +112,10 @@ class RopeConfig:
   def frequencies(self, head_dim: int) -> jax.Array:
     """(R/2,) float32 frequencies for a head of width `head_dim` (H)."""
     R = head_dim if self.rotary_dim is None else self.rotary_dim
+    if self.rotary_dim is None and head_dim % 2:
+      raise ValueError(f"RopeConfig: the head dim H = {head_dim} is odd and RoPE rotates "
+                       f"feature pairs: set rotary_dim to an even number <= H (e.g. "
+                       f"{head_dim - 1}) to rotate part of the head.")
     if R > head_dim:
       raise ValueError(f"RopeConfig: rotary_dim must be at most the head dim "
                        f"H = {head_dim}; got {R}.")
@@ -165,6 +169,10 @@ def apply_rope(x, positions, frequencies=None, *, interleaved: bool = False) -> 
     raise ValueError(f"{fn}: x must have shape (..., T, N, H); got {tuple(x.shape)}.")
   H = x.shape[-1]
   if frequencies is None:
+    if H % 2:
+      raise ValueError(f"{fn}: x's head dim H = {H} is odd and RoPE rotates feature pairs: "
+                       f"pass frequencies for an even R < H (e.g. rope_frequencies({H - 1})) "
+                       f"to rotate part of the head; got x {tuple(x.shape)}.")
     frequencies = rope_frequencies(_check_rotary_dim(fn, H))
   frequencies = jnp.asarray(frequencies)
   if frequencies.ndim != 1 or 2 * frequencies.shape[0] > H or frequencies.shape[0] == 0:

@@ -17,6 +17,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxattn import _checks
 
 
 def _pytree(data=(), meta=()):
@@ -46,7 +49,12 @@ class SoftCap(ScoreMod):
 
 
 def soft_cap(cap: float) -> ScoreMod:
-  return SoftCap(float(cap))
+  """`cap * tanh(score / cap)` (Gemma 2).
+
+  Raises:
+    ValueError: cap is not a finite positive number (as `logits_soft_cap`).
+  """
+  return SoftCap(_checks.finite_positive_float("soft_cap", "cap", cap))
 
 
 @_pytree(data=("slopes",))
@@ -63,7 +71,12 @@ class Alibi(ScoreMod):
 
 
 def alibi_slopes(num_heads: int) -> jax.Array:
-  """The geometric slopes of the ALiBi paper, 2^(-8 i / n), with its rule for non powers of 2."""
+  """The geometric slopes of the ALiBi paper, 2^(-8 i / n), with its rule for non powers of 2.
+
+  Raises:
+    ValueError: num_heads is not a positive int.
+  """
+  num_heads = _checks.positive_int("alibi_slopes", "num_heads", num_heads)
   def pow2(n):
     start = 2.0 ** (-8.0 / n)
     return [start ** (i + 1) for i in range(n)]
@@ -75,7 +88,24 @@ def alibi_slopes(num_heads: int) -> jax.Array:
 
 
 def alibi(slopes) -> ScoreMod:
-  return Alibi(jnp.asarray(slopes, jnp.float32))
+  """ALiBi with per-head `slopes` (N,) (see `alibi_slopes`).
+
+  Raises:
+    ValueError: slopes is not 1-D.
+    TypeError: slopes is not real numbers.
+  """
+  slopes = _real_array("alibi", "slopes", slopes, 1, "(N,)")
+  return Alibi(slopes.astype(jnp.float32))
+
+
+def _real_array(fn, name, x, ndim, letters):
+  if not hasattr(x, "dtype"):
+    x = np.asarray(x)
+  if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+    raise TypeError(f"{fn}: {name} must hold real numbers; got dtype {x.dtype}.")
+  if x.ndim != ndim:
+    raise ValueError(f"{fn}: {name} must have shape {letters}; got {_checks.fmt(x.shape)}.")
+  return jnp.asarray(x)
 
 
 @_pytree(data=("table",), meta=("max_distance",))
@@ -95,7 +125,20 @@ class RelativePositionBias(ScoreMod):
 
 
 def relative_position_bias(table, max_distance: int) -> ScoreMod:
-  return RelativePositionBias(jnp.asarray(table), int(max_distance))
+  """score + table[h, clip(kv_idx - q_idx) + max_distance]; table (N, 2 * max_distance + 1).
+
+  Raises:
+    ValueError: max_distance is not a non-negative int; table not
+      (N, 2 * max_distance + 1).
+    TypeError: table is not real numbers.
+  """
+  fn = "relative_position_bias"
+  max_distance = _checks.non_negative_int(fn, "max_distance", max_distance)
+  table = _real_array(fn, "table", table, 2, "(N, 2 * max_distance + 1)")
+  if table.shape[1] != 2 * max_distance + 1:
+    raise ValueError(f"{fn}: table must have shape (N, 2 * max_distance + 1) = (N, "
+                     f"{2 * max_distance + 1}); got {_checks.fmt(table.shape)}.")
+  return RelativePositionBias(table, max_distance)
 
 
 def t5_bucket(relative_position, *, bidirectional: bool = True, num_buckets: int = 32,
@@ -136,7 +179,30 @@ class T5RelativeBias(ScoreMod):
 
 
 def t5_relative_bias(table, *, bidirectional=True, num_buckets=32, max_distance=128) -> ScoreMod:
-  return T5RelativeBias(jnp.asarray(table), bidirectional, num_buckets, max_distance)
+  """score + table[h, t5_bucket(kv_idx - q_idx)]; table (N, num_buckets).
+
+  Raises:
+    ValueError: num_buckets leaves no exact bucket (fewer than 2, 4 when
+      bidirectional), max_distance not above the exact range, table not
+      (N, num_buckets).
+    TypeError: table is not real numbers.
+  """
+  fn = "t5_relative_bias"
+  num_buckets = _checks.positive_int(fn, "num_buckets", num_buckets)
+  max_distance = _checks.positive_int(fn, "max_distance", max_distance)
+  bidirectional = bool(bidirectional)
+  exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+  if exact < 1:
+    raise ValueError(f"{fn}: num_buckets must be at least {4 if bidirectional else 2} "
+                     f"(bidirectional={bidirectional}); got {num_buckets}.")
+  if max_distance <= exact:
+    raise ValueError(f"{fn}: max_distance must exceed the {exact} exact buckets; got "
+                     f"{max_distance}.")
+  table = _real_array(fn, "table", table, 2, "(N, num_buckets)")
+  if table.shape[1] != num_buckets:
+    raise ValueError(f"{fn}: table must have shape (N, num_buckets) = (N, {num_buckets}); "
+                     f"got {_checks.fmt(table.shape)}.")
+  return T5RelativeBias(table, bidirectional, num_buckets, max_distance)
 
 
 @_pytree(data=("params",), meta=("fn",))
@@ -147,6 +213,12 @@ class FunctionScore(ScoreMod):
 
   def __call__(self, score, b, h, q_idx, kv_idx):
     return self.fn(self.params, score, b, h, q_idx, kv_idx)
+
+  def validate(self, fn, B, N, T, S):
+    from jaxattn import masks  # masks holds the shared probe; imported late (no import cycle)
+    user = self.fn.fn if isinstance(self.fn, _WithoutParams) else self.fn
+    masks.check_index_function(fn, "score_fn", self.fn, (self.params,), B, N, T, S, score=True,
+                               name=_checks.callable_name(user))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +233,14 @@ class _WithoutParams:
 
 def from_function(fn: Callable, params: Any = None) -> ScoreMod:
   """Wraps a user modifier. With params, `fn(params, score, b, h, q, kv)`; without,
-  `fn(score, b, h, q, kv)` (arrays it closes over are constants: no gradient)."""
+  `fn(score, b, h, q, kv)` (arrays it closes over are constants: no gradient).
+
+  Raises:
+    TypeError: fn is not callable.
+  """
+  if not callable(fn):
+    raise TypeError(f"from_function: fn must be a function (score, b, h, q_idx, kv_idx) -> "
+                    f"score; got {type(fn).__name__}.")
   if params is None:
     return FunctionScore(_WithoutParams(fn), None)
   return FunctionScore(fn, params)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxattn import _checks
+
 Axis = int | Sequence[int] | None
 
 
@@ -25,12 +27,28 @@ def _stat_dtype(dtype) -> np.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _normalize_axis(axis: Axis, ndim: int) -> tuple[int, ...]:
+def _normalize_axis(fn: str, axis: Axis, shape) -> tuple[int, ...]:
+  """Axes in [0, ndim), refused out of range or repeated (as jax.nn does)."""
+  ndim = len(shape)
   if axis is None:
     return tuple(range(ndim))
-  if isinstance(axis, int):
-    axis = (axis,)
-  return tuple(a % ndim for a in axis)
+  axes = (axis,) if _checks.is_int(axis) else axis
+  try:
+    axes = tuple(axes)
+  except TypeError:
+    raise TypeError(f"{fn}: axis must be an int, a sequence of ints or None; got "
+                    f"{axis!r}.") from None
+  out = []
+  for a in axes:
+    if not _checks.is_int(a):
+      raise TypeError(f"{fn}: axis must be an int, a sequence of ints or None; got {axis!r}.")
+    if not -ndim <= a < ndim:
+      raise ValueError(f"{fn}: axis {int(a)} is out of bounds for x of rank {ndim} "
+                       f"(shape {_checks.fmt(shape)}); got axis={axis!r}.")
+    out.append(int(a) % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"{fn}: axis must not repeat an axis; got {axis!r} for x of rank {ndim}.")
+  return tuple(out)
 
 
 def _check(fn: str, x, where):
@@ -57,7 +75,8 @@ def _stats(x, axis, where):
   xs = x.astype(_stat_dtype(x.dtype))
   if where is not None:
     xs = jnp.where(where, xs, -jnp.inf)
-  m = jnp.max(xs, axis=axis, keepdims=True)
+  # initial=-inf: an empty slice (a zero-sized axis) reduces like an all-masked one.
+  m = jnp.max(xs, axis=axis, keepdims=True, initial=-jnp.inf)
   # An empty (all -inf) slice would give -inf - -inf = nan: shift by 0 instead.
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   m = jax.lax.stop_gradient(m)
@@ -120,14 +139,15 @@ def softmax(x, axis: Axis = -1, where=None) -> jax.Array:
 
   Raises:
     TypeError: `x` is not floating point or `where` is not boolean.
-    ValueError: `where` does not broadcast to `x`'s shape.
+    ValueError: `where` does not broadcast to `x`'s shape; `axis` is out of
+      range or repeats an axis (as in jax.nn).
 
   >>> import jax.numpy as jnp, jaxattn
   >>> jaxattn.softmax(jnp.array([1000.0, 1000.0]))
   Array([0.5, 0.5], dtype=float32)
   """
   x, where = _check("softmax", x, where)
-  return _softmax(x, _normalize_axis(axis, x.ndim), where)
+  return _softmax(x, _normalize_axis("softmax", axis, x.shape), where)
 
 
 def logsumexp(x, axis: Axis = -1, where=None) -> jax.Array:
@@ -147,7 +167,7 @@ def logsumexp(x, axis: Axis = -1, where=None) -> jax.Array:
   Array(-inf, dtype=float32)
   """
   x, where = _check("logsumexp", x, where)
-  axes = _normalize_axis(axis, x.ndim)
+  axes = _normalize_axis("logsumexp", axis, x.shape)
   return jnp.squeeze(_logsumexp(x, axes, where), axis=axes)
 
 
@@ -163,7 +183,7 @@ def log_softmax(x, axis: Axis = -1, where=None) -> jax.Array:
     An array of `x`'s shape and dtype.
   """
   x, where = _check("log_softmax", x, where)
-  axes = _normalize_axis(axis, x.ndim)
+  axes = _normalize_axis("log_softmax", axis, x.shape)
   lse = _logsumexp(x, axes, where)
   xs = x.astype(_stat_dtype(x.dtype))
   out = xs - lse.astype(xs.dtype)

@@ -168,21 +168,24 @@ def test_window_soft_cap_and_scale(kind):
     _check_against(reference, positions, n, out, lse)
 
 
-def test_overflow_saturates_and_empty_rows_are_zero():
+def test_overflow_is_dropped_under_jit_and_empty_rows_are_zero():
   cache = dec.init_kv_cache(B, L, K, H)._replace(lengths=jnp.array([18, 0, 20], jnp.int32))
   kv = jnp.ones((B, 4, K, H))
-  new = dec.update_kv_cache(cache, kv, 2 * kv)
-  np.testing.assert_array_equal(new.lengths, [20, 4, 20])       # past L: dropped, saturated
+  new = jax.jit(dec.update_kv_cache)(cache, kv, 2 * kv)
+  np.testing.assert_array_equal(new.lengths, [22, 4, 24])       # counted, past L not stored
   key = np.asarray(new.key)
   np.testing.assert_array_equal(key[0, :, 18:], 1.0)
   np.testing.assert_array_equal(key[2], 0.0)                      # a full row is untouched
 
   q = jnp.asarray(_normal(5, (B, 2, N, H)))
   n = jnp.array([0, 2, 1], jnp.int32)
-  f = lambda q: dec.decode_attention(q, new, query_seq_lengths=n, return_residual=True)
+  attend = jax.jit(lambda q, c: dec.decode_attention(q, c, query_seq_lengths=n,
+                                                    return_residual=True))
+  f = lambda q: attend(q, new)
   out, lse = (np.asarray(a) for a in f(q))
   np.testing.assert_array_equal(out[0], 0.0)
-  assert np.all(lse[0] == -np.inf)
+  np.testing.assert_array_equal(out[2], 0.0)                      # its token overflowed
+  assert np.all(lse[0] == -np.inf) and np.all(lse[2] == -np.inf)
   grad = np.asarray(jax.grad(lambda q: jnp.sum(f(q)[0]))(q))
   chex.assert_tree_all_finite(grad)
   np.testing.assert_array_equal(grad[0], 0.0)
@@ -292,3 +295,151 @@ def test_bench_decode_smoke(capsys):
                             "--no-peers"]) == 0
   out = capsys.readouterr().out
   assert "paged (page_size=16)" in out and "decode_attention / read K+V once" in out
+
+
+# ---------------------------------------------------------------------------
+# Bad input: what raises outside jit, what is masked under jit (module docstring).
+
+
+def _filled(seed, lengths, cache=None):
+  """A contiguous cache holding random keys/values up to `lengths` (B,)."""
+  lengths = np.asarray(lengths)
+  T = int(lengths.max())
+  k, v = _normal(seed, (B, T, K, H)), _normal(seed + 1, (B, T, K, H))
+  cache = dec.init_kv_cache(B, L, K, H) if cache is None else cache
+  return dec.update_kv_cache(cache, k, v, seq_lengths=lengths.astype(np.int32)), k, v
+
+
+def _reference_rows(q, k, v, positions, visible):
+  """float64 attention of q (B, T, N, H) to k, v (B, S, K, H) with visible (B, T, S)."""
+  mask = jnp.asarray(visible)[:, None]
+  return np.asarray(testing.reference_attention(q, k, v, mask=mask))
+
+
+def test_concrete_misuse_raises():
+  cache, _, _ = _filled(0, [6, 3, 2])
+  one = jnp.zeros((B, 1, K, H))
+  with pytest.raises(ValueError, match=r"update_kv_cache: cache.lengths must be non-negative; got \[-1, 3, 2\]"):
+    dec.update_kv_cache(cache._replace(lengths=jnp.array([-1, 3, 2], jnp.int32)), one, one)
+  with pytest.raises(ValueError, match=r"decode_attention: cache.lengths must be at most the capacity L = 20; got \[21, 3, 2\]"):
+    dec.decode_attention(jnp.zeros((B, 1, N, H)), cache._replace(lengths=jnp.array([21, 3, 2], jnp.int32)))
+  four = jnp.zeros((B, 4, K, H))
+  full = cache._replace(lengths=jnp.array([18, 3, 2], jnp.int32))
+  with pytest.raises(ValueError, match=r"update_kv_cache: appending seq_lengths = \[4, 4, 4\] tokens to cache.lengths = \[18, 3, 2\] overflows the capacity L = 20"):
+    dec.update_kv_cache(full, four, four)
+  with pytest.raises(ValueError, match=r"update_kv_cache: seq_lengths must be in \[0, T\] = \[0, 4\]; got \[5, 0, 0\]"):
+    dec.update_kv_cache(cache, four, four, seq_lengths=jnp.array([5, 0, 0], jnp.int32))
+  with pytest.raises(ValueError, match=r"decode_attention: query_seq_lengths = \[4, 4, 4\] exceeds cache.lengths = \[6, 3, 2\]"):
+    dec.decode_attention(jnp.zeros((B, 4, N, H)), cache, query_seq_lengths=jnp.full(B, 4, jnp.int32))
+  with pytest.raises(ValueError, match=r"decode_attention: local_window_size sides must be non-negative ints or None; got \(2, -1\)"):
+    dec.decode_attention(jnp.zeros((B, 1, N, H)), cache, local_window_size=(2, -1))
+  for bad in (NUM_PAGES, -1):
+    table = _shuffled_page_table()
+    table[1, 1] = bad
+    paged = dec.init_paged_kv_cache(B, NUM_PAGES, PAGE, K, H, page_table=table)
+    kv = jnp.zeros((B, 6, K, H))   # 6 tokens reach page column 1
+    with pytest.raises(ValueError, match=rf"update_kv_cache: cache.page_table entries must be page ids in \[0, num_pages\) = \[0, {NUM_PAGES}\) .* got page_table\[1, 1\] = {bad}"):
+      dec.update_kv_cache(paged, kv, kv)
+    # Entries no token reaches may hold anything (e.g. -1 for "no page").
+    dec.update_kv_cache(paged, kv[:, :PAGE], kv[:, :PAGE])
+
+
+@pytest.mark.parametrize("bad", [NUM_PAGES, -1])
+def test_invalid_page_ids_are_never_read_or_written_under_jit(bad):
+  table = _shuffled_page_table(3)
+  table[1, 1] = bad
+  paged = dec.init_paged_kv_cache(B, NUM_PAGES, PAGE, K, H, page_table=table)
+  T = 7                                                # pages 0 and 1 of every row
+  k, v = _normal(30, (B, T, K, H)), _normal(31, (B, T, K, H))
+  paged = jax.jit(dec.update_kv_cache)(paged, k, v)
+  pages = np.asarray(paged.key_pages)
+  written = set(table[:, :2].ravel().tolist()) - {bad}
+  for p in set(range(NUM_PAGES)) - written:           # the last page and page 0 among them
+    np.testing.assert_array_equal(pages[p], 0.0)
+  q = _normal(32, (B, 1, N, H))
+  out = np.asarray(jax.jit(dec.decode_attention)(q, paged))
+  # Row 1 attends to the tokens it could store: positions outside the bad page.
+  pos = np.arange(T)
+  visible = np.ones((B, 1, T), bool)
+  visible[1, 0] = pos // PAGE != 1
+  want = _reference_rows(q, k, v, None, visible)
+  np.testing.assert_allclose(out, want, atol=ATOL, rtol=RTOL)
+
+
+def test_negative_lengths_count_as_zero_under_jit():
+  cache = dec.init_kv_cache(B, L, K, H)._replace(lengths=jnp.array([-1, 0, -5], jnp.int32))
+  k = jnp.asarray(_normal(40, (B, 2, K, H)))
+  new = jax.jit(dec.update_kv_cache)(cache, k, k)
+  np.testing.assert_array_equal(new.lengths, [2, 2, 2])
+  np.testing.assert_array_equal(np.asarray(new.key)[:, :, :2], np.asarray(k).transpose(0, 2, 1, 3))
+  np.testing.assert_array_equal(np.asarray(new.key)[:, :, 2:], 0.0)   # nothing wrapped to L - 1
+
+
+def test_overflowing_append_places_queries_with_their_keys():
+  # lengths 6 + 4 new tokens, capacity 8: tokens 0, 1 land at 6, 7 and their
+  # queries sit there; tokens 2, 3 are dropped and their queries give 0.
+  Lc, T = 8, 4
+  k0, v0 = _normal(50, (B, 6, K, H)), _normal(51, (B, 6, K, H))
+  k1, v1 = _normal(52, (B, T, K, H)), _normal(53, (B, T, K, H))
+  q = _normal(54, (B, T, N, H))
+  cache = dec.update_kv_cache(dec.init_kv_cache(B, Lc, K, H), k0, v0)
+
+  @jax.jit
+  def step(cache, k, v, q):
+    cache = dec.update_kv_cache(cache, k, v)
+    return cache, dec.decode_attention(q, cache, block_size=3)
+
+  new, out = step(cache, k1, v1, q)
+  np.testing.assert_array_equal(new.lengths, [10, 10, 10])
+  k_all, v_all = np.concatenate([k0, k1[:, :2]], 1), np.concatenate([v0, v1[:, :2]], 1)
+  visible = np.arange(Lc)[None, None, :] <= (6 + np.arange(2))[None, :, None]
+  want = _reference_rows(q[:, :2], k_all, v_all, None, np.broadcast_to(visible, (B, 2, Lc)))
+  np.testing.assert_allclose(np.asarray(out)[:, :2], want, atol=ATOL, rtol=RTOL)
+  np.testing.assert_array_equal(np.asarray(out)[:, 2:], 0.0)
+  with pytest.raises(ValueError, match="overflows the capacity L = 8"):
+    dec.update_kv_cache(cache, k1, v1)
+
+
+@pytest.mark.parametrize("kind, kwargs", [
+    ("contiguous", dict(block_size=6)),
+    ("contiguous", dict(num_splits=2, block_size=6)),
+    ("contiguous", dict(implementation="xla")),
+    ("contiguous", dict(implementation="chunked")),
+    ("paged", dict(block_size=8)),
+])
+def test_nan_in_stale_slots_never_reaches_the_output(kind, kwargs):
+  lengths = np.array([5, 9, 2], np.int32)
+  T = int(lengths.max())
+  k, v = _normal(60, (B, T, K, H)), _normal(61, (B, T, K, H))
+  clean = dec.update_kv_cache(_caches()[kind], k, v, seq_lengths=lengths)
+  # Poison everything the cache holds at or past lengths (and unused pages).
+  if kind == "contiguous":
+    stale = (np.arange(L)[None, :] >= lengths[:, None])[:, None, :, None]
+    dirty = clean._replace(key=jnp.where(stale, jnp.nan, clean.key),
+                           value=jnp.where(stale, jnp.inf, clean.value))
+  else:
+    table = np.asarray(clean.page_table)
+    pages = np.ones((NUM_PAGES, PAGE), bool)          # True = stale
+    for b in range(B):
+      for t in range(lengths[b]):
+        pages[table[b, t // PAGE], t % PAGE] = False
+    stale = pages[:, None, :, None]
+    dirty = clean._replace(key_pages=jnp.where(stale, jnp.nan, clean.key_pages),
+                           value_pages=jnp.where(stale, jnp.nan, clean.value_pages))
+  q = jnp.asarray(_normal(62, (B, 2, N, H)))
+  n = jnp.array([2, 1, 2], jnp.int32)
+  f = jax.jit(lambda q, c: jnp.sum(jnp.sin(dec.decode_attention(q, c, query_seq_lengths=n, **kwargs))))
+  chex.assert_trees_all_close(f(q, dirty), f(q, clean), atol=1e-6)
+  g = jax.grad(f)(q, dirty)
+  chex.assert_tree_all_finite(g)
+  chex.assert_trees_all_close(g, jax.grad(f)(q, clean), atol=1e-6)
+
+
+def test_zero_lengths_and_empty_cache_give_zero():
+  cache = dec.init_kv_cache(B, L, K, H)
+  out = dec.decode_attention(jnp.asarray(_normal(70, (B, 2, N, H))), cache)  # nothing stored yet
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+  new = dec.update_kv_cache(cache, jnp.ones((B, 2, K, H)), jnp.ones((B, 2, K, H)),
+                            seq_lengths=jnp.zeros(B, jnp.int32))
+  np.testing.assert_array_equal(new.lengths, 0)
+  np.testing.assert_array_equal(np.asarray(new.key), 0.0)

@@ -11,6 +11,7 @@ pytestmark = pytest.mark.interop
 pytest.importorskip("flax", reason='flax absent: pip install -e ".[examples]"')
 from flax import linen as nn  # noqa: E402
 from flax import nnx  # noqa: E402
+from flax.nnx.nn import dtypes as nnx_dtypes  # noqa: E402
 
 from jaxattn import flax_interop, testing  # noqa: E402
 from jaxattn.layers import multi_head_attention  # noqa: E402
@@ -143,9 +144,61 @@ def test_adapter_dropout_is_keyed_and_deterministic_flag_works():
 def test_errors():
   module = nnx.MultiHeadAttention(num_heads=2, in_features=4, decode=False,
                                   attention_fn=flax_interop.attention_fn, rngs=nnx.Rngs(0))
-  with pytest.raises(NotImplementedError, match="sow_weights"):
-    module(jnp.ones((1, 3, 4)), sow_weights=True)
   with pytest.raises(TypeError, match="nnx.MultiHeadAttention"):
     flax_interop.from_flax_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="'query', 'key', 'value'"):
     flax_interop.from_flax_linen({"params": {"query": {}}})
+
+
+def test_sow_weights_delegates_to_flax_and_sows_the_weights():
+  kwargs = dict(num_heads=N, in_features=D, qkv_features=N * H, decode=False)
+  default = _randomize_nnx(nnx.MultiHeadAttention(**kwargs, rngs=nnx.Rngs(5)), seed=80)
+  ours = _randomize_nnx(nnx.MultiHeadAttention(**kwargs, attention_fn=flax_interop.attention_fn,
+                                               rngs=nnx.Rngs(5)), seed=80)
+  x = _normal(12, (B, T, D))
+  _close(ours(x, sow_weights=True), default(x, sow_weights=True))
+  w_ours = nnx.state(ours, nnx.Intermediate)["attention_weights"]
+  w_default = nnx.state(default, nnx.Intermediate)["attention_weights"]
+  _close(jax.tree.leaves(w_ours), jax.tree.leaves(w_default))
+  assert jax.tree.leaves(w_ours)[0].shape == (B, N, T, T)
+  # linen: the module sows into "intermediates".
+  layer = nn.MultiHeadDotProductAttention(num_heads=N, qkv_features=N * H,
+                                          attention_fn=flax_interop.attention_fn)
+  variables = layer.init(jax.random.key(2), x)
+  y, state = layer.apply(variables, x, sow_weights=True, mutable=["intermediates"])
+  assert jax.tree.leaves(state["intermediates"])[0].shape == (B, N, T, T)
+
+
+def test_custom_einsums_and_complex_dtypes_delegate_to_flax():
+  q, k, v = _normal(13, (B, T, N, H)), _normal(14, (B, S, N, H)), _normal(15, (B, S, N, H))
+  calls = []
+
+  def einsum(spec, *args, **kwargs):
+    calls.append(spec)
+    return jnp.einsum(spec, *args, **kwargs)
+
+  got = flax_interop.attention_fn(q, k, v, qk_attn_weights_einsum=einsum,
+                                  attn_weights_value_einsum=einsum)
+  assert len(calls) == 2          # the user's einsums ran
+  _close(got, nn.dot_product_attention(q, k, v))
+  qc, kc, vc = (a.astype(jnp.complex64) * (1 + 0.5j) for a in (q, k, v))
+  got = flax_interop.attention_fn(qc, kc, vc)
+  assert got.dtype == jnp.complex64
+  _close(got, nn.dot_product_attention(qc, kc, vc))
+
+
+@pytest.mark.parametrize("dtypes, dtype", [
+    ((jnp.bfloat16, jnp.float32, jnp.float32), None),     # mixed inputs: promoted
+    ((jnp.float32, jnp.float32, jnp.float32), jnp.bfloat16),   # dtype= casts
+    ((jnp.float16, jnp.float16, jnp.float16), None),
+])
+def test_dtypes_follow_flax_promotion(dtypes, dtype):
+  q, k, v = (_normal(16 + i, shape).astype(d) for i, (shape, d) in
+             enumerate(zip(((B, T, N, H), (B, S, N, H), (B, S, N, H)), dtypes)))
+  got = flax_interop.attention_fn(q, k, v, dtype=dtype)
+  want = nn.dot_product_attention(q, k, v, dtype=dtype)
+  assert got.dtype == want.dtype
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)
+  # nnx's modules pass their promote_dtype: the same result.
+  got = flax_interop.attention_fn(q, k, v, dtype=dtype, promote_dtype=nnx_dtypes.promote_dtype)
+  assert got.dtype == nnx.dot_product_attention(q, k, v, dtype=dtype).dtype

@@ -10,7 +10,8 @@ import pytest
 
 import jaxattn
 from jaxattn import testing
-from jaxattn.layers import MultiHeadParams, init_multi_head_attention, multi_head_attention
+from jaxattn.layers import (MultiHeadParams, init_multi_head_attention, init_self_attention,
+                            multi_head_attention)
 from jaxattn.rope import RopeConfig
 
 # Every size distinct, so a swapped axis fails: batch, query length, context
@@ -315,3 +316,49 @@ def test_numpy_savez_round_trip(tmp_path):
   chex.assert_trees_all_equal(loaded, params)
   x = _batch(12, (T, D))
   chex.assert_trees_all_equal(multi_head_attention(loaded, x), multi_head_attention(params, x))
+
+
+def test_constructors_and_layer_refuse_nonsense():
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="init_self_attention: d_model must be a positive int; got -4"):
+    init_self_attention(key, -4, 4)
+  with pytest.raises(TypeError, match="init_self_attention: dtype must be a floating point dtype; got int32"):
+    init_self_attention(key, 4, 4, dtype=jnp.int32)
+  with pytest.raises(TypeError, match="init_multi_head_attention: param_dtype must be a floating point dtype; got int32"):
+    init_multi_head_attention(key, d_model=D, num_heads=N, head_dim=H, param_dtype=jnp.int32)
+  params = random_params(1)
+  x = jnp.ones((T, D))
+  with pytest.raises(ValueError, match="multi_head_attention: qk_norm_epsilon must be a finite positive number; got -1"):
+    multi_head_attention(params, x, qk_norm_epsilon=-1)
+
+
+def test_layer_errors_name_the_layer_and_its_shapes():
+  params = random_params(2, d_context=C)
+  x, ctx = jnp.ones((T, D)), jnp.ones((S, C))
+  cases = [
+      (dict(bias=jnp.ones((N, T, S + 1))), ValueError, r"multi_head_attention: bias must broadcast to \(N, T, S\) = \(6, 5, 7\); got \(6, 5, 8\)"),
+      (dict(mask=jnp.ones((T, S))), TypeError, "multi_head_attention: mask must be boolean"),
+      (dict(query_segment_ids=jnp.zeros(T + 1, jnp.int32), key_value_segment_ids=jnp.zeros(S, jnp.int32)), ValueError, r"multi_head_attention: query_segment_ids must have shape \(T,\) = \(5,\); got \(6,\)"),
+      (dict(local_window_size=(2, -1)), ValueError, "multi_head_attention: local_window_size must be"),
+      (dict(logits_soft_cap=float("inf")), ValueError, "multi_head_attention: logits_soft_cap must be a finite positive number"),
+      (dict(scale=float("nan")), ValueError, "multi_head_attention: scale must be finite"),
+      (dict(dropout_rate=1.5), ValueError, r"multi_head_attention: dropout_rate must be in \[0, 1\)"),
+      (dict(implementation="fast"), ValueError, "multi_head_attention: implementation must be None or one of"),
+      (dict(causal_alignment="left"), ValueError, "multi_head_attention: causal_alignment must be"),
+  ]
+  for kwargs, error, message in cases:
+    with pytest.raises(error, match=message):
+      multi_head_attention(params, x, ctx, **kwargs)
+  with pytest.raises(ValueError, match=r"multi_head_attention: bias must broadcast to \(B, N, T, S\) = \(2, 6, 5, 7\)"):
+    multi_head_attention(params, jnp.ones((B, T, D)), jnp.ones((B, S, C)), bias=jnp.ones((3, N, T, S)))
+
+
+def test_odd_head_dim_with_partial_rope_is_relative():
+  # H = 7: RoPE must rotate an even part; shifting every position changes nothing.
+  params = init_multi_head_attention(jax.random.key(3), d_model=D, num_heads=2, head_dim=7)
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(T, D)), jnp.float32)
+  f = jax.jit(lambda x, p0: multi_head_attention(params, x, is_causal=True, rope=RopeConfig(rotary_dim=6),
+                                                  positions=jnp.arange(T) + p0))
+  np.testing.assert_allclose(f(x, 0), f(x, 11), atol=2e-5)
+  with pytest.raises(ValueError, match="rotary dim must be even and at most the head dim H = 7; got 7"):
+    multi_head_attention(params, x, rope=RopeConfig())

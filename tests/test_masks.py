@@ -196,7 +196,7 @@ def test_bad_mask_and_score_arguments():
     jaxattn.dot_product_attention(q, k, v, mask_fn=jm.documents(jnp.zeros((2, 8), jnp.int32), jnp.zeros((2, 11), jnp.int32)))
   with pytest.raises(ValueError, match=r"alibi slopes must have shape \(N,\) = \(4,\); got \(3,\)"):
     jaxattn.dot_product_attention(q, k, v, score_fn=js.alibi(jnp.ones(3)))
-  with pytest.raises(ValueError, match=r"mask kv_lengths must have shape \(B,\) = \(2,\); got \(3,\)"):
+  with pytest.raises(ValueError, match=r"mask kv_lengths must have shape \(B,\) = \(2,\) or \(\); got \(3,\)"):
     jaxattn.dot_product_attention(q, k, v, mask_fn=jm.padding(kv_lengths=jnp.ones(3, jnp.int32)))
 
 
@@ -224,3 +224,61 @@ def _block_any_all(allowed, bq, bk):
   v[:T, :S] = True
   a, v = a.reshape(B, N, nq, bq, nk, bk), v.reshape(nq, bq, nk, bk)
   return a.any((0, 1, 3, 5)), (a | ~v).all((0, 1, 3, 5))
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: jm.chunked_local(0), ValueError, "chunked_local: size must be a positive int; got 0"),
+    (lambda: jm.sliding_window(-2), ValueError, "sliding_window: left must be a non-negative int; got -2"),
+    (lambda: jm.sliding_window(2, -1), ValueError, "sliding_window: right must be a non-negative int"),
+    (lambda: jm.causal(1.5), ValueError, "causal: offset must be an int"),
+    (lambda: jm.prefix_lm(-1), ValueError, "prefix_lm: prefix_lengths must be a non-negative int"),
+    (lambda: jm.prefix_lm(jnp.ones(3)), TypeError, "prefix_lm: prefix_lengths must have an integer dtype"),
+    (lambda: jm.padding(kv_lengths=jnp.ones((2, 2), jnp.int32)), ValueError, "padding: kv_lengths must be a scalar or have shape"),
+    (lambda: jm.documents(jnp.zeros(5, jnp.int32)), ValueError, r"documents: q_segment_ids must have shape \(B, T\)"),
+    (lambda: jm.from_function(3), TypeError, "from_function: fn must be a function"),
+    (lambda: js.soft_cap(0.0), ValueError, "soft_cap: cap must be a finite positive number; got 0.0"),
+    (lambda: js.soft_cap(float("inf")), ValueError, "soft_cap: cap must be a finite positive number; got inf"),
+    (lambda: js.soft_cap(float("nan")), ValueError, "soft_cap: cap must be a finite positive number; got nan"),
+    (lambda: js.alibi_slopes(0), ValueError, "alibi_slopes: num_heads must be a positive int; got 0"),
+    (lambda: js.alibi(jnp.ones((2, 2))), ValueError, r"alibi: slopes must have shape \(N,\)"),
+    (lambda: js.relative_position_bias(jnp.ones((N, 5)), -1), ValueError, "relative_position_bias: max_distance must be a non-negative int"),
+    (lambda: js.relative_position_bias(jnp.ones((N, 4)), 2), ValueError, r"relative_position_bias: table must have shape \(N, 2 \* max_distance \+ 1\) = \(N, 5\); got \(4, 4\)"),
+    (lambda: js.t5_relative_bias(jnp.ones((N, 2)), num_buckets=2), ValueError, "t5_relative_bias: num_buckets must be at least 4"),
+])
+def test_constructors_refuse_nonsense(make, error, message):
+  with pytest.raises(error, match=message):
+    make()
+
+
+def test_numpy_int_prefix_is_static_and_errors_name_prefix_lm():
+  q, k, v = testing.random_qkv(jax.random.key(16), B=B, T=T, S=S, N=N, K=K, H=H)
+  want = jaxattn.dot_product_attention(q, k, v, mask_fn=jm.prefix_lm(3))
+  # A NumPy int is static (the same program); a scalar array applies to every sequence.
+  chex.assert_trees_all_equal(jaxattn.dot_product_attention(q, k, v, mask_fn=jm.prefix_lm(np.int64(3))), want)
+  chex.assert_trees_all_close(jaxattn.dot_product_attention(q, k, v, mask_fn=jm.prefix_lm(jnp.array(3))), want,
+                              atol=1e-6)
+  with pytest.raises(ValueError, match=r"dot_product_attention: mask prefix_lm's prefix_lengths must have shape \(B,\) = \(2,\) or \(\); got \(3,\)"):
+    jaxattn.dot_product_attention(q, k, v, mask_fn=jm.prefix_lm(jnp.array([1, 2, 3])))
+
+
+def test_user_functions_of_the_wrong_shape_are_named():
+  q, k, v = testing.random_qkv(jax.random.key(17), B=B, T=T, S=S, N=N, K=K, H=H)
+
+  def constant_mask(b, h, q_idx, kv_idx):
+    return jnp.ones((T, S), bool)          # ignores its indices: wrong on every tile
+
+  def row_mask(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx)[..., 0]       # drops the key axis
+
+  def summed_score(score, b, h, q_idx, kv_idx):
+    return score.sum(-1)
+
+  with pytest.raises(ValueError, match=r"mask_fn constant_mask must return a bool array .* one element: \(1, 1, 1, 1\).* got \(9, 11\)"):
+    jaxattn.dot_product_attention(q, k, v, mask_fn=constant_mask)
+  with pytest.raises(ValueError, match=r"mask_fn row_mask must return .*\(B, N, T, S\) = \(2, 4, 9, 11\).* got \(1, 1, 9\)"):
+    jaxattn.dot_product_attention(q, k, v, mask_fn=jm.causal() & jm.from_function(row_mask))
+  with pytest.raises(ValueError, match=r"score_fn summed_score must return a floating point score .*\(2, 4, 9, 11\).* got \(2, 4, 9\) float32"):
+    jaxattn.dot_product_attention(q, k, v, score_fn=summed_score)
+  # A learned modifier is probed with its parameters, also under jit.
+  ok = js.from_function(lambda p, s, b, h, qi, ki: s * p, jnp.float32(2.0))
+  chex.assert_shape(jax.jit(lambda m: jaxattn.dot_product_attention(q, k, v, score_fn=m))(ok), q.shape)

@@ -342,3 +342,19 @@ def test_two_processes_four_cpu_devices_each():
   assert r.returncode == 0, log[-4000:]
   assert log.count("] OK") == 2, log[-4000:]
   assert "4 local of 8 devices in 2 processes" in log, log[-4000:]
+
+
+def test_sharded_errors_show_global_shapes_and_uneven_lengths_are_refused(mesh):
+  # T = 20 is not divisible by the 8 devices: a clear error with the global shapes.
+  q, k, v = testing.random_qkv(jax.random.key(8), B=B, T=20, S=20, N=N, K=K, H=H)
+  with pytest.raises(ValueError, match=r"sharded_ring_attention: the query sequence length \(20\) must be "
+                                       r"divisible by the size of mesh axis 'seq' = 8; got query \(2, 20, 6, 5\)"):
+    parallel.sharded_ring_attention(q, k, v, mesh=mesh, axis_name="seq")
+  q, k, v = testing.random_qkv(jax.random.key(9), B=B, T=16, S=16, N=N, K=K, H=H)
+  # Global (B, S, K, H), not a per-device shard (B, 2, K, H).
+  with pytest.raises(ValueError, match=r"sharded_ring_attention: key must have shape .*\(2, 16, 3, 5\).*got \(2, 16, 3, 4\)"):
+    parallel.sharded_ring_attention(q, k[..., :4], v, mesh=mesh, axis_name="seq")
+  with pytest.raises(ValueError, match=r"sharded_ring_attention: logits_soft_cap"):
+    parallel.sharded_ring_attention(q, k, v, mesh=mesh, axis_name="seq", logits_soft_cap=-1.0)
+  with pytest.raises(ValueError, match=r"sharded_ring_attention: is_causal needs .* T=16, S=8"):
+    parallel.sharded_ring_attention(q, k[:, :8], v[:, :8], mesh=mesh, axis_name="seq", is_causal=True)

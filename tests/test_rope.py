@@ -98,3 +98,17 @@ def test_errors():
     RopeConfig(rotary_dim=10).frequencies(H)
   with pytest.raises(TypeError, match="floating point"):
     rope_lib.apply_rope(jnp.ones((T, N, H), jnp.int32), jnp.arange(T))
+
+
+def test_odd_head_dim():
+  x = jax.random.normal(jax.random.key(5), (T, N, 7))
+  with pytest.raises(ValueError, match=r"apply_rope: x's head dim H = 7 is odd .* rope_frequencies\(6\)"):
+    rope_lib.apply_rope(x, jnp.arange(T))
+  with pytest.raises(ValueError, match="RopeConfig: the head dim H = 7 is odd .* set rotary_dim"):
+    RopeConfig().apply(x, jnp.arange(T))
+  # An even rotary dim rotates part of an odd head; the last feature passes through.
+  pos = jnp.arange(T) + 2
+  y = apply_config(RopeConfig(rotary_dim=6, base=10.0), x, pos)
+  np.testing.assert_array_equal(y[..., 6:], x[..., 6:])
+  np.testing.assert_allclose(y[..., :6], _complex_rope(x[..., :6], pos, np.asarray(rope_frequencies(6, base=10.0))),
+                             atol=1e-5)

@@ -112,3 +112,24 @@ def test_properties_sum_to_one_and_shift_invariance(x, c):
   np.testing.assert_allclose(jaxattn.softmax(x + c), p, atol=1e-5)
   lse = np.asarray(jaxattn.logsumexp(x), np.float64)
   assert np.all(lse >= x.max(-1) - 1e-3) and np.all(lse <= x.max(-1) + np.log(x.shape[-1]) + 1e-2)
+
+
+@pytest.mark.parametrize("f", [jaxattn.softmax, jaxattn.log_softmax, jaxattn.logsumexp])
+@pytest.mark.parametrize("axis", [2, -3, (0, 2)])
+def test_axis_out_of_range_raises_like_jax_nn(f, axis):
+  x = jnp.ones((2, 3))
+  peer = getattr(jax.nn, f.__name__)
+  with pytest.raises(ValueError):
+    peer(x, axis=axis)
+  with pytest.raises(ValueError, match=rf"{f.__name__}: axis -?\d is out of bounds for x of rank 2"):
+    f(x, axis=axis)
+
+
+@pytest.mark.parametrize("f", [jaxattn.softmax, jaxattn.log_softmax, jaxattn.logsumexp])
+@pytest.mark.parametrize("axis", [-1, 0, None])
+def test_zero_size_input_matches_jax_nn(f, axis):
+  x = jnp.ones((2, 0))
+  got, want = f(x, axis=axis), getattr(jax.nn, f.__name__)(x, axis=axis)
+  assert got.shape == want.shape and got.dtype == want.dtype
+  np.testing.assert_array_equal(got, want)     # empty, or -inf for logsumexp over the empty axis
+  assert jax.grad(lambda x: jnp.sum(f(x, axis=axis)))(x).shape == (2, 0)

@@ -1,0 +1,115 @@
+"""Argument checks shared by every public function and constructor.
+
+Each helper takes the public function's name `fn` and the argument's `name`
+and raises in the house style: `fn: name must ...; got ...` (ValueError for
+shapes and values, TypeError for types and dtypes). Only jax and numpy are
+imported, so any module may use this one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+
+def fmt(shape) -> str:
+  """A shape as `(2, 5, 6)` (ints, also for numpy ints and 1-tuples)."""
+  shape = tuple(int(s) for s in shape)
+  return str(shape)
+
+
+def is_int(value) -> bool:
+  """A Python or NumPy integer (not a bool, not an array)."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def positive_int(fn: str, name: str, value) -> int:
+  """`value` as an int > 0."""
+  if not is_int(value) or value <= 0:
+    raise ValueError(f"{fn}: {name} must be a positive int; got {value!r}.")
+  return int(value)
+
+
+def non_negative_int(fn: str, name: str, value) -> int:
+  """`value` as an int >= 0."""
+  if not is_int(value) or value < 0:
+    raise ValueError(f"{fn}: {name} must be a non-negative int; got {value!r}.")
+  return int(value)
+
+
+def int_value(fn: str, name: str, value) -> int:
+  """`value` as an int (any sign)."""
+  if not is_int(value):
+    raise ValueError(f"{fn}: {name} must be an int; got {value!r}.")
+  return int(value)
+
+
+def window_side(fn: str, name: str, value) -> int | None:
+  """A window side: None (unbounded) or an int >= 0."""
+  if value is None:
+    return None
+  return non_negative_int(fn, name, value)
+
+
+def _static_float(fn: str, name: str, value) -> float:
+  if isinstance(value, jax.Array) and not isinstance(value, np.ndarray):
+    try:
+      value = float(value)
+    except (jax.errors.ConcretizationTypeError, TypeError):
+      raise TypeError(f"{fn}: {name} must be a static Python number; got a traced "
+                      f"value.") from None
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number,
+                                                                   np.ndarray)):
+    raise TypeError(f"{fn}: {name} must be a number; got {type(value).__name__}.")
+  if np.ndim(value) != 0:
+    raise ValueError(f"{fn}: {name} must be a scalar; got shape {fmt(np.shape(value))}.")
+  return float(value)
+
+
+def finite_float(fn: str, name: str, value) -> float:
+  """`value` as a finite float."""
+  value = _static_float(fn, name, value)
+  if not math.isfinite(value):
+    raise ValueError(f"{fn}: {name} must be finite; got {value}.")
+  return value
+
+
+def finite_positive_float(fn: str, name: str, value) -> float:
+  """`value` as a finite float > 0."""
+  value = _static_float(fn, name, value)
+  if not (math.isfinite(value) and value > 0):
+    raise ValueError(f"{fn}: {name} must be a finite positive number; got {value}.")
+  return value
+
+
+def float_dtype(fn: str, name: str, dtype) -> np.dtype:
+  """`dtype` as a real floating point numpy dtype (float16, bfloat16, float32, ...)."""
+  try:
+    dtype = np.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"{fn}: {name} must be a floating point dtype; got {dtype!r}.") from None
+  if not jax.numpy.issubdtype(dtype, jax.numpy.floating):   # bfloat16 too
+    raise TypeError(f"{fn}: {name} must be a floating point dtype; got {dtype}.")
+  return dtype
+
+
+def concrete(x):
+  """`x` as a NumPy array when its value is known now (outside jit), else None.
+
+  Lets a public function refuse bad values it can see (lengths, page ids)
+  eagerly, while the traced path masks them instead.
+  """
+  if x is None:
+    return None
+  try:
+    return np.asarray(x)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return None
+
+
+def callable_name(f) -> str:
+  """A user function's name for messages: `name`, else its repr."""
+  name = getattr(f, "__name__", None)
+  return name if isinstance(name, str) else repr(f)
