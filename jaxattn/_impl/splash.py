@@ -90,7 +90,6 @@ def _block_sizes_reason(block_sizes) -> str | None:
   return None
 
 
-@functools.lru_cache(maxsize=32)
 def _dense_static_mask(mask_fn, band, offset: int, B: int, N: int, T: int, S: int,
                        Tp: int, Sp: int):
   """The mask_fn (and band) as numpy bool (N', Tp, Sp), N' in (1, N); or a reason str.
@@ -101,6 +100,15 @@ def _dense_static_mask(mask_fn, band, offset: int, B: int, N: int, T: int, S: in
   if jax.tree_util.tree_leaves(mask_fn):
     return ("splash takes a mask_fn only when it holds no arrays (its values are computed "
             "at trace time); pass lengths and segment ids as arguments instead")
+  args = (mask_fn, band, offset, B, N, T, S, Tp, Sp)
+  try:
+    hash(args)
+  except TypeError:  # a user mask with unhashable static fields: evaluate it every time
+    return _evaluate_static_mask(*args)
+  return _cached_static_mask(*args)
+
+
+def _evaluate_static_mask(mask_fn, band, offset, B, N, T, S, Tp, Sp):
   if B * N * Tp * Sp > _MAX_DENSE_MASK:
     return (f"splash evaluates mask_fn at trace time over B * N * T * S positions; "
             f"{B} * {N} * {Tp} * {Sp} exceeds {_MAX_DENSE_MASK}")
@@ -122,6 +130,9 @@ def _dense_static_mask(mask_fn, band, offset: int, B: int, N: int, T: int, S: in
   if np.all(dense == dense[:1]):
     dense = dense[:1]
   return dense
+
+
+_cached_static_mask = functools.lru_cache(maxsize=32)(_evaluate_static_mask)
 
 
 def _static_reason(inputs: common.AttentionInputs, config: common.AttentionConfig,
