@@ -23,7 +23,7 @@ from jaxattn import masks, testing
 from jaxattn._impl import splash
 
 from attention_base import (B, GRID_NAMES, JAX_NN_NAMES, N, S, T, AttentionTestBase,
-                            option_grid, random_cotangents)
+                            random_cotangents)
 
 slow = pytest.mark.slow
 
@@ -266,6 +266,19 @@ def test_mask_fn_of_traced_values_is_refused_at_trace_time():
 
   with _refusal("mask_fn whose values can be computed at trace time"):
     f(q, k, v, jnp.int32(1))
+
+
+def test_lse_alone_is_differentiable():
+  """Only the lse used (d_out a symbolic zero): its gradient through chunked's backward."""
+  q, k, v = testing.random_qkv(jax.random.key(15), B=1, T=T, S=S, N=2, K=1, H=11)
+  kw = dict(is_causal=True, causal_alignment="bottom_right", key_value_seq_lengths=jnp.array([4]))
+  f = lambda q, k, v: jnp.sum(jnp.sin(jaxattn.dot_product_attention(
+      q, k, v, implementation="splash", return_residual=True, **kw)[1]))
+  grads = jax.grad(f, (0, 1, 2))(q, k, v)
+  lse = testing.reference_attention(q, k, v, return_residual=True, **kw)[1]
+  ref = testing.reference_attention_vjp(q, k, v, d_out=jnp.zeros((1, T, 2, 11)),
+                                        d_lse=jnp.cos(lse), **kw)
+  testing.assert_attention_close(grads, (ref["query"], ref["key"], ref["value"]))
 
 
 @pytest.mark.parametrize("block_sizes", [(2, 3), (128, 64)])

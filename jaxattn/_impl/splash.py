@@ -304,12 +304,13 @@ def _make_attend(p: _Plan, config: common.AttentionConfig):
     d_out, d_lse = cts
     inputs = rest._replace(query=q, key=k, value=v)
     ids = _segment_ids(p, inputs)
-    if isinstance(d_out, SymbolicZero):
-      d_out = jnp.zeros(out.shape, out.dtype)
-    d_out = jnp.where(valid[..., None], d_out, jnp.zeros((), d_out.dtype))
-    # Splash's residual-saving forward has no VJP: recompute its differentiable one.
-    _, pull = jax.vjp(lambda q, k, v: _call(p, p.grad_kernel, q, k, v, ids), q, k, v)
-    dq, dk, dv = pull(d_out)
+    if isinstance(d_out, SymbolicZero):  # only the lse is used (e.g. ring attention merges)
+      dq, dk, dv = jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
+    else:
+      d_out = jnp.where(valid[..., None], d_out, jnp.zeros((), d_out.dtype))
+      # Splash's residual-saving forward has no VJP: recompute its differentiable one.
+      _, pull = jax.vjp(lambda q, k, v: _call(p, p.grad_kernel, q, k, v, ids), q, k, v)
+      dq, dk, dv = pull(d_out)
     if not isinstance(d_lse, SymbolicZero):
       from jaxattn._impl import chunked  # noqa: PLC0415
       dl = jnp.where(valid, d_lse.astype(jnp.float32), 0.0)
