@@ -255,8 +255,9 @@ def choose_implementation(inputs: common.AttentionInputs,
                           config: common.AttentionConfig, backend: str | None = None) -> str:
   """What `implementation=None` runs, from the backend and the static arguments.
 
-  GPU: "cudnn" where it serves the arguments, else "pallas" where it does;
-  otherwise (CPU, TPU, GPU leftovers) "chunked" from 256 x 256 logits per
+  GPU: "cudnn" where it serves the arguments, else "pallas" where it does.
+  TPU: "splash" (JAX's splash attention kernel) where it serves them.
+  Otherwise (CPU, TPU and GPU leftovers) "chunked" from 256 x 256 logits per
   head up, "xla" below (measured on CPU: the materialized path wins there).
   """
   backend = backend or jax.default_backend()
@@ -264,6 +265,9 @@ def choose_implementation(inputs: common.AttentionInputs,
     for name in ("cudnn", "pallas"):
       if name in _impl.names() and _impl.unsupported_reason(name, inputs, config, "gpu") is None:
         return name
+  if backend == "tpu":
+    if "splash" in _impl.names() and _impl.unsupported_reason("splash", inputs, config, "tpu") is None:
+      return "splash"
   T, S = inputs.query.shape[1], inputs.key.shape[1]
   if "chunked" in _impl.names() and T * S >= _CHUNKED_MIN_LOGITS:
     return "chunked"
