@@ -51,6 +51,7 @@ head dims.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import NamedTuple
 
@@ -81,6 +82,13 @@ def _plgpu():
   except Exception:  # pragma: no cover - depends on the installed jax
     return None
   return plgpu
+
+
+def _load(plgpu, ref, layout):
+  """plgpu.load of a whole ref: jax 0.10 takes an index argument, jax 0.12 none."""
+  if "idx" in inspect.signature(plgpu.load).parameters:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
 
 
 def interpreter_available() -> bool:
@@ -241,34 +249,23 @@ def _band(config: common.AttentionConfig):
 
 
 def _vectors(inputs: common.AttentionInputs, p: _Plan):
-  """Per-row and per-key vectors the kernel masks with.
+  """What the kernel masks with besides positions (which it computes from iota).
 
-  q_pos (R,) int32 query position of each row (rows ordered (t, g));
-  kv_pos (Sp,) int32; q_bias (B, R) and kv_bias (B, Sp) float32: 0 where the
-  row / key is real and inside its length, -inf elsewhere (padding, dummy
-  group rows, lengths); q_seg (B, R), kv_seg (B, Sp) int32 segment ids (only
-  with segment ids).
+  q_limit, kv_limit (B,) int32: query rows at or past q_limit give 0 and lse
+  -inf, keys at or past kv_limit are masked (lengths, and the padding of S to
+  key blocks); q_seg (B, R) and kv_seg (B, Sp) int32: segment ids per row
+  (rows ordered (t, g)) and per key, only with segment ids.
   """
   Tp, Sp = p.nq * p.bq, p.nk * p.bk
-  t = np.arange(Tp, dtype=np.int32)
-  q_pos = jnp.asarray(np.repeat(t, p.Gp))
-  kv_pos = jnp.asarray(np.arange(Sp, dtype=np.int32))
-  g_ok = np.arange(p.Gp) < p.G
-  q_ok = jnp.broadcast_to(jnp.asarray((t < p.T)[:, None] & g_ok[None, :]), (p.B, Tp, p.Gp))
+  q_limit = jnp.full((p.B,), p.T, jnp.int32)
   if inputs.query_seq_lengths is not None:
-    q_ok = q_ok & (jnp.asarray(t)[None, :, None] < inputs.query_seq_lengths[:, None, None])
-  kv_ok = jnp.broadcast_to(jnp.asarray(np.arange(Sp) < p.S), (p.B, Sp))
+    q_limit = jnp.clip(inputs.query_seq_lengths, 0, p.T).astype(jnp.int32)
+  kv_limit = jnp.full((p.B,), p.S, jnp.int32)
   if inputs.key_value_seq_lengths is not None:
-    kv_ok = kv_ok & (kv_pos[None, :] < inputs.key_value_seq_lengths[:, None])
-  neg = jnp.float32(-jnp.inf)
-  out = {
-      "q_pos": q_pos, "kv_pos": kv_pos,
-      "q_bias": jnp.where(q_ok, jnp.float32(0), neg).reshape(p.B, Tp * p.Gp),
-      "kv_bias": jnp.where(kv_ok, jnp.float32(0), neg),
-  }
+    kv_limit = jnp.clip(inputs.key_value_seq_lengths, 0, p.S).astype(jnp.int32)
+  out = {"q_limit": q_limit, "kv_limit": kv_limit}
   if inputs.query_segment_ids is not None:
-    q_seg = _pad(inputs.query_segment_ids, 1, Tp)
-    out["q_seg"] = jnp.repeat(q_seg, p.Gp, axis=1)
+    out["q_seg"] = jnp.repeat(_pad(inputs.query_segment_ids, 1, Tp), p.Gp, axis=1)
     out["kv_seg"] = _pad(inputs.key_value_segment_ids, 1, Sp)
   return out
 
@@ -306,11 +303,13 @@ def _kernel(p: _Plan, names: tuple[str, ...], *refs):
   n_in = len(names)
   ins = dict(zip(names, refs[:n_in]))
   out_ref, lse_ref = refs[n_in:n_in + 2]
-  q_smem, k_smem, v_smem, p_smem, lse_smem, q_bar, k_bar, v_bar = refs[n_in + 2:]
+  (q_smem, k_smem, v_smem, p_smem, lse_smem, qseg_smem, kvseg_smem,
+   q_bar, k_bar, v_bar, seg_bar) = refs[n_in + 2:]
   R, bk, H = p.rows, p.bk, p.H
   c = p.config
   wgmma = plgpu.Layout.WGMMA
   rows_layout, cols_layout = wgmma.reduce(1), wgmma.reduce(0)
+  segments = "q_seg" in ins
 
   b = lax.axis_index("b")
   kh = lax.axis_index("kh")
@@ -318,37 +317,44 @@ def _kernel(p: _Plan, names: tuple[str, ...], *refs):
   row0 = i * R
 
   plgpu.copy_gmem_to_smem(ins["q"].at[b, kh, pl.ds(row0, R)], q_smem, q_bar.at[0])
+  if segments:
+    plgpu.copy_gmem_to_smem(ins["q_seg"].at[b, pl.ds(row0, R)], qseg_smem, q_bar.at[1])
   count = ins["counts"][i]
+  q_limit = ins["q_limit"][b]
+  kv_limit = ins["kv_limit"][b]
 
   def fetch(step):
     j = ins["blocks"][i, step]
     slot = lax.rem(step, 2)
-    plgpu.copy_gmem_to_smem(ins["k"].at[b, pl.ds(j * bk, bk), kh], k_smem.at[slot], k_bar.at[slot])
-    plgpu.copy_gmem_to_smem(ins["v"].at[b, pl.ds(j * bk, bk), kh], v_smem.at[slot], v_bar.at[slot])
+    keys = pl.ds(j * bk, bk)
+    plgpu.copy_gmem_to_smem(ins["k"].at[b, keys, kh], k_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(ins["v"].at[b, keys, kh], v_smem.at[slot], v_bar.at[slot])
+    if segments:
+      plgpu.copy_gmem_to_smem(ins["kv_seg"].at[b, keys], kvseg_smem.at[slot], seg_bar.at[slot])
 
   @pl.when(count > 0)
   def _():
     fetch(0)
 
-  q_bias = plgpu.load(ins["q_bias"].at[b, pl.ds(row0, R)], layout=rows_layout)
-  band = _band(c)
-  if band is not None:
-    q_pos = plgpu.load(ins["q_pos"].at[pl.ds(row0, R)], layout=rows_layout)
-  if "q_seg" in ins:
-    q_seg = plgpu.load(ins["q_seg"].at[b, pl.ds(row0, R)], layout=rows_layout)
+  # Query position of each row: rows are (t, g) with Gp a power of 2.
+  shift = p.Gp.bit_length() - 1
+  r_idx = plgpu.broadcasted_iota(jnp.int32, (R, bk), 0, layout=wgmma)
+  c_idx = plgpu.broadcasted_iota(jnp.int32, (R, bk), 1, layout=wgmma)
+  q_idx = lax.shift_right_logical(r_idx + row0, jnp.int32(shift)) if shift else r_idx + row0
   plgpu.barrier_wait(q_bar.at[0])
+  if segments:
+    plgpu.barrier_wait(q_bar.at[1])
+    q_seg = _load(plgpu, qseg_smem, rows_layout)
 
   if c.logits_soft_cap is None:
     pre = jnp.float32(c.scale * _LOG2E)
   else:
     pre = jnp.float32(c.scale / c.logits_soft_cap)
     cap2 = jnp.float32(c.logits_soft_cap * _LOG2E)
+  band = _band(c)
 
-  def rows(x):
-    return lax.broadcast_in_dim(x, (R, bk), [0])
-
-  def cols(x):
-    return lax.broadcast_in_dim(x, (R, bk), [1])
+  def rows(x, width):
+    return lax.broadcast_in_dim(x, (R, width), [0])
 
   def body(step, carry):
     m, l, acc = carry
@@ -371,28 +377,23 @@ def _kernel(p: _Plan, names: tuple[str, ...], *refs):
       s = s * pre
     else:
       s = cap2 * jnp.tanh(s * pre)
-    kv0 = j * bk
-    kv_bias = plgpu.load(ins["kv_bias"].at[b, pl.ds(kv0, bk)], layout=cols_layout)
-    s = s + rows(q_bias) + cols(kv_bias)
-    keep = None
+    kv_idx = c_idx + j * bk
+    keep = (kv_idx < kv_limit) & (q_idx < q_limit)
     if band is not None:
       left, right = band
-      kv_pos = plgpu.load(ins["kv_pos"].at[pl.ds(kv0, bk)], layout=cols_layout)
-      diff = cols(kv_pos) - rows(q_pos + c.q_offset)  # key position - query position
+      diff = kv_idx - q_idx  # key position - query position (in key coordinates below)
       if right is not None:
-        keep = diff <= right
+        keep = keep & (diff <= right + c.q_offset)
       if left is not None:
-        k2 = diff >= -left
-        keep = k2 if keep is None else keep & k2
-    if "q_seg" in ins:
-      kv_seg = plgpu.load(ins["kv_seg"].at[b, pl.ds(kv0, bk)], layout=cols_layout)
-      same = rows(q_seg) == cols(kv_seg)
-      keep = same if keep is None else keep & same
-    if keep is not None:
-      s = jnp.where(keep, s, jnp.float32(-jnp.inf))
+        keep = keep & (diff >= c.q_offset - left)
+    if segments:
+      plgpu.barrier_wait(seg_bar.at[slot])
+      kv_seg = _load(plgpu, kvseg_smem.at[slot], cols_layout)
+      keep = keep & (rows(q_seg, bk) == lax.broadcast_in_dim(kv_seg, (R, bk), [1]))
+    s = jnp.where(keep, s, jnp.float32(-jnp.inf))
     m_new = jnp.maximum(m, s.max(axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, jnp.float32(0), m_new)
-    e = jnp.exp2(s - rows(m_safe))
+    e = jnp.exp2(s - rows(m_safe, bk))
     alpha = jnp.exp2(m - m_safe)
     l = l * alpha + e.sum(axis=1)
     p_smem[...] = e.astype(p_smem.dtype)
@@ -404,16 +405,17 @@ def _kernel(p: _Plan, names: tuple[str, ...], *refs):
       return acc_ref[...]
 
     o = pl.run_scoped(pv, plgpu.ACC((R, H), jnp.float32))
-    acc = acc * lax.broadcast_in_dim(alpha, (R, H), [0]) + o
+    acc = acc * rows(alpha, H) + o
     return m_new, l, acc
 
   m0 = plgpu.layout_cast(jnp.full((R,), -jnp.inf, jnp.float32), rows_layout)
   l0 = plgpu.layout_cast(jnp.full((R,), 0.0, jnp.float32), rows_layout)
   acc0 = plgpu.layout_cast(jnp.full((R, H), 0.0, jnp.float32), wgmma)
   m, l, acc = lax.fori_loop(0, count, body, (m0, l0, acc0))
+  # Rows that saw no key (every block masked or skipped): output 0, lse -inf.
   live = l > 0
   l_safe = jnp.where(live, l, jnp.float32(1))
-  acc = acc / lax.broadcast_in_dim(l_safe, (R, H), [0])
+  acc = acc / rows(l_safe, H)
   m_safe = jnp.where(m == -jnp.inf, jnp.float32(0), m)
   lse = jnp.where(live, (m_safe + jnp.log2(l_safe)) * jnp.float32(_LN2), jnp.float32(-jnp.inf))
   q_smem[...] = acc.astype(q_smem.dtype)
@@ -446,7 +448,10 @@ def _forward(p: _Plan, inputs: common.AttentionInputs):
       plgpu.SMEM((2, p.bk, p.H), dtype, transforms=tr),
       plgpu.SMEM((R, p.bk), dtype, transforms=tr),
       plgpu.SMEM((R,), jnp.float32),
-      plgpu.Barrier(num_barriers=1),
+      plgpu.SMEM((R,), jnp.int32),
+      plgpu.SMEM((2, p.bk), jnp.int32),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2),
       plgpu.Barrier(num_barriers=2),
       plgpu.Barrier(num_barriers=2),
   ]
