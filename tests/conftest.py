@@ -9,3 +9,23 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_addoption(parser):
+  parser.addoption("--runslow", action="store_true", default=False,
+                   help="also run tests marked slow (e.g. the Mosaic GPU interpreter's full base)")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: long-running; skipped unless --runslow is given")
+
+
+def pytest_collection_modifyitems(config, items):
+  import pytest  # noqa: PLC0415
+
+  if config.getoption("--runslow"):
+    return
+  skip = pytest.mark.skip(reason="slow: run with --runslow")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)

@@ -40,13 +40,15 @@ def names() -> tuple[str, ...]:
 
 
 def _register_builtins():
-  from jaxattn._impl import chunked, cudnn, pallas, xla
+  from jaxattn._impl import chunked, cudnn, mosaic, pallas, xla
   register("xla", xla.xla_attention)
   register("chunked", chunked.chunked_attention)
   register("pallas", pallas.pallas_attention,
            lambda i, c, backend: pallas.unsupported_reason(i, c, platform=backend))
   register("cudnn", cudnn.cudnn_attention,
            lambda i, c, backend: cudnn.unsupported_reason(i, c, backend=backend))
+  register("mosaic", mosaic.mosaic_attention,
+           lambda i, c, backend: mosaic.unsupported_reason(i, c, backend=backend))
 
 
 _register_builtins()

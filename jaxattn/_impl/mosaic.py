@@ -156,9 +156,10 @@ def unsupported_reason(inputs: common.AttentionInputs, config: common.AttentionC
   if plgpu is None or not hasattr(plgpu, "wgmma"):
     return "mosaic: this jax has no Pallas Mosaic GPU backend (jax.experimental.pallas.mosaic_gpu)"
   if backend is None:
-    cuda, detected = _gpu_compute_capability()
+    cuda, _ = _gpu_compute_capability()
     backend = "gpu" if cuda else jax.default_backend()
-    compute_capability = compute_capability or detected
+  if backend in ("gpu", "cuda") and compute_capability is None:
+    compute_capability = _gpu_compute_capability()[1]  # None when lowering on a CPU machine
   if interpret is None:
     interpret = backend == "cpu"
   if interpret:
