@@ -275,3 +275,37 @@ def test_interpreted_larger_head_dims(H):
   ref, ref_lse = testing.reference_attention(q, k, v, is_causal=True, return_residual=True)
   testing.assert_attention_close(out, ref)
   testing.assert_attention_close(lse, ref_lse)
+
+
+# ---------------------------------------------------------------------------
+# On a GPU (bench/gpu.sh): the compiled kernel against the float64 reference.
+
+def _hopper():
+  if jax.default_backend() != "gpu":
+    return False
+  cc = getattr(jax.devices()[0], "compute_capability", "0")
+  return int(str(cc).split(".")[0]) >= 9
+
+
+@pytest.mark.skipif(not _hopper(), reason="needs a GPU of compute capability >= 9.0")
+@pytest.mark.parametrize("H", [64, 128, 256])
+@pytest.mark.parametrize("kw", [dict(is_causal=True), dict(), dict(is_causal=True, logits_soft_cap=30.0,
+                                                                     query_segment_ids="seg")],
+                         ids=["causal", "dense", "softcap_segments"])
+def test_compiled_kernel_on_gpu(H, kw):
+  B, T, S, N, K = 2, 1000, 1000, 8, 2
+  q, k, v = testing.random_qkv(jax.random.key(0), dtype=jnp.bfloat16, B=B, T=T, S=S, N=N, K=K, H=H)
+  kw = dict(kw)
+  if kw.get("query_segment_ids") == "seg":
+    kw["query_segment_ids"] = jnp.asarray(np.arange(T)[None].repeat(B, 0) * 3 // T, jnp.int32)
+
+  def f(q, k, v):
+    return jaxattn.dot_product_attention(q, k, v, implementation="mosaic", return_residual=True, **kw)
+
+  (out, lse), vjp = jax.vjp(jax.jit(f), q, k, v)
+  ref, ref_lse = testing.reference_attention(q, k, v, return_residual=True, **kw)
+  testing.assert_attention_close(out, ref)
+  testing.assert_attention_close(lse, ref_lse, dtype=jnp.bfloat16)
+  do, dl = random_cotangents(jax.random.key(2), out, lse)
+  r = testing.reference_attention_vjp(q, k, v, d_out=do, d_lse=dl, **kw)
+  testing.assert_attention_close(vjp((do, dl)), (r["query"], r["key"], r["value"]))
