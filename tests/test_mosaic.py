@@ -63,6 +63,11 @@ CASES = {
                                   key_value_seq_lengths=jnp.array([0, 6], jnp.int32))),
     "window_softcap": (dict(B=1, T=6, S=9, N=2, K=1), dict(local_window_size=(2, 1), logits_soft_cap=1.5)),
     "segments": (dict(B=2, T=6, S=6, N=2, K=2), dict(query_segment_ids="seg", is_causal=True)),
+    # Full blocks (no mask arithmetic) before partial ones, padded last blocks.
+    "causal_full_blocks": (dict(B=1, T=150, S=150, N=1, K=1), dict(is_causal=True)),
+    # Documents of 128 and 22: query block 1 x key block 0 lies in one document (full).
+    "documents_full_blocks": (dict(B=1, T=150, S=150, N=1, K=1),
+                              dict(query_segment_ids="docs", is_causal=True)),
     # Three key blocks of 64, a band that skips the first ones, two query blocks.
     "multi_block_window": (dict(B=1, T=40, S=150, N=2, K=1),
                            dict(is_causal=True, causal_alignment="bottom_right",
@@ -76,6 +81,8 @@ def _check_case(name, dtype=jnp.bfloat16):
   q, k, v = testing.random_qkv(jax.random.key(0), dtype=dtype, H=64, **sizes)
   if kw.get("query_segment_ids") == "seg":
     kw["query_segment_ids"] = _segments(jax.random.key(1), sizes["B"], sizes["T"])
+  if kw.get("query_segment_ids") == "docs":
+    kw["query_segment_ids"] = jnp.asarray(np.arange(sizes["T"])[None] >= 128, jnp.int32)
 
   def f(q, k, v):
     return jaxattn.dot_product_attention(q, k, v, implementation="mosaic", return_residual=True, **kw)
@@ -198,16 +205,25 @@ def test_platform_checks():
 
 
 def test_block_lists_follow_the_classification():
-  """Compacted lists: every non-empty block once, in order; empty blocks never."""
+  """Compacted lists: full blocks first, then partial, each once and in order; empty blocks never."""
   q, k, v = testing.random_qkv(jax.random.key(0), dtype=jnp.bfloat16, B=1, T=200, S=300, N=1, K=1, H=64)
   inputs, config = _normalized(q, k, v, is_causal=True, local_window_size=(70, None))
   p = mosaic._make_plan(inputs, config, None, interpret=True)
-  counts, blocks = map(np.asarray, mosaic.block_lists(inputs, p))
+  counts, full, blocks = map(np.asarray, mosaic.block_lists(inputs, p))
   assert (p.nq, p.nk) == (4, 5) and p.bq == 64
   for i in range(p.nq):
     q0, q1 = i * p.bq, min(p.T, (i + 1) * p.bq) - 1
-    want = [j for j in range(p.nk) if j * p.bk <= q1 and (j + 1) * p.bk - 1 >= q0 - 70]
-    assert list(blocks[i, :counts[i]]) == want
+    k0 = lambda j: j * p.bk
+    k1 = lambda j: min(p.S, (j + 1) * p.bk) - 1
+    want_full = [j for j in range(p.nk) if k1(j) <= q0 and k0(j) >= q1 - 70 and (j + 1) * p.bk <= p.S]
+    want_any = [j for j in range(p.nk) if k0(j) <= q1 and k1(j) >= q0 - 70]
+    want_partial = [j for j in want_any if j not in want_full]
+    assert list(blocks[i, :full[i]]) == want_full
+    assert list(blocks[i, full[i]:counts[i]]) == want_partial
+  assert full.sum() == 0  # a 70-key window never covers a 64 x 64 block whole ...
+  inputs, config = _normalized(q, k, v, is_causal=True)
+  counts, full, _ = map(np.asarray, mosaic.block_lists(inputs, p._replace(config=config)))
+  assert list(full) == [0, 1, 2, 3] and list(counts) == [1, 2, 3, 4]  # ... plain causal does
 
 
 def test_dispatch_keeps_unmeasured_mosaic_out_of_the_gpu_order():

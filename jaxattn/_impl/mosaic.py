@@ -272,26 +272,26 @@ def _vectors(inputs: common.AttentionInputs, p: _Plan):
 
 
 def block_lists(inputs: common.AttentionInputs, p: _Plan):
-  """Compacted non-empty key blocks per query block.
+  """Compacted non-empty key blocks per query block, full ones first.
 
-  Returns (counts (nq,) int32, blocks (nq, nk) int32): query block i visits
-  key blocks blocks[i, :counts[i]] in increasing order. Classification as in
-  "chunked"/"pallas" (`jaxattn.masks`: band, lengths, documents).
+  Returns (counts (nq,), full (nq,), blocks (nq, nk)) int32: query block i
+  visits key blocks blocks[i, :counts[i]]; the first full[i] of them are
+  full (every key visible to every row: no mask arithmetic), the rest
+  partial; each group in increasing order. Classification as in
+  "chunked"/"pallas" (`jaxattn.masks`: band, lengths, documents; the padded
+  last key block is never full).
   """
   g = _masks.BlockGeometry(B=p.B, N=p.N, T=p.T, S=p.S, bq=p.bq, bk=p.bk)
   mask_fn = common.combined_mask(inputs, p.config)
   qb = jnp.asarray(np.arange(p.nq, dtype=np.int32))[:, None]
   kb = jnp.asarray(np.arange(p.nk, dtype=np.int32))[None, :]
-  shape = (p.nq, p.nk)
-  if mask_fn is None:
-    nonempty = jnp.ones(shape, bool)
-  else:
-    empty, _ = mask_fn.classify(mask_fn.summary(g), g, qb, kb)
-    nonempty = ~jnp.broadcast_to(empty, shape)
-  counts = jnp.sum(nonempty, axis=1).astype(jnp.int32)
-  # Stable sort on "empty": non-empty blocks first, in increasing order.
-  order = jnp.argsort(jnp.where(nonempty, 0, 1), axis=1, stable=True).astype(jnp.int32)
-  return counts, order
+  summary = None if mask_fn is None else mask_fn.summary(g)
+  kinds = chunked._kinds(mask_fn, summary, False, g, qb, kb)  # 0 empty, 1 partial, 2 full
+  counts = jnp.sum(kinds > 0, axis=1).astype(jnp.int32)
+  full = jnp.sum(kinds == 2, axis=1).astype(jnp.int32)
+  # Stable sort: full blocks, then partial, then empty; increasing within each.
+  order = jnp.argsort(2 - kinds, axis=1, stable=True).astype(jnp.int32)
+  return counts, full, order
 
 
 # ---------------------------------------------------------------------------
@@ -321,6 +321,7 @@ def _kernel(p: _Plan, names: tuple[str, ...], *refs):
   if segments:
     plgpu.copy_gmem_to_smem(ins["q_seg"].at[b, pl.ds(row0, R)], qseg_smem, q_bar.at[1])
   count = ins["counts"][i]
+  n_full = ins["full"][i]
   q_limit = ins["q_limit"][b]
   kv_limit = ins["kv_limit"][b]
 
@@ -357,7 +358,7 @@ def _kernel(p: _Plan, names: tuple[str, ...], *refs):
   def rows(x, width):
     return lax.broadcast_in_dim(x, (R, width), [0])
 
-  def body(step, carry):
+  def body(step, carry, masked):
     m, l, acc = carry
     j = ins["blocks"][i, step]
     slot = lax.rem(step, 2)
@@ -378,20 +379,23 @@ def _kernel(p: _Plan, names: tuple[str, ...], *refs):
       s = s * pre
     else:
       s = cap2 * jnp.tanh(s * pre)
-    kv_idx = c_idx + j * bk
-    keep = (kv_idx < kv_limit) & (q_idx < q_limit)
-    if band is not None:
-      left, right = band
-      diff = kv_idx - q_idx  # key position - query position (in key coordinates below)
-      if right is not None:
-        keep = keep & (diff <= right + c.q_offset)
-      if left is not None:
-        keep = keep & (diff >= c.q_offset - left)
-    if segments:
-      plgpu.barrier_wait(seg_bar.at[slot])
-      kv_seg = _load(plgpu, kvseg_smem.at[slot], cols_layout)
-      keep = keep & (rows(q_seg, bk) == lax.broadcast_in_dim(kv_seg, (R, bk), [1]))
-    s = jnp.where(keep, s, jnp.float32(-jnp.inf))
+    if masked:
+      kv_idx = c_idx + j * bk
+      keep = (kv_idx < kv_limit) & (q_idx < q_limit)
+      if band is not None:
+        left, right = band
+        diff = kv_idx - q_idx  # key position - query position (in key coordinates below)
+        if right is not None:
+          keep = keep & (diff <= right + c.q_offset)
+        if left is not None:
+          keep = keep & (diff >= c.q_offset - left)
+      if segments:
+        plgpu.barrier_wait(seg_bar.at[slot])
+        kv_seg = _load(plgpu, kvseg_smem.at[slot], cols_layout)
+        keep = keep & (rows(q_seg, bk) == lax.broadcast_in_dim(kv_seg, (R, bk), [1]))
+      s = jnp.where(keep, s, jnp.float32(-jnp.inf))
+    elif segments:
+      plgpu.barrier_wait(seg_bar.at[slot])  # keeps the barrier's phases in step with its copies
     m_new = jnp.maximum(m, s.max(axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, jnp.float32(0), m_new)
     e = jnp.exp2(s - rows(m_safe, bk))
@@ -412,7 +416,10 @@ def _kernel(p: _Plan, names: tuple[str, ...], *refs):
   m0 = plgpu.layout_cast(jnp.full((R,), -jnp.inf, jnp.float32), rows_layout)
   l0 = plgpu.layout_cast(jnp.full((R,), 0.0, jnp.float32), rows_layout)
   acc0 = plgpu.layout_cast(jnp.full((R, H), 0.0, jnp.float32), wgmma)
-  m, l, acc = lax.fori_loop(0, count, body, (m0, l0, acc0))
+  # Full blocks without mask arithmetic, then the partial ones; the K/V
+  # prefetch runs across the two loops (it follows the list index).
+  carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), (m0, l0, acc0))
+  m, l, acc = lax.fori_loop(n_full, count, functools.partial(body, masked=True), carry)
   # Rows that saw no key (every block masked or skipped): output 0, lse -inf.
   live = l > 0
   l_safe = jnp.where(live, l, jnp.float32(1))
@@ -433,7 +440,7 @@ def _forward(p: _Plan, inputs: common.AttentionInputs):
   dtype = inputs.query.dtype
   Sp = p.nk * p.bk
   arrays = dict(_vectors(inputs, p))
-  arrays["counts"], arrays["blocks"] = block_lists(inputs, p)
+  arrays["counts"], arrays["full"], arrays["blocks"] = block_lists(inputs, p)
   arrays["q"] = _rows_of(inputs.query, p)
   arrays["k"] = _pad(inputs.key, 1, Sp)
   arrays["v"] = _pad(inputs.value, 1, Sp)
