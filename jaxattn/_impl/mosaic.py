@@ -6,15 +6,15 @@ register accumulators. This kernel keeps that data path in its simplest
 form, one program per (batch, key/value head, block of 64 query rows):
 
   Q block (64 rows)  --TMA-->  swizzled SMEM  (once)
-  for each non-empty key block j, from a compacted list:
+  for each non-empty key block j, from a compacted list (full blocks first):
     K_j, V_j --TMA--> swizzled SMEM, two slots: block j+1 is copied while j
                       is computed
     S = Q K_j^T       wgmma into a float32 accumulator
     S = cap * tanh(S * scale / cap) (soft-cap) or S * scale, in base 2
         (log2(e) folded into the scale so the softmax uses exp2)
-    masks             from position and id vectors: causal/window band (both
-                      alignments), lengths and padding (0 / -inf per row and
-                      per key), segment ids
+    masks             partial blocks only: causal/window band (both
+                      alignments) from iota positions, query/key length
+                      limits (and the key padding), segment ids
     online softmax    float32 running max and sum
     P -> SMEM, O += P V_j (wgmma)
   O / l and the logsumexp --TMA--> global memory.
@@ -23,7 +23,8 @@ The G query heads that share a key/value head are folded into the rows
 (ordered (t, g), as in `jaxattn._impl.pallas`), so K/V are read once per
 group. Block skipping uses the same block classification as
 "chunked"/"pallas" (`jaxattn.masks`), compacted per query block into a list
-of non-empty key blocks that the loop walks (no branch per empty block).
+of non-empty key blocks, full ones first: one loop over the full blocks
+without mask arithmetic, one over the partial ones (no branch per block).
 
 Not (yet) FlashAttention-3's full schedule: no producer warpgroup, no
 ping-pong between two consumer warpgroups, P goes through shared memory
