@@ -219,6 +219,113 @@ def _load_numpy():
   return np.__version__, build
 
 
+# ---------------------------------------------------------------------------
+# GPU peers (issue 12): one named kernel each, so the GPU table compares
+# kernels, not each library's automatic choice. Each expresses every mask kind
+# of `specs` (causal_documents as a dense mask, the peers' way) and refuses
+# what its API lacks (soft-cap in jax.nn and torch SDPA).
+
+
+def _gpu_mask_kwargs(case, aux, xp) -> dict:
+  """is_causal for plain causal, a dense boolean mask for every other kind."""
+  if case.mask == "causal":
+    return dict(is_causal=True)
+  if case.mask == "none":
+    return {}
+  return dict(mask=specs.dense_mask(case, aux, xp))
+
+
+def _require_gpu():
+  if jax.default_backend() != "gpu":
+    raise Unsupported(f"GPU peer; the default backend is {jax.default_backend()}")
+
+
+def _load_jax_nn_kernel(implementation: str):
+  def load():
+    def build(case, inputs):
+      _require_gpu()
+      if case.soft_cap is not None:
+        raise Unsupported("jax.nn.dot_product_attention has no logits soft-cap")
+      def attend(q, k, v, aux):
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation,
+                                            **_gpu_mask_kwargs(case, aux, jnp))
+      return _jax_runnable(case, inputs, attend)
+    return jax.__version__, build
+  return load
+
+
+def _load_tokamax_kernel(implementation: str):
+  def load():
+    import importlib.metadata
+    import tokamax
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS(sys.argv[:1])
+    def build(case, inputs):
+      _require_gpu()
+      extra = {} if case.soft_cap is None else dict(logits_soft_cap=case.soft_cap)
+      def attend(q, k, v, aux):
+        return tokamax.dot_product_attention(q, k, v, implementation=implementation,
+                                             **_gpu_mask_kwargs(case, aux, jnp), **extra)
+      return _jax_runnable(case, inputs, attend)
+    return f"{importlib.metadata.version('tokamax')} ({implementation})", build
+  return load
+
+
+def _load_torch_sdpa():
+  os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+  os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+  import torch
+  F = torch.nn.functional
+
+  def build(case, inputs):
+    _require_gpu()
+    if not torch.cuda.is_available():
+      raise Unsupported("torch has no CUDA device")
+    if case.soft_cap is not None:
+      raise Unsupported("torch scaled_dot_product_attention has no logits soft-cap")
+    dtype = getattr(torch, case.dtype)
+    def native(x):  # (B, L, heads, H) -> torch's (B, heads, L, H), on the GPU
+      return torch.from_numpy(np.array(x, np.float32)).to("cuda", dtype).transpose(1, 2).contiguous()
+    q, k, v, d_out = (native(x) for x in (inputs.query, inputs.key, inputs.value, inputs.d_out))
+    aux = {n: torch.from_numpy(np.array(a)).to("cuda") for n, a in inputs.aux.items()}
+    causal = case.mask == "causal"
+    mask = None if causal or case.mask == "none" else specs.dense_mask(case, aux, torch)
+
+    def attend(q, k, v):
+      return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                            enable_gqa=case.K != case.N)
+
+    def step(q, k, v, d_out):
+      if case.mode == "fwd":
+        with torch.no_grad():
+          outs = (attend(q, k, v),)
+      else:
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+        out = attend(q, k, v)
+        outs = (out.detach(), *torch.autograd.grad(out, (q, k, v), d_out))
+      torch.cuda.synchronize()
+      return outs
+
+    def to_numpy(outs):
+      return [x.transpose(1, 2).float().cpu().numpy().astype(np.float64) for x in outs]
+    return Runnable((q, k, v, d_out), step, to_numpy)
+  return f"{torch.__version__} (cuda)", build
+
+
+def gpu_peers() -> list[Impl]:
+  """The GPU peers: listed when JAX runs on a GPU (or JAXATTN_BENCH_GPU_PEERS=1,
+  to check the listing elsewhere; they refuse every case off a GPU)."""
+  if jax.default_backend() != "gpu" and os.environ.get("JAXATTN_BENCH_GPU_PEERS") != "1":
+    return []
+  return [Impl("jax.nn.cudnn", "jax", _load_jax_nn_kernel("cudnn")),
+          Impl("jax.nn.xla", "jax", _load_jax_nn_kernel("xla")),
+          Impl("tokamax.mosaic", "jax", _load_tokamax_kernel("mosaic")),
+          Impl("tokamax.triton", "jax", _load_tokamax_kernel("triton")),
+          Impl("tokamax.cudnn", "jax", _load_tokamax_kernel("cudnn")),
+          Impl("torch.sdpa", "torch", _load_torch_sdpa)]
+
+
 def implementations() -> list[Impl]:
   """jaxattn's registered implementations first, then the peers."""
   import jaxattn
@@ -227,4 +334,5 @@ def implementations() -> list[Impl]:
           Impl("tokamax", "jax", _load_tokamax),
           Impl("flax.nnx", "jax", _load_flax),
           Impl("torch", "torch", _load_torch),
-          Impl("numpy", "numpy", _load_numpy)]
+          Impl("numpy", "numpy", _load_numpy),
+          *gpu_peers()]

@@ -11,19 +11,26 @@ Mask kinds, each a single concept so that peers can express it natively:
   lengths    padded batch: example b sees keys j < key_value_seq_lengths[b].
   documents  packed documents (T == S): query i sees key j iff both lie in the
              same document; `documents` documents of equal length.
+  causal_documents
+             packed documents, causal within each (a packed training batch).
+A case may also set `soft_cap` (logits_soft_cap, Gemma 2 style), e.g. 30.
+
+causal_documents and soft_cap (the GPU cases of the long preset) are known to
+jaxattn.* and to the GPU peers (`peers.gpu_peers`); bench/gpu.sh selects those.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-MASKS = ("none", "causal", "window", "lengths", "documents")
+MASKS = ("none", "causal", "window", "lengths", "documents", "causal_documents")
 MODES = ("fwd", "fwdbwd")
 # Errors against the float64 reference are computed up to this length.
 REFERENCE_MAX_T = 1024
@@ -44,6 +51,7 @@ class Case:
   window: int = 256
   documents: int = 4
   compile_only: bool = False  # too large to run: compile and report memory only
+  soft_cap: float | None = None  # logits_soft_cap
 
   def __post_init__(self):
     if self.S is None:
@@ -52,7 +60,7 @@ class Case:
       raise ValueError(f"Case: mode must be one of {MODES}; got {self.mode!r}.")
     if self.mask not in MASKS:
       raise ValueError(f"Case: mask must be one of {MASKS}; got {self.mask!r}.")
-    if self.mask == "documents" and self.S != self.T:
+    if self.mask in ("documents", "causal_documents") and self.S != self.T:
       raise ValueError(f"Case: documents need T == S; got T={self.T}, S={self.S}.")
     if self.N % self.K:
       raise ValueError(f"Case: K={self.K} must divide N={self.N}.")
@@ -68,6 +76,10 @@ class Case:
         parts.append(f"{field}{getattr(self, field)}")
     if self.dtype != "float32":
       parts.append({"bfloat16": "bf16", "float16": "f16"}.get(self.dtype, self.dtype))
+    if self.mask == "causal_documents":
+      parts.append(f"docs{self.documents}")
+    if self.soft_cap is not None:
+      parts.append(f"cap{self.soft_cap:g}")
     return "-".join(parts)
 
   @property
@@ -106,7 +118,7 @@ def make_inputs(case: Case, seed: int = 0) -> Inputs:
     # 3/4 and 1/2 of S, alternating over the batch.
     b = np.arange(case.B)
     aux["key_value_seq_lengths"] = jnp.asarray(case.S * (3 - b % 2) // 4, jnp.int32)
-  elif case.mask == "documents":
+  elif case.mask in ("documents", "causal_documents"):
     ids = np.arange(case.T) * case.documents // case.T
     aux["segment_ids"] = jnp.asarray(np.broadcast_to(ids, (case.B, case.T)), jnp.int32)
   return Inputs(draw(kq, (case.B, case.T, case.N, case.H)),
@@ -118,6 +130,9 @@ def make_inputs(case: Case, seed: int = 0) -> Inputs:
 def jaxattn_kwargs(case: Case, aux: dict) -> dict:
   """The case's mask as keyword arguments of `jaxattn.dot_product_attention`
   (and of `jaxattn.testing.reference_attention`)."""
+  if case.soft_cap is not None:
+    return dict(jaxattn_kwargs(dataclasses.replace(case, soft_cap=None), aux),
+                logits_soft_cap=case.soft_cap)
   if case.mask == "causal":
     return dict(is_causal=True)
   if case.mask == "window":
@@ -126,6 +141,8 @@ def jaxattn_kwargs(case: Case, aux: dict) -> dict:
     return dict(key_value_seq_lengths=aux["key_value_seq_lengths"])
   if case.mask == "documents":
     return dict(query_segment_ids=aux["segment_ids"])
+  if case.mask == "causal_documents":
+    return dict(is_causal=True, query_segment_ids=aux["segment_ids"])
   return {}
 
 
@@ -147,7 +164,10 @@ def dense_mask(case: Case, aux: dict, xp):
   if case.mask == "lengths":
     return (j < aux["key_value_seq_lengths"][:, None])[:, None, None, :]
   seg = aux["segment_ids"]
-  return (seg[:, :, None] == seg[:, None, :])[:, None]
+  same = seg[:, :, None] == seg[:, None, :]
+  if case.mask == "causal_documents":
+    same = same & (j <= i)[None]
+  return same[:, None]
 
 
 def attended_fraction(case: Case, aux: dict) -> float:
@@ -163,6 +183,10 @@ def attended_fraction(case: Case, aux: dict) -> float:
   elif case.mask == "documents":
     counts = [np.unique(row, return_counts=True)[1] for row in np.asarray(aux["segment_ids"])]
     return float(np.mean([np.sum(c.astype(np.float64) ** 2) for c in counts])) / (T * S)
+  elif case.mask == "causal_documents":
+    counts = [np.unique(row, return_counts=True)[1].astype(np.float64)
+              for row in np.asarray(aux["segment_ids"])]
+    return float(np.mean([np.sum(c * (c + 1) / 2) for c in counts])) / (T * S)
   else:
     return 1.0
   return float(np.sum(kept)) / (T * S)
@@ -209,6 +233,29 @@ def _long() -> list[Case]:
       Case("fwdbwd", "causal", 32768, compile_only=True),
       # issue 9's GPU target (bench/gpu.sh): bf16, B=2, T=8192, N=16, H=128, causal
       *(Case(mode, "causal", 8192, B=2, N=16, K=16, H=128, dtype="bfloat16") for mode in MODES),
+      *gpu_cases(**_gpu_sizes()),
+  ]
+
+
+def _gpu_sizes() -> dict:
+  """JAXATTN_BENCH_GPU_SIZES="T=128,N=2,K=2,H=64" shrinks the GPU cases (bench/gpu.sh --dry-run)."""
+  spec = os.environ.get("JAXATTN_BENCH_GPU_SIZES", "")
+  return {k.strip(): int(v) for k, v in (p.split("=") for p in spec.split(",") if p.strip())}
+
+
+GPU_TARGET = dict(B=2, N=16, K=16, H=128, dtype="bfloat16")
+
+
+def gpu_cases(T: int = 8192, **overrides) -> list[Case]:
+  """Issue 12's GPU cases (bench/gpu.sh): the target shape bf16 B=2 T=S=8192
+  N=K=16 H=128 dense forward (causal fwd and fwd+bwd are above), 8 packed
+  causal documents and soft-capped (30) causal, forward and fwd+bwd.
+  `T` and `overrides` shrink them for a dry run on CPU."""
+  shape = dict(GPU_TARGET, **overrides)
+  return [
+      Case("fwd", "none", T, **shape),
+      *(Case(mode, "causal_documents", T, documents=8, **shape) for mode in MODES),
+      *(Case(mode, "causal", T, soft_cap=30.0, **shape) for mode in MODES),
   ]
 
 

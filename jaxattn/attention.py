@@ -251,18 +251,65 @@ def normalize(query, key, value, bias=None, mask=None, *, scale=None,
   return inputs, config, rank3
 
 
+# GPU dispatch order per compute capability (major, minor): the first
+# implementation in the entry for the largest capability <= the device's that
+# serves the arguments runs. The order is measured, and these are the figures
+# it came from (issue 12; H200, compute capability 9.0, jax 0.11.2, CUDA 13,
+# bf16 B=2 T=S=8192 N=K=16 H=128, medians of 10 in one process, ms):
+#
+#                               causal fwd  causal fwd+bwd  dense fwd
+#   "cudnn" (jaxattn)                 1.47            4.01       2.12
+#   "pallas" (Triton)                 3.08           10.0        5.27
+#   "chunked"                        13.2            36.4       20.1
+#   tokamax Mosaic GPU (a peer)       1.10            4.25       1.95
+#
+# and, where cuDNN does not serve (8 packed documents of 1024, causal):
+#   "pallas" 0.81 fwd / 1.90 fwd+bwd; soft-cap 30 causal: 3.93 / 13.2.
+#
+# So cuDNN first where it serves, then the Pallas Triton kernel; what neither
+# serves goes to "chunked" (below). "mosaic" (jaxattn._impl.mosaic) is not in
+# the table: it has been run in Pallas' GPU interpreter and lowered for CUDA
+# on CPU only, never compiled or timed on a GPU, so nothing says it beats
+# "pallas" (or that it compiles there). Add it to the 9.0 entry (and only
+# there: it needs wgmma/TMA) with its figures once `bench/gpu.sh` has
+# measured it. Below 9.0 nothing was measured: the same order, by the same
+# reasoning (cuDNN's fused kernel vs a Triton kernel).
+GPU_ORDER: dict[tuple[int, int], tuple[str, ...]] = {
+    (0, 0): ("cudnn", "pallas"),
+    (9, 0): ("cudnn", "pallas"),
+}
+
+
+def _compute_capability() -> tuple[int, int] | None:
+  try:
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    major, minor = (str(cc).split(".") + ["0"])[:2]
+    return int(major), int(minor)
+  except Exception:  # no GPU device, or a device without the attribute
+    return None
+
+
+def gpu_order(compute_capability: tuple[int, int] | None = None) -> tuple[str, ...]:
+  """The GPU dispatch order for a compute capability (default: the device's)."""
+  cc = compute_capability or _compute_capability() or (0, 0)
+  return GPU_ORDER[max(k for k in GPU_ORDER if k <= tuple(cc))]
+
+
 def choose_implementation(inputs: common.AttentionInputs,
-                          config: common.AttentionConfig, backend: str | None = None) -> str:
+                          config: common.AttentionConfig, backend: str | None = None,
+                          compute_capability: tuple[int, int] | None = None) -> str:
   """What `implementation=None` runs, from the backend and the static arguments.
 
-  GPU: "cudnn" where it serves the arguments, else "pallas" where it does.
-  TPU: "splash" (JAX's splash attention kernel) where it serves them.
-  Otherwise (CPU, TPU and GPU leftovers) "chunked" from 256 x 256 logits per
-  head up, "xla" below (measured on CPU: the materialized path wins there).
+  GPU: the first implementation of `gpu_order(compute_capability)` (cudnn,
+  then pallas; see GPU_ORDER for the measurements) that serves the
+  arguments. TPU: "splash" (JAX's splash attention kernel) where it serves
+  them. Otherwise (CPU, TPU and GPU leftovers) "chunked" from 256 x 256
+  logits per head up, "xla" below (measured on CPU: the materialized path
+  wins there).
   """
   backend = backend or jax.default_backend()
   if backend in ("gpu", "cuda", "rocm"):
-    for name in ("cudnn", "pallas"):
+    for name in gpu_order(compute_capability):
       if name in _impl.names() and _impl.unsupported_reason(name, inputs, config, "gpu") is None:
         return name
   if backend == "tpu":

@@ -49,6 +49,9 @@ def test_quick_preset_writes_table_jsonl_and_plot(tmp_path):
     if name == "jaxattn.cudnn" and "needs a CUDA GPU backend" in r["status"]:
       assert r["status"].startswith("unsupported: "), r  # reported, not an error
       continue
+    if name == "jaxattn.mosaic" and "float16 or bfloat16" in r["status"]:  # float32 case
+      assert r["status"].startswith("unsupported: "), r
+      continue
     assert r["status"] == "ok", r
     assert r["time_s"] > 0 and r["gflops_effective"] < r["gflops"]
     assert r["max_abs_err"] < 1e-4

@@ -40,7 +40,7 @@ def names() -> tuple[str, ...]:
 
 
 def _register_builtins():
-  from jaxattn._impl import chunked, cudnn, pallas, splash, xla
+  from jaxattn._impl import chunked, cudnn, mosaic, pallas, splash, xla
   register("xla", xla.xla_attention)
   register("chunked", chunked.chunked_attention)
   register("pallas", pallas.pallas_attention,
@@ -49,6 +49,8 @@ def _register_builtins():
            lambda i, c, backend: cudnn.unsupported_reason(i, c, backend=backend))
   register("splash", splash.splash_attention,
            lambda i, c, backend: splash.unsupported_reason(i, c, backend=backend))
+  register("mosaic", mosaic.mosaic_attention,
+           lambda i, c, backend: mosaic.unsupported_reason(i, c, backend=backend))
 
 
 _register_builtins()

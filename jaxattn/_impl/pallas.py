@@ -58,6 +58,26 @@ from jax.experimental import pallas as pl
 from jaxattn import masks as _masks
 from jaxattn._impl import common
 
+
+def _triton():
+  """Pallas' Triton backend module, or None when this jax has none.
+
+  Imported lazily: jax deprecates the Triton backend, and a jax without it
+  must still import jaxattn and dispatch (compiled GPU kernels then raise
+  NotImplementedError, so `implementation=None` falls back).
+  """
+  try:
+    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
+  except Exception:  # ImportError, or whatever a half-removed backend raises
+    return None
+  return pltriton
+
+
+def _check_triton(p) -> None:
+  if not p.interpret and p.platform == "gpu" and _triton() is None:
+    raise NotImplementedError("pallas: this jax has no Pallas Triton backend "
+                              "(jax.experimental.pallas.triton), which the compiled GPU kernels need")
+
 # Compiled (GPU) blocks: 128 query rows (query positions x folded heads) and
 # 64 keys per step, FlashAttention-2's choice for H <= 128 on A100/H100.
 # Untuned: no GPU was available when this was written (see bench/gpu.sh).
@@ -415,8 +435,10 @@ def _common_specs(prep: _Prepared, p: _Plan, over: str) -> dict:
 def _compiler_params(p: _Plan):
   if p.interpret or p.platform != "gpu":
     return None
-  from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 (GPU only)
-  return plgpu.CompilerParams(num_warps=4 if max(p.Hp, p.Hvp) <= 64 else 8, num_stages=2)
+  pltriton = _triton()
+  if pltriton is None:
+    raise NotImplementedError("pallas: this jax has no Pallas Triton backend")
+  return pltriton.CompilerParams(num_warps=4 if max(p.Hp, p.Hvp) <= 64 else 8, num_stages=2)
 
 
 def _call(kernel, p: _Plan, name: str, grid, inputs: dict, in_specs: dict, outputs: dict):
@@ -872,7 +894,9 @@ def unsupported_reason(inputs: common.AttentionInputs, config: common.AttentionC
   dispatch can choose without trying.
   """
   try:
-    _lift_functions(inputs, _make_plan(inputs, config, block_sizes, interpret, platform))
+    p = _make_plan(inputs, config, block_sizes, interpret, platform)
+    _check_triton(p)
+    _lift_functions(inputs, p)
   except NotImplementedError as exc:
     return str(exc)
   return None
@@ -910,4 +934,5 @@ def pallas_attention(inputs: common.AttentionInputs, config: common.AttentionCon
                                 platform=platform, gpu_layout=gpu_layout)
     return out[..., :0], lse
   p = _make_plan(inputs, config, block_sizes, interpret, platform, gpu_layout)
+  _check_triton(p)
   return _flash(p, inputs)
