@@ -226,14 +226,15 @@ def tune(query, key, value, *, implementation: str = "chunked",
 
   timings: dict[tuple[int, int], float] = {}
   for pair in pairs:
-    fn = run(tuple(int(b) for b in pair))
+    pair = (int(pair[0]), int(pair[1]))
+    fn = run(pair)
     jax.block_until_ready(fn(query, key, value))
     times = []
     for _ in range(repeats):
       start = time.perf_counter()
       jax.block_until_ready(fn(query, key, value))
       times.append(1e3 * (time.perf_counter() - start))
-    timings[tuple(pair)] = statistics.median(times)
+    timings[pair] = statistics.median(times)
   best = min(timings, key=lambda p: (timings[p], p))
   tkey = key_for(implementation, inputs, config)
   if path is not None:

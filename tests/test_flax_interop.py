@@ -142,8 +142,6 @@ def test_adapter_dropout_is_keyed_and_deterministic_flag_works():
 
 
 def test_errors():
-  module = nnx.MultiHeadAttention(num_heads=2, in_features=4, decode=False,
-                                  attention_fn=flax_interop.attention_fn, rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match="nnx.MultiHeadAttention"):
     flax_interop.from_flax_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="'query', 'key', 'value'"):

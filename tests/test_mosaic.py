@@ -18,7 +18,7 @@ No GPU runs here. What CPU checks:
   there with that reason; the lowering tests run.
 
 The shared test base (bf16/fp16, H = 64, the features the kernel serves)
-runs with `--runslow`: every case runs the interpreter (seconds each).
+runs with `-m slow`: every case runs the interpreter (seconds each).
 """
 
 import re
@@ -33,7 +33,7 @@ import jaxattn
 from jaxattn import masks, testing
 from jaxattn._impl import mosaic
 
-from attention_base import GRID_NAMES, AttentionTestBase, option_grid, random_cotangents
+from attention_base import GRID_NAMES, AttentionTestBase, random_cotangents
 
 INTERPRETER = mosaic.interpreter_available()
 needs_interpreter = pytest.mark.skipif(

@@ -4,7 +4,7 @@ Off TPU, `implementation="splash"` runs the kernel in interpret mode: the
 same kernel source a TPU compiles, so values, lse and gradients are checked
 here against the float64 reference. Each case compiles splash's forward and
 backward kernels in interpret mode (seconds each on 2 cores), so the default
-run keeps a representative subset of the shared base; `--run-slow` (or
+run keeps a representative subset of the shared base; `-m slow` (or
 JAXATTN_RUN_SLOW=1) runs all of it. Arguments splash cannot serve (bias, a
 dense mask, dropout, score_fn, float16, ...) must raise NotImplementedError
 naming the reason: those cases compile nothing and always run.
@@ -37,11 +37,11 @@ REFUSED_GRID = {
     "mask_full": _NO_MASK, "mask_bcast": _NO_MASK,
     "dropout": _NO_DROPOUT, "dropout_causal_raw_key": _NO_DROPOUT,
 }
-# Served grid entries run by default (the rest behind --run-slow): both causal
+# Served grid entries run by default (the rest behind -m slow): both causal
 # alignments' machinery (a LocalMask with an offset), a two-sided window,
 # lengths (as segment ids) and the caller's segment ids.
 CI_GRID = ["causal_bottom_right", "both_lengths_causal", "segments"]
-CI_JAX_NN = []  # jax.nn parity of served cases: --run-slow (the float64 grid covers them)
+CI_JAX_NN = []  # jax.nn parity of served cases: -m slow (the float64 grid covers them)
 
 
 def _grid_params(names, ci):
