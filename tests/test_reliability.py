@@ -441,6 +441,7 @@ def test_sweep_sample(case):
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @settings(max_examples=2000, **_SWEEP)
 @given(case=_cases(FULL_STRUCTURES))
 def test_sweep_full(case):
