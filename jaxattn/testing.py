@@ -4,8 +4,9 @@
   `jaxattn.dot_product_attention`, written without JAX so it can judge it.
 - `reference_attention_vjp`: its analytic gradients (also float64 NumPy).
 - `assert_attention_close`: chex comparison with per-dtype tolerances.
-- `random_qkv`, `random_mask`, `random_lengths`, `random_segment_ids`: random
-  (never zero) inputs from an explicit key.
+- `random_qkv`, `random_normal`, `random_mask`, `random_lengths`,
+  `random_segment_ids`: random (never zero) inputs from an explicit key, drawn
+  with NumPy (no XLA compile per shape).
 """
 
 from __future__ import annotations
@@ -226,6 +227,35 @@ def reference_attention_vjp(query, key, value, bias=None, mask=None, *,
 
 # ---------------------------------------------------------------------------
 # random inputs
+#
+# Drawn with NumPy from the key's bits: jax.random compiles threefry for every new
+# shape (seconds each on CPU), which made drawing test data most of a test suite's
+# time. The same key gives the same arrays on every run and platform. Under a jax
+# transformation (the key is a tracer) they fall back to jax.random.
+
+
+def _numpy_rng(key) -> np.random.Generator | None:
+  """A NumPy generator seeded by the bits of a jax key; None for a traced key."""
+  if jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  try:
+    bits = np.asarray(key, np.uint32).ravel()
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+  return np.random.default_rng([int(b) for b in bits])
+
+
+def random_normal(key, shape, dtype=jnp.float32, *, scale: float = 1.0):
+  """Standard normal values (times `scale`) of `shape`, cast to `dtype`.
+
+  Like `jax.random.normal` for tests, without an XLA compile per shape.
+  """
+  shape = tuple(shape)
+  rng = _numpy_rng(key)
+  if rng is None:
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+  x = scale * rng.standard_normal(shape, np.float32)
+  return jnp.asarray(x.astype(jnp.dtype(dtype)))
 
 
 def random_qkv(key, *, B=2, T=5, S=7, N=6, K=3, H=11, dtype=jnp.float32,
@@ -235,24 +265,33 @@ def random_qkv(key, *, B=2, T=5, S=7, N=6, K=3, H=11, dtype=jnp.float32,
   `layout="TNH"` drops B. Sizes default to distinct numbers so a swapped
   axis fails loudly.
   """
-  kq, kk, kv = jax.random.split(key, 3)
+  kq, kk, kv = (jax.random.fold_in(key, i) for i in range(3))
   lead = () if layout == "TNH" else (B,)
-  def draw(k, shape):
-    return (scale * jax.random.normal(k, lead + shape, jnp.float32)).astype(dtype)
-  return draw(kq, (T, N, H)), draw(kk, (S, K, H)), draw(kv, (S, K, H))
+  return tuple(random_normal(k, lead + shape, dtype, scale=scale)
+               for k, shape in ((kq, (T, N, H)), (kk, (S, K, H)), (kv, (S, K, H))))
 
 
 def random_mask(key, shape, p_keep: float = 0.7):
   """Boolean mask of `shape`, True (attend) with probability p_keep."""
-  return jax.random.bernoulli(key, p_keep, shape)
+  rng = _numpy_rng(key)
+  if rng is None:
+    return jax.random.bernoulli(key, p_keep, tuple(shape))
+  return jnp.asarray(rng.random(tuple(shape)) < p_keep)
 
 
 def random_lengths(key, B: int, max_length: int, min_length: int = 0):
   """int32 (B,) lengths in [min_length, max_length]."""
-  return jax.random.randint(key, (B,), min_length, max_length + 1, jnp.int32)
+  rng = _numpy_rng(key)
+  if rng is None:
+    return jax.random.randint(key, (B,), min_length, max_length + 1, jnp.int32)
+  return jnp.asarray(rng.integers(min_length, max_length + 1, (B,)).astype(np.int32))
 
 
 def random_segment_ids(key, B: int, L: int, num_segments: int = 3):
   """int32 (B, L) ids of contiguous documents (sorted, as in packing)."""
-  cuts = jax.random.randint(key, (B, L), 0, L) < (num_segments - 1)
-  return jnp.cumsum(cuts, axis=1).astype(jnp.int32)
+  rng = _numpy_rng(key)
+  if rng is None:
+    cuts = jax.random.randint(key, (B, L), 0, L) < (num_segments - 1)
+    return jnp.cumsum(cuts, axis=1).astype(jnp.int32)
+  cuts = rng.integers(0, L, (B, L)) < (num_segments - 1)
+  return jnp.asarray(np.cumsum(cuts, axis=1).astype(np.int32))

@@ -20,7 +20,7 @@ B, T, S, N, K, H = 2, 5, 7, 6, 3, 11
 def option_grid(key, *, B=B, T=T, S=S, N=N):
   """Named keyword sets covering every argument, on random (never zero) data."""
   ks = jax.random.split(key, 8)
-  bias_full = jax.random.normal(ks[0], (B, N, T, S))
+  bias_full = testing.random_normal(ks[0], (B, N, T, S))
   mask_full = testing.random_mask(ks[1], (B, N, T, S))
   q_len = jnp.array([T, max(T // 2, 1)] + [T] * (B - 2), jnp.int32)[:B]
   kv_len = jnp.array([max(S // 3, 1), S] + [S] * (B - 2), jnp.int32)[:B]
@@ -75,6 +75,16 @@ def slow_unless(names, fast):
   return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
+def rotated_cases(names, options, ids):
+  """pytest params (name, *option) for every pair of a name and an option.
+
+  The default set runs each name with one option, taking the options in turn, so
+  every name and every option runs; `-m slow` runs the other pairs.
+  """
+  return [pytest.param(n, *opt, id=f"{oid}-{n}", marks=() if j == i % len(options) else pytest.mark.slow)
+          for i, n in enumerate(names) for j, (opt, oid) in enumerate(zip(options, ids))]
+
+
 def jax_nn_cases(names, tnh_fast=TNH_FAST, all_slow=False):
   """(name, layout) params: every name in (B, T, N, H), `tnh_fast` of them also in (T, N, H)
   by default; the other (T, N, H) cases (and all cases when `all_slow`) are slow."""
@@ -90,8 +100,8 @@ def _split(kw):
 
 def random_cotangents(key, out, lse):
   k1, k2 = jax.random.split(key)
-  do = jax.random.normal(k1, out.shape, jnp.float32).astype(out.dtype)
-  dl = jax.random.normal(k2, lse.shape, jnp.float32).astype(lse.dtype)
+  do = testing.random_normal(k1, out.shape, jnp.float32).astype(out.dtype)
+  dl = testing.random_normal(k2, lse.shape, jnp.float32).astype(lse.dtype)
   return do, jnp.where(jnp.isfinite(lse), dl, 0)
 
 
@@ -148,7 +158,7 @@ class AttentionTestBase:
     np.testing.assert_allclose(np.asarray(ours_lse)[live], np.asarray(theirs_lse)[live], atol=1e-5, rtol=1e-5)
     assert np.all(np.asarray(ours)[~live] == 0)
     # gradients of the output (jax.nn's residual is not differentiable)
-    w = jax.random.normal(jax.random.key(4), q.shape)
+    w = testing.random_normal(jax.random.key(4), q.shape)
     gours = jax.grad(lambda *a: jnp.sum(self.attend(*a, bias, mask, **kw) * w), (0, 1, 2))(q, k, v)
     gtheirs = jax.grad(lambda *a: jnp.sum(jax.nn.dot_product_attention(*a, bias, mask, **kw) * w * live[..., None]), (0, 1, 2))(q, k, v)
     chex.assert_trees_all_close(gours, gtheirs, atol=1e-5, rtol=1e-5)
@@ -203,7 +213,7 @@ class AttentionTestBase:
   @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
   def test_low_precision(self, dtype):
     q, k, v = self.qkv(seed=9, dtype=dtype)
-    bias = (10.0 * jax.random.normal(jax.random.key(1), (1, N, T, S))).astype(dtype)
+    bias = (10.0 * testing.random_normal(jax.random.key(1), (1, N, T, S))).astype(dtype)
     out, lse = self.attend(q, k, v, bias, is_causal=True, return_residual=True)
     assert out.dtype == dtype and lse.dtype == dtype
     ref, ref_lse = testing.reference_attention(q, k, v, bias, is_causal=True, return_residual=True)
@@ -236,11 +246,11 @@ class AttentionTestBase:
 
   def test_value_head_dim_may_differ(self):
     q, k, _ = self.qkv(seed=12)
-    v = jax.random.normal(jax.random.key(13), (B, S, K, 4))
+    v = testing.random_normal(jax.random.key(13), (B, S, K, 4))
     f = lambda q, k, v: self.attend(q, k, v, is_causal=True)
     out, vjp = jax.vjp(f, q, k, v)
     assert out.shape == (B, T, N, 4)
     testing.assert_attention_close(out, testing.reference_attention(q, k, v, is_causal=True))
-    do = jax.random.normal(jax.random.key(14), out.shape)
+    do = testing.random_normal(jax.random.key(14), out.shape)
     ref = testing.reference_attention_vjp(q, k, v, d_out=do, is_causal=True)
     testing.assert_attention_close(vjp(do), (ref["query"], ref["key"], ref["value"]))

@@ -1,5 +1,11 @@
 """Test-wide JAX settings: 8 simulated CPU devices, silent broadcasting is an error,
-and a persistent compilation cache (the suite is compile-bound).
+LLVM backend optimization off, and a persistent compilation cache (the suite is
+compile-bound).
+
+`--xla_backend_optimization_level=0` only changes how long LLVM spends optimizing
+the generated CPU code (XLA's HLO passes are the same, and so is what is tested); at
+these tiny shapes compiling dominates, and it takes about 30% of it (for
+jax.random's threefry, over 90%). Set XLA_FLAGS yourself to choose another level.
 
 The cache lives in $JAX_COMPILATION_CACHE_DIR when set (CI gives each venv its own),
 else in .jax_cache/py<X.Y>-jax<version> at the repository root, so two Pythons or two
@@ -12,7 +18,10 @@ import sys
 
 # Before jax is imported: tests/test_parallel.py shards over 8 CPU devices.
 # Single-device code still runs on device 0.
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+_flags = os.environ.get("XLA_FLAGS", "")
+if "--xla_backend_optimization_level" not in _flags:
+  _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags + " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
 

@@ -8,7 +8,12 @@ import pytest
 import jaxattn
 from jaxattn import testing
 
-from attention_base import JAX_NN_NAMES, AttentionTestBase, jax_nn_cases
+from attention_base import GRID_NAMES, JAX_NN_NAMES, AttentionTestBase, jax_nn_cases, slow_unless
+
+# Chunked with small blocks runs every option against the float64 reference; jax.nn
+# parity there and the one-block variant add a few options by default, all with -m slow.
+CHUNKED_JAX_NN_FAST = ("plain", "causal_window", "bias_and_mask", "both_lengths_causal")
+ONE_BLOCK_FAST = ("plain", "causal_bottom_right", "bias_bcast_heads", "segments", "soft_cap", "everything")
 
 
 class TestXla(AttentionTestBase):
@@ -16,7 +21,7 @@ class TestXla(AttentionTestBase):
 
   def test_forward_mode_autodiff(self):
     q, k, v = self.qkv()
-    tangent = jax.random.normal(jax.random.key(1), q.shape)
+    tangent = testing.random_normal(jax.random.key(1), q.shape)
     f = lambda q: self.attend(q, k, v, is_causal=True)
     _, jvp_out = jax.jvp(f, (q,), (tangent,))
     eps = 1e-3
@@ -29,10 +34,19 @@ class TestChunkedSmallBlocks(AttentionTestBase):
   implementation = "chunked"
   block_sizes = (2, 3)
 
+  @pytest.mark.parametrize("name,layout", jax_nn_cases(CHUNKED_JAX_NN_FAST, tnh_fast=("plain",)) + [
+      p for p in jax_nn_cases(JAX_NN_NAMES, all_slow=True) if p.values[0] not in CHUNKED_JAX_NN_FAST])
+  def test_matches_jax_nn(self, name, layout):
+    super().test_matches_jax_nn(name, layout)
+
 
 class TestChunkedOneBlock(AttentionTestBase):
   implementation = "chunked"
   block_sizes = None
+
+  @pytest.mark.parametrize("name", slow_unless(GRID_NAMES, ONE_BLOCK_FAST))
+  def test_matches_float64_reference_values_and_gradients(self, name):
+    super().test_matches_float64_reference_values_and_gradients(name)
 
   # The same code as TestChunkedSmallBlocks with one block per side: the float64 grid
   # covers that path; jax.nn parity adds nothing there beyond the slow set.

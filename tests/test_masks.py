@@ -12,8 +12,15 @@ from jaxattn import masks as jm
 from jaxattn import scores as js
 from jaxattn import testing
 
+from attention_base import rotated_cases
+
 B, T, S, N, K, H = 2, 9, 11, 4, 2, 5
 IMPLS = [("xla", None), ("chunked", (2, 3)), ("chunked", (4, 4))]
+IMPL_IDS = ["xla", "chunked2x3", "chunked4x4"]
+
+
+def slow_unless_id(params, ids, fast):
+  return [pytest.param(*p, id=i, marks=() if i == fast else pytest.mark.slow) for p, i in zip(params, ids)]
 
 
 def grid(B=B, N=N, T=T, S=S):
@@ -81,8 +88,7 @@ def test_block_classification_is_sound(name, blocks):
     assert (bm == 0).any()  # these leave blocks to skip at every block size used here
 
 
-@pytest.mark.parametrize("name", list(MASKS))
-@pytest.mark.parametrize("impl,blocks", IMPLS, ids=["xla", "chunked2x3", "chunked4x4"])
+@pytest.mark.parametrize("name,impl,blocks", rotated_cases(list(MASKS), IMPLS, IMPL_IDS))
 def test_attention_with_mask_fn_matches_reference(name, impl, blocks):
   q, k, v = testing.random_qkv(jax.random.key(5), B=B, T=T, S=S, N=N, K=K, H=H)
   mask = MASKS[name]()
@@ -91,14 +97,14 @@ def test_attention_with_mask_fn_matches_reference(name, impl, blocks):
   (out, lse), vjp = jax.vjp(f, q, k, v)
   ref, ref_lse = testing.reference_attention(q, k, v, mask_fn=mask, return_residual=True)
   testing.assert_attention_close((out, lse), (ref, ref_lse))
-  do = jax.random.normal(jax.random.key(6), out.shape)
+  do = testing.random_normal(jax.random.key(6), out.shape)
   grads = vjp((do, jnp.zeros_like(lse)))
   rg = testing.reference_attention_vjp(q, k, v, mask_fn=mask, d_out=do)
   testing.assert_attention_close(grads, (rg["query"], rg["key"], rg["value"]))
   chex.assert_tree_all_finite(grads)
 
 
-@pytest.mark.parametrize("impl,blocks", IMPLS, ids=["xla", "chunked2x3", "chunked4x4"])
+@pytest.mark.parametrize("impl,blocks", slow_unless_id(IMPLS, IMPL_IDS, fast="chunked2x3"))
 def test_existing_arguments_equal_their_mask_functions(impl, blocks):
   q, k, v = testing.random_qkv(jax.random.key(7), B=B, T=T, S=S, N=N, K=K, H=H)
   qs = testing.random_segment_ids(jax.random.key(8), B, T)
@@ -120,18 +126,17 @@ def _score_mods():
   ks = jax.random.split(jax.random.key(10), 3)
   return {
       "alibi": js.alibi(js.alibi_slopes(N)),
-      "relative": js.relative_position_bias(0.5 * jax.random.normal(ks[0], (N, 2 * 4 + 1)), 4),
-      "t5": js.t5_relative_bias(0.5 * jax.random.normal(ks[1], (N, 8)), num_buckets=8, max_distance=16),
+      "relative": js.relative_position_bias(0.5 * testing.random_normal(ks[0], (N, 2 * 4 + 1)), 4),
+      "t5": js.t5_relative_bias(0.5 * testing.random_normal(ks[1], (N, 8)), num_buckets=8, max_distance=16),
       "user_with_params": js.from_function(
           lambda p, s, b, h, q, kv: s * p["temperature"][h] + p["shift"],
-          {"temperature": 1.0 + 0.1 * jax.random.normal(ks[2], (N,)), "shift": jnp.float32(0.3)}),
+          {"temperature": 1.0 + 0.1 * testing.random_normal(ks[2], (N,)), "shift": jnp.float32(0.3)}),
       "user_plain": js.from_function(lambda s, b, h, q, kv: s - 0.01 * (q - kv) ** 2),
       "chained": js.chain(js.alibi(js.alibi_slopes(N)), js.soft_cap(3.0)),
   }
 
 
-@pytest.mark.parametrize("name", list(_score_mods()))
-@pytest.mark.parametrize("impl,blocks", IMPLS, ids=["xla", "chunked2x3", "chunked4x4"])
+@pytest.mark.parametrize("name,impl,blocks", rotated_cases(list(_score_mods()), IMPLS, IMPL_IDS))
 def test_score_modifiers_values_and_gradients_including_parameters(name, impl, blocks):
   q, k, v = testing.random_qkv(jax.random.key(11), B=B, T=T, S=S, N=N, K=K, H=H)
   mod = _score_mods()[name]
@@ -142,7 +147,7 @@ def test_score_modifiers_values_and_gradients_including_parameters(name, impl, b
 
   out, vjp = jax.vjp(f, q, k, v, mod)
   testing.assert_attention_close(out, testing.reference_attention(q, k, v, score_fn=mod, **kw))
-  do = jax.random.normal(jax.random.key(12), out.shape)
+  do = testing.random_normal(jax.random.key(12), out.shape)
   dq, dk, dv, dmod = vjp(do)
   rg = testing.reference_attention_vjp(q, k, v, score_fn=mod, d_out=do, **kw)
   testing.assert_attention_close((dq, dk, dv), (rg["query"], rg["key"], rg["value"]))
@@ -200,7 +205,7 @@ def test_bad_mask_and_score_arguments():
     jaxattn.dot_product_attention(q, k, v, mask_fn=jm.padding(kv_lengths=jnp.ones(3, jnp.int32)))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(T_=st.integers(1, 30), S_=st.integers(1, 30), bq=st.integers(1, 8), bk=st.integers(1, 8),
        left=st.one_of(st.none(), st.integers(0, 10)), right=st.one_of(st.none(), st.integers(0, 10)),
        offset=st.integers(-5, 5), chunk=st.integers(1, 9), prefix=st.integers(0, 12), combo=st.integers(0, 3))

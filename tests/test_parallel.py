@@ -47,8 +47,8 @@ def _problem(key, *, T=T, S=T, segments=False):
     # Sorted (packed documents) and a query id no key has: fully masked rows.
     out["query_segment_ids"] = jnp.sort(jax.random.randint(ks[1], (B, T), 0, 4), axis=1)
     out["key_value_segment_ids"] = jnp.sort(jax.random.randint(ks[2], (B, S), 0, 3), axis=1)
-  d_out = jax.random.normal(ks[3], (B, T, N, H))
-  d_lse = jax.random.normal(ks[4], (B, T, N))
+  d_out = testing.random_normal(ks[3], (B, T, N, H))
+  d_lse = testing.random_normal(ks[4], (B, T, N))
   return out, d_out, d_lse
 
 
@@ -126,7 +126,7 @@ def test_layout_errors_name_the_function_and_sizes():
 
 @pytest.mark.parametrize("layout,is_causal,block_sizes", [
     ("contiguous", False, None),
-    ("contiguous", True, None),
+    pytest.param("contiguous", True, None, marks=pytest.mark.slow),
     ("zigzag", True, (2, 3)),  # blocks that divide nothing: padding inside each piece
     ("striped", True, (4, 4)),  # two blocks per device: the kernel skips masked ones
 ])
@@ -277,10 +277,13 @@ def _check_results(compiled, args, want, sh):
   chex.assert_trees_all_close(results, want, atol=ATOL, rtol=ATOL)
 
 
-@pytest.mark.parametrize("implementation,axis_type", [
-    ("xla", AxisType.Auto), ("chunked", AxisType.Auto), ("xla", AxisType.Explicit),
-    ("chunked", AxisType.Explicit)])
-@pytest.mark.parametrize("sharded", ["batch", "heads"])
+# Each case compiles a sharded forward and backward: the default set takes chunked with
+# both axis types and both shardings, and xla once; -m slow runs the rest.
+@pytest.mark.parametrize("implementation,axis_type,sharded", [
+    pytest.param(impl, axis, sharded, marks=() if impl == "chunked" or (axis, sharded) == (
+        AxisType.Auto, "batch") else pytest.mark.slow)
+    for impl in ("xla", "chunked") for axis in (AxisType.Auto, AxisType.Explicit)
+    for sharded in ("batch", "heads")])
 def test_batch_or_head_sharded_attention_has_no_collectives(implementation, sharded, axis_type):
   """jit with NamedSharding on B or on N and K: causal forward and backward
   compile to per-device programs with no collective at all, and the results
@@ -291,7 +294,7 @@ def test_batch_or_head_sharded_attention_has_no_collectives(implementation, shar
   _check_results(compiled, args, want, sh)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+@pytest.mark.parametrize("implementation", ["chunked", pytest.param("xla", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("sharded", ["batch", "heads"])
 def test_sharded_attention_with_segment_ids_moves_no_qkv(implementation, sharded):
   """With segment ids, q/k/v and results still stay where they are: no

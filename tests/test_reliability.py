@@ -25,6 +25,9 @@ IMPLS = ["xla", "chunked", "pallas"]
 # (implementation, block_sizes): chunked with blocks that pad T and S, and one block per side.
 RUNS = [("xla", None), ("chunked", (2, 3)), ("chunked", (4, 4)), ("chunked", None), ("pallas", (4, 4))]
 RUN_IDS = ["xla", "chunked-2x3", "chunked-4x4", "chunked-1block", "pallas-4x4"]
+# The default set checks every implementation once; -m slow adds chunked's other blockings.
+RUN_PARAMS = [pytest.param(*r, id=i, marks=pytest.mark.slow if i in ("chunked-4x4", "chunked-1block") else ())
+              for r, i in zip(RUNS, RUN_IDS)]
 
 
 def _attend(impl, block_sizes, *args, **kw):
@@ -43,8 +46,8 @@ def _check_values_and_grads(impl, block_sizes, q, k, v, bias=None, mask=None, *,
   testing.assert_attention_close(out, ref_out, **tol)
   testing.assert_attention_close(lse, ref_lse, **tol)
   k1, k2 = jax.random.split(jax.random.key(seed))
-  do = jax.random.normal(k1, out.shape, jnp.float32).astype(out.dtype)
-  dl = jnp.where(jnp.isfinite(lse), jax.random.normal(k2, lse.shape, jnp.float32).astype(lse.dtype), 0)
+  do = testing.random_normal(k1, out.shape, jnp.float32).astype(out.dtype)
+  dl = jnp.where(jnp.isfinite(lse), testing.random_normal(k2, lse.shape, jnp.float32).astype(lse.dtype), 0)
   grads = vjp((do, dl))
   chex.assert_tree_all_finite(grads[:3])
   ref = testing.reference_attention_vjp(q, k, v, bias, mask, d_out=do, d_lse=dl, **kw)
@@ -83,7 +86,7 @@ def test_chunked_gradients_finite_and_right_for_any_blocks_and_bias_magnitude(
   q, k, v = testing.random_qkv(jax.random.key(T * 100 + S), B=1, T=T, S=S, N=2, K=1, H=4)
   magnitude = 10.0 ** log_magnitude
   shape = (1, 1, 1, S) if per_key else (1, 1, T, 1)
-  noise = jax.random.normal(jax.random.key(7), shape)
+  noise = testing.random_normal(jax.random.key(7), shape)
   bias = magnitude + noise
   # The bias itself is rounded at its magnitude; logits inherit ~1e-7 * magnitude.
   tol = 2e-5 + 4e-7 * magnitude
@@ -105,21 +108,21 @@ def _exact_large_logits(seed, B=2, T=5, S=7, N=6, K=3, H=11):
   q = jnp.concatenate([q_first, jnp.broadcast_to(c, (B, T, N, H - 1))], -1)
   k_first = jax.random.randint(ks[2], (B, S, K, 1), -3, 4).astype(jnp.float32)
   k = jnp.concatenate([k_first, jnp.broadcast_to(c, (B, S, K, H - 1))], -1)
-  v = jax.random.normal(ks[3], (B, S, K, H))
+  v = testing.random_normal(ks[3], (B, S, K, H))
   return q, k, v
 
 
 def _errors_vs_float64(f, q, k, v, seed=5):
   """Max abs errors of (output, dq, dk, dv) against the float64 reference (scale 1)."""
   out, vjp = jax.vjp(f, q, k, v)
-  do = jax.random.normal(jax.random.key(seed), out.shape)
+  do = testing.random_normal(jax.random.key(seed), out.shape)
   ref = testing.reference_attention_vjp(q, k, v, scale=1.0, d_out=do)
   want = (testing.reference_attention(q, k, v, scale=1.0), ref["query"], ref["key"], ref["value"])
   got = (out,) + tuple(vjp(do))
   return np.array([np.max(np.abs(np.asarray(a, np.float64) - b)) for a, b in zip(got, want)])
 
 
-@pytest.mark.parametrize("impl,block_sizes", RUNS, ids=RUN_IDS)
+@pytest.mark.parametrize("impl,block_sizes", RUN_PARAMS)
 def test_large_logits_are_as_accurate_as_jax_nn(impl, block_sizes):
   """Logits ~9e3 with near ties: within 2x of jax.nn's errors (out 2e-7, dq 6e-5 at |dq| 1.5,
   dk 1e-4 at |dk| 120); before the fix out was off by 1e-4 (xla) and dq by 2e-2 (pallas)."""
@@ -142,7 +145,7 @@ def test_large_logits_are_as_accurate_as_jax_nn(impl, block_sizes):
 def test_float64_is_computed_in_float64(impl, block_sizes):
   with jax.enable_x64(True):
     q, k, v = testing.random_qkv(jax.random.key(3), dtype=jnp.float64)
-    bias = jax.random.normal(jax.random.key(4), (1, 6, 5, 7), jnp.float64)
+    bias = testing.random_normal(jax.random.key(4), (1, 6, 5, 7), jnp.float64)
     out, _ = _check_values_and_grads(impl, block_sizes, q, k, v, bias, is_causal=True)
     assert out.dtype == jnp.float64
 
@@ -170,14 +173,14 @@ def _padding_case(fill):
   return q, k, v, dict(key_value_seq_lengths=kv_len, query_seq_lengths=q_len)
 
 
-@pytest.mark.parametrize("impl,block_sizes", RUNS, ids=RUN_IDS)
+@pytest.mark.parametrize("impl,block_sizes", RUN_PARAMS)
 def test_nan_in_padding_never_reaches_outputs_or_gradients(impl, block_sizes):
   results = []
   for fill in (jnp.nan, jnp.inf, 0.5):
     q, k, v, kw = _padding_case(fill)
     f = lambda q, k, v: _attend(impl, block_sizes, q, k, v, return_residual=True, **kw)
     (out, lse), vjp = jax.vjp(f, q, k, v)
-    do = jax.random.normal(jax.random.key(6), out.shape)
+    do = testing.random_normal(jax.random.key(6), out.shape)
     grads = vjp((do, jnp.zeros_like(lse)))
     chex.assert_tree_all_finite((out, grads))
     results.append((out, lse, grads))
@@ -285,7 +288,7 @@ def test_one_dimensional_mask_with_rank3_inputs_matches_jax_nn():
 @pytest.mark.parametrize("shape", [(), (7,), (5, 7), (5, 1), (6, 1, 1)])
 def test_low_rank_bias_and_mask_broadcast_by_numpy_rules(shape):
   q, k, v = testing.random_qkv(jax.random.key(10))
-  bias = jax.random.normal(jax.random.key(11), shape)
+  bias = testing.random_normal(jax.random.key(11), shape)
   mask = testing.random_mask(jax.random.key(12), shape, p_keep=0.8) if shape else jnp.array(True)
   full = (2, 6, 5, 7)
   out = jaxattn.dot_product_attention(q, k, v, bias, mask)
@@ -389,13 +392,13 @@ def _check_case(case):
   bias_shape, mask_shape = case["bias_shape"], case["mask_shape"]
   ks = jax.random.split(jax.random.key(seed), 6)
   q, k, v = testing.random_qkv(ks[0], B=B, T=T, S=S, N=N, K=K, H=H, dtype=dtype)
-  bias = None if bias_shape is None else (2.0 * jax.random.normal(ks[1], bias_shape)).astype(dtype)
+  bias = None if bias_shape is None else (2.0 * testing.random_normal(ks[1], bias_shape)).astype(dtype)
   mask = None if mask_shape is None else testing.random_mask(ks[2], mask_shape, p_keep=0.8)
   score_fn = scores.alibi(scores.alibi_slopes(N)) if case["alibi"] else None
   fn = _sweep_fn(impl, block_sizes, case["static"])
   out_shape, lse_shape = (B, T, N, H), (B, T, N)
-  do = jax.random.normal(ks[3], out_shape, jnp.float32).astype(dtype)
-  dl0 = jax.random.normal(ks[4], lse_shape, jnp.float32).astype(dtype)
+  do = testing.random_normal(ks[3], out_shape, jnp.float32).astype(dtype)
+  dl0 = testing.random_normal(ks[4], lse_shape, jnp.float32).astype(dtype)
   ref_out, ref_lse = testing.reference_attention(q, k, v, bias, mask, return_residual=True,
                                                  score_fn=score_fn, **arrays, **static)
   dl = jnp.where(jnp.isfinite(jnp.asarray(ref_lse)), dl0, 0).astype(dtype)

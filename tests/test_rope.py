@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxattn import testing
 from jaxattn import rope as rope_lib
 from jaxattn.rope import RopeConfig, rope_frequencies
 
@@ -29,7 +30,7 @@ def _complex_rope(x, pos, theta):
 
 
 def test_matches_complex_formula_and_keeps_dtype():
-  x = jax.random.normal(jax.random.key(0), (T, N, H))
+  x = testing.random_normal(jax.random.key(0), (T, N, H))
   pos = jnp.array([0, 3, 7, 100, 2049])
   theta = 10000.0 ** (-np.arange(H // 2) * 2.0 / H)
   np.testing.assert_allclose(apply_rope(x, pos), _complex_rope(x, pos, theta), atol=2e-4)
@@ -42,8 +43,8 @@ def test_matches_complex_formula_and_keeps_dtype():
 
 def test_scores_depend_only_on_position_differences():
   kq, kk = jax.random.split(jax.random.key(1))
-  q = jax.random.normal(kq, (T, N, H))
-  k = jax.random.normal(kk, (T, N, H))
+  q = testing.random_normal(kq, (T, N, H))
+  k = testing.random_normal(kk, (T, N, H))
   pos = jnp.array([0, 1, 4, 9, 10])
 
   def scores(shift):
@@ -57,7 +58,7 @@ def test_scores_depend_only_on_position_differences():
 
 
 def test_interleaved_is_a_permutation_of_half_split():
-  x = jax.random.normal(jax.random.key(2), (T, N, H))
+  x = testing.random_normal(jax.random.key(2), (T, N, H))
   pos = jnp.arange(T)
   perm = np.concatenate([np.arange(0, H, 2), np.arange(1, H, 2)])  # interleaved -> halves
   inter = apply_rope(x, pos, interleaved=True)
@@ -66,7 +67,7 @@ def test_interleaved_is_a_permutation_of_half_split():
 
 
 def test_partial_rotary_dim_passes_the_rest():
-  x = jax.random.normal(jax.random.key(3), (2, T, N, H))  # leading batch dim too
+  x = testing.random_normal(jax.random.key(3), (2, T, N, H))  # leading batch dim too
   pos = jnp.arange(T) + 3
   y = apply_config(RopeConfig(rotary_dim=4, base=10.0), x, pos)
   np.testing.assert_array_equal(y[..., 4:], x[..., 4:])
@@ -81,7 +82,7 @@ def test_scalings():
   np.testing.assert_allclose(ntk, rope_frequencies(H, base=10000.0 * 4.0 ** (H / (H - 2))), rtol=1e-6)
   assert ntk[0] == base[0] and ntk[-1] < base[-1]  # NTK keeps the fastest frequency
   # Linear interpolation: position p at factor f rotates like position p / f.
-  x = jax.random.normal(jax.random.key(4), (T, N, H))
+  x = testing.random_normal(jax.random.key(4), (T, N, H))
   pos = jnp.arange(T) * 4.0
   np.testing.assert_allclose(apply_config(RopeConfig(scaling="linear", scaling_factor=4.0), x, pos),
                              apply_rope(x, pos / 4.0), atol=1e-5)
@@ -101,7 +102,7 @@ def test_errors():
 
 
 def test_odd_head_dim():
-  x = jax.random.normal(jax.random.key(5), (T, N, 7))
+  x = testing.random_normal(jax.random.key(5), (T, N, 7))
   with pytest.raises(ValueError, match=r"apply_rope: x's head dim H = 7 is odd .* rope_frequencies\(6\)"):
     rope_lib.apply_rope(x, jnp.arange(T))
   with pytest.raises(ValueError, match="RopeConfig: the head dim H = 7 is odd .* set rotary_dim"):

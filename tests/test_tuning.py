@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxattn
-from jaxattn import attention, tuning
+from jaxattn import attention, testing, tuning
 
 B, T, N, H = 1, 256, 2, 16
 
@@ -21,7 +21,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def _q():
-  return jax.random.normal(jax.random.key(0), (B, T, N, H))
+  return testing.random_normal(jax.random.key(0), (B, T, N, H))
 
 
 def _tile_shapes(**kwargs):
