@@ -89,6 +89,7 @@ from jaxattn import _checks
 from jaxattn import attention as _attention
 from jaxattn import layers as _layers
 from jaxattn import rope as _rope
+from jaxattn._impl import common
 
 # Queries (T * N) up to this use the decode kernel (all T * N query rows in each
 # block's matmul); longer prefills go to dot_product_attention, whose blocked
@@ -588,8 +589,7 @@ def default_num_splits(T: int, N: int, L: int, backend: str | None = None) -> in
   already spreads each step over the cores (B * K slabs) and P chunks per
   step only enlarge its working set (measured slower, bench/decode.py).
   """
-  backend = jax.default_backend() if backend is None else backend
-  if backend == "cpu" or T * N > 64:
+  if common.platform(backend) == "cpu" or T * N > 64:
     return 1
   for P in range(min(_SPLIT_MAX_CHUNKS, L // _SPLIT_MIN_CHUNK), 1, -1):
     if L % P == 0:

@@ -194,8 +194,8 @@ def _tile_index(p: _Prepared, st: _Static, q0, k0, w):
 
 def _raw_logits(st: _Static, qi, kj):
   acc = common.stat_dtype(qi.dtype)
-  return jnp.einsum("bkrh,bkch->bkrc", qi, kj, precision=common.dot_precision(qi.dtype),
-                    preferred_element_type=acc) * jnp.asarray(st.config.scale, acc)
+  return (jnp.einsum("bkrh,bkch->bkrc", qi, kj, preferred_element_type=acc)
+          * jnp.asarray(st.config.scale, acc))
 
 
 def _post(p: _Prepared, st: _Static, q0, k0, raw, score_fn, masked: bool):
@@ -297,7 +297,7 @@ def _forward(p: _Prepared, st: _Static):
       drop = _dropout_scale(p, st, i * st.bq, j * st.bk, st.bk)
       if drop is not None:
         e = e * drop
-      pv = jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj, precision=common.dot_precision(vdt),
+      pv = jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj,
                       preferred_element_type=common.stat_dtype(vdt))
       return m_new, l, acc * alpha[..., None] + pv
 
@@ -343,7 +343,6 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   from a VJP through the modifier (and the soft-cap) on this tile.
   """
   dt = p.q.dtype
-  prec = common.dot_precision(dt)
   leaves, rebuild = score
   w = kj.shape[2]
   raw = _raw_logits(st, qi, kj)
@@ -356,9 +355,9 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   drop = _dropout_scale(p, st, q0, k0, w)
   pd = prob if drop is None else prob * drop
   acc = common.stat_dtype(dt)
-  dv = jnp.einsum("bkrc,bkrh->bkch", pd.astype(dt), doi, precision=prec,
+  dv = jnp.einsum("bkrc,bkrh->bkch", pd.astype(dt), doi,
                   preferred_element_type=acc)
-  dp = jnp.einsum("bkrh,bkch->bkrc", doi, vj, precision=prec, preferred_element_type=acc)
+  dp = jnp.einsum("bkrh,bkch->bkrc", doi, vj, preferred_element_type=acc)
   if drop is not None:
     dp = dp * drop
   ds = prob * (dp - delta_i[..., None])
@@ -368,8 +367,8 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   if p.score_fn is not None:
     ds, d_leaves = pull(ds)
   ds = (ds * jnp.asarray(st.config.scale, ds.dtype)).astype(dt)
-  dk = jnp.einsum("bkrc,bkrh->bkch", ds, qi, precision=prec, preferred_element_type=acc)
-  dq = jnp.einsum("bkrc,bkch->bkrh", ds, kj, precision=prec, preferred_element_type=acc)
+  dk = jnp.einsum("bkrc,bkrh->bkch", ds, qi, preferred_element_type=acc)
+  dq = jnp.einsum("bkrc,bkch->bkrh", ds, kj, preferred_element_type=acc)
   return dq, dk, dv, dbias, d_leaves
 
 
@@ -499,7 +498,7 @@ def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
     drop = _dropout_scale(p, st, q0, k0, w)
     if drop is not None:
       e = e * drop
-    pv = jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj, precision=common.dot_precision(vdt),
+    pv = jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj,
                     preferred_element_type=common.stat_dtype(vdt))
     return _write_rows(carry, i, rows, pv, m_safe, l)
 

@@ -137,10 +137,9 @@ def _pow2(n: int) -> int:
 
 
 def _platform() -> str:
-  backend = jax.default_backend()
-  if backend in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  return "tpu" if backend == "tpu" else "cpu"
+  """The kernels' target: "gpu", "tpu", or "cpu" (interpret mode) for any other backend."""
+  backend = common.platform()
+  return backend if backend in ("gpu", "tpu") else "cpu"
 
 
 def default_block_sizes(T: int, S: int, G: int = 1, compiled: bool = False) -> tuple[int, int]:
