@@ -282,7 +282,7 @@ GPU_ORDER: dict[tuple[int, int], tuple[str, ...]] = {
 
 def _compute_capability() -> tuple[int, int] | None:
   try:
-    cc = getattr(jax.devices()[0], "compute_capability", None)
+    cc = common.cuda_gpu()[1]
     major, minor = (str(cc).split(".") + ["0"])[:2]
     return int(major), int(minor)
   except Exception:  # no GPU device, or a device without the attribute
@@ -307,8 +307,8 @@ def choose_implementation(inputs: common.AttentionInputs,
   logits per head up, "xla" below (measured on CPU: the materialized path
   wins there).
   """
-  backend = backend or jax.default_backend()
-  if backend in ("gpu", "cuda", "rocm"):
+  backend = common.platform(backend or None)
+  if backend == "gpu":
     for name in gpu_order(compute_capability):
       if name in _impl.names() and _impl.unsupported_reason(name, inputs, config, "gpu") is None:
         return name

@@ -89,6 +89,7 @@ from jaxattn import _checks
 from jaxattn import attention as _attention
 from jaxattn import layers as _layers
 from jaxattn import rope as _rope
+from jaxattn._impl import common, softmax_state
 
 # Queries (T * N) up to this use the decode kernel (all T * N query rows in each
 # block's matmul); longer prefills go to dot_product_attention, whose blocked
@@ -492,13 +493,14 @@ def _soft_cap(logits, cap):
   return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
-def _finish(m, l, acc):
-  """Normalizes an online-softmax state; empty rows give 0 and lse -inf."""
-  empty = l == 0
-  out = acc / jnp.where(empty, 1.0, l)[..., None]
-  m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-  lse = jnp.where(empty, -jnp.inf, m_safe + jnp.log(jnp.where(empty, 1.0, l)))
-  return out, lse
+def _finish(state: softmax_state.State):
+  """Normalizes an online-softmax state; empty rows give 0 and lse -inf.
+
+  A row whose sum is NaN (NaN logits) keeps lse NaN here, as decode always
+  returned (`softmax_state.finalize` gives it -inf); its output is NaN either way.
+  """
+  out, lse, _ = softmax_state.finalize(state)
+  return out, jnp.where(jnp.isnan(state.l), state.l, lse)
 
 
 def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, kv_lengths, *, scale,
@@ -512,8 +514,8 @@ def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, kv_lengths, 
   each of P independent chunks and keeps P states. Keys at or past
   `kv_lengths` (B,) (stale slots) and not own are replaced by 0 with a
   `where` before any arithmetic, so NaN or inf there never reaches an output
-  or a gradient. Returns the float32 state (max, sum, output sum),
-  (B, K, [P,] R[, H]).
+  or a gradient. Returns the float32 `softmax_state.State` (max, sum, output
+  sum), (B, K, [P,] R[, H]).
 
   The loop has a static trip count, so reverse-mode differentiation works;
   blocks outside [lo, hi) (beyond every sequence's length, or before every
@@ -529,8 +531,7 @@ def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, kv_lengths, 
   ex = (slice(None),) + (None,) * len(lead) + (slice(None), None)
   rpos, rreal = row_pos[ex], row_real[ex]                            # (B, [1,] R, 1)
 
-  def body(j, carry):
-    m, l, acc = carry
+  def body(j, state):
     kb, vb, kv_pos, own = read(j)
     stored = own & (kv_pos[None] < kv_lengths.reshape((B,) + (1,) * kv_pos.ndim))  # (B, [P,] C)
     keep = stored[:, None, ..., None]                                # (B, 1, [P,] C, 1)
@@ -541,21 +542,15 @@ def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, kv_lengths, 
     kv_pos = kv_pos[..., None, :][None]                              # (1, [P,] 1, C)
     ok = _allowed(kv_pos, rpos, rreal, window_left) & stored[..., None, :]
     s = jnp.where(ok[:, None], s, -jnp.inf)                          # (B, K, [P,] R, C)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp(m - m_safe)
-    e = jnp.exp(s - m_safe[..., None])
-    l = l * alpha + jnp.sum(e, axis=-1)
-    pv = jnp.einsum(pv_spec, e.astype(value_dtype), vb,
-                    preferred_element_type=jnp.float32)
-    return m_new, l, acc * alpha[..., None] + pv
+    return softmax_state.update(
+        state, s, lambda e: jnp.einsum(pv_spec, e.astype(value_dtype), vb,
+                                       preferred_element_type=jnp.float32))
 
   def maybe(j, carry):
     return lax.cond((j >= lo) & (j < hi), lambda c: body(j, c), lambda c: c, carry)
 
-  init = (jnp.full((B, K) + lead + (R,), -jnp.inf, jnp.float32),
-          jnp.zeros((B, K) + lead + (R,), jnp.float32),
-          jnp.zeros((B, K) + lead + (R, H), jnp.float32))
+  init = softmax_state.init(jnp.zeros((B, K) + lead + (R,), jnp.float32),
+                            jnp.zeros((B, K) + lead + (R, H), jnp.float32))
   return lax.fori_loop(0, num_blocks, maybe, init)
 
 
@@ -588,8 +583,7 @@ def default_num_splits(T: int, N: int, L: int, backend: str | None = None) -> in
   already spreads each step over the cores (B * K slabs) and P chunks per
   step only enlarge its working set (measured slower, bench/decode.py).
   """
-  backend = jax.default_backend() if backend is None else backend
-  if backend == "cpu" or T * N > 64:
+  if common.platform(backend) == "cpu" or T * N > 64:
     return 1
   for P in range(min(_SPLIT_MAX_CHUNKS, L // _SPLIT_MIN_CHUNK), 1, -1):
     if L % P == 0:
@@ -638,16 +632,13 @@ def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
   lo = 0
   if window_left is not None:
     lo = jnp.clip((_first_key(row_pos, row_real, window_left) - (P - 1) * Lp) // Cb, 0, hi)
-  m, l, acc = _online_softmax(q, read, nb, lo, hi, row_pos, row_real,
-                              jnp.clip(lengths, 0, L), scale=scale,
-                              soft_cap=soft_cap, window_left=window_left,
-                              value_dtype=value.dtype, chunks=None if P == 1 else P)
-  if P > 1:
-    # Exact merge across chunks (B, K, P, R[, H]) by their maxima and sums.
-    M = jnp.max(m, axis=2)
-    w = jnp.exp(m - jnp.where(M == -jnp.inf, 0.0, M)[:, :, None, :])  # 0 for empty chunks
-    m, l, acc = M, jnp.sum(w * l, axis=2), jnp.sum(w[..., None] * acc, axis=2)
-  out, lse = _finish(m, l, acc)
+  state = _online_softmax(q, read, nb, lo, hi, row_pos, row_real,
+                          jnp.clip(lengths, 0, L), scale=scale,
+                          soft_cap=soft_cap, window_left=window_left,
+                          value_dtype=value.dtype, chunks=None if P == 1 else P)
+  if P > 1:  # exact merge across the chunks (B, K, P, R[, H])
+    state = softmax_state.reduce(state, axis=2)
+  out, lse = _finish(state)
   out, lse = _from_rows(out, lse, T, G)
   return out.astype(query.dtype), lse
 
@@ -688,11 +679,11 @@ def _paged(query, key_pages, value_pages, page_table, lengths, q_lengths, *, sca
     own = jnp.broadcast_to(valid[:, :, None], (B, W, S)).reshape(B, W * S)
     return block(key_pages), block(value_pages), pos, own
 
-  m, l, acc = _online_softmax(q, read, nb, lo, hi, row_pos, row_real,
-                              jnp.clip(lengths, 0, M * S), scale=scale,
-                              soft_cap=soft_cap, window_left=window_left,
-                              value_dtype=value_pages.dtype)
-  out, lse = _finish(m, l, acc)
+  state = _online_softmax(q, read, nb, lo, hi, row_pos, row_real,
+                          jnp.clip(lengths, 0, M * S), scale=scale,
+                          soft_cap=soft_cap, window_left=window_left,
+                          value_dtype=value_pages.dtype)
+  out, lse = _finish(state)
   out, lse = _from_rows(out, lse, T, G)
   return out.astype(query.dtype), lse
 

@@ -83,10 +83,12 @@ class BlockGeometry:
 
   @property
   def nq(self) -> int:
+    """Number of query blocks, ceil(T / bq)."""
     return -(-self.T // self.bq)
 
   @property
   def nk(self) -> int:
+    """Number of key blocks, ceil(S / bk)."""
     return -(-self.S // self.bk)
 
   def q_range(self, qb):
@@ -94,6 +96,7 @@ class BlockGeometry:
     return qb * self.bq, jnp.minimum(qb * self.bq + self.bq, self.T) - 1
 
   def kv_range(self, kb):
+    """First and last (inclusive) key position of blocks kb."""
     return kb * self.bk, jnp.minimum(kb * self.bk + self.bk, self.S) - 1
 
 
@@ -511,6 +514,7 @@ def evaluate_blocks(mask: Mask, g: BlockGeometry):
 
 @_pytree(data=("masks",))
 class And(Mask):
+  """Conjunction of masks: a pair is kept when every mask keeps it (`m1 & m2`)."""
   masks: tuple
 
   def __call__(self, b, h, q_idx, kv_idx):
@@ -536,6 +540,8 @@ class And(Mask):
 
 @_pytree(data=("masks",))
 class Or(And):
+  """Disjunction of masks: a pair is kept when any mask keeps it (`m1 | m2`)."""
+
   def __call__(self, b, h, q_idx, kv_idx):
     out = self.masks[0](b, h, q_idx, kv_idx)
     for m in self.masks[1:]:
@@ -552,6 +558,7 @@ class Or(And):
 
 @_pytree(data=("mask",))
 class Not(Mask):
+  """Complement of a mask: keeps the pairs it masks and masks the rest (`~m`)."""
   mask: Mask
 
   def __call__(self, b, h, q_idx, kv_idx):

@@ -50,7 +50,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxattn import attention as _attention
-from jaxattn._impl import chunked, common
+from jaxattn._impl import chunked, common, softmax_state
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 Layout = Literal["contiguous", "zigzag", "striped"]
@@ -255,12 +255,8 @@ def _merge(acc, p: _Piece, out, lse):
   """Merges a piece's normalized (out, lse) into the running (out, lse) rows."""
   acc_out, acc_lse = acc
   rows = slice(p.q0, p.q0 + p.tq)
-  a_out, a_lse = acc_out[:, rows], acc_lse[:, rows]
-  new = jnp.logaddexp(a_lse, lse)
-  safe = jnp.where(new == -jnp.inf, 0.0, new)  # both -inf: weights 0, not NaN
-  out = (a_out * jnp.exp(a_lse - safe)[..., None]
-         + out.astype(jnp.float32) * jnp.exp(lse - safe)[..., None])
-  return acc_out.at[:, rows].set(out), acc_lse.at[:, rows].set(new)
+  out, lse = softmax_state.merge(acc_out[:, rows], acc_lse[:, rows], out.astype(jnp.float32), lse)
+  return acc_out.at[:, rows].set(out), acc_lse.at[:, rows].set(lse)
 
 
 def _forward_step(st: _Ring, pieces, q, qseg, kv, acc):

@@ -262,6 +262,19 @@ class Chain(ScoreMod):
 
 
 def chain(*mods: ScoreMod | None) -> ScoreMod | None:
+  """Compose score modifiers, applied left to right: chain(f, g)(s) = g(f(s)).
+
+  Args:
+    *mods: `ScoreMod`s or None; None entries are skipped.
+
+  Returns:
+    None if no modifier is given, the modifier itself if one is, else a
+    `Chain` of them.
+
+  >>> import jaxattn.scores as js
+  >>> js.chain(None, js.soft_cap(30.0)) == js.soft_cap(30.0)
+  True
+  """
   ms = tuple(m for m in mods if m is not None)
   if not ms:
     return None

@@ -25,7 +25,7 @@ import numpy as np
 from jax import lax
 
 from jaxattn import masks as _masks
-from jaxattn._impl import common
+from jaxattn._impl import common, softmax_state
 
 # Block sizes measured on 2-core x86 CPUs (bench/, float32, H=64): larger
 # blocks amortize XLA's per-iteration loop cost; 512 x 512 is near the best
@@ -194,8 +194,8 @@ def _tile_index(p: _Prepared, st: _Static, q0, k0, w):
 
 def _raw_logits(st: _Static, qi, kj):
   acc = common.stat_dtype(qi.dtype)
-  return jnp.einsum("bkrh,bkch->bkrc", qi, kj, precision=common.dot_precision(qi.dtype),
-                    preferred_element_type=acc) * jnp.asarray(st.config.scale, acc)
+  return (jnp.einsum("bkrh,bkch->bkrc", qi, kj, preferred_element_type=acc)
+          * jnp.asarray(st.config.scale, acc))
 
 
 def _post(p: _Prepared, st: _Static, q0, k0, raw, score_fn, masked: bool):
@@ -253,19 +253,12 @@ def _output_init(p: _Prepared):
   return out, _zeros_like(p.q[..., 0]), _zeros_like(p.q[..., 0])
 
 
-def _write_rows(carry, i, rows, acc, m_safe, l):
-  """Normalizes a query block's accumulator (acc / l, lse = m + log l; rows with
-  nothing to attend give 0 and -inf) and writes it into the output carries.
-
-  lse is also kept as the exact sum hi + lo of two floats (`common.two_sum`),
-  for the backward's exp((s - hi) - lo).
-  """
+def _write_rows(carry, i, rows, state: softmax_state.State):
+  """Normalizes a query block's online-softmax state (`softmax_state.finalize`:
+  rows with nothing to attend give 0 and lse -inf) and writes it into the
+  output carries."""
   out, lse, lse_lo = carry
-  live = l > 0
-  o = acc / jnp.where(live, l, 1.0)[..., None]
-  hi, lo = common.two_sum(m_safe, jnp.log(jnp.where(live, l, 1.0)))
-  lse_i = jnp.where(live, hi, -jnp.inf)
-  lo_i = jnp.where(live, lo, 0.0)
+  o, lse_i, lo_i = softmax_state.finalize(state)
   out = lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), i * rows, axis=2)
   lse = lax.dynamic_update_slice_in_dim(lse, lse_i, i * rows, axis=2)
   lse_lo = lax.dynamic_update_slice_in_dim(lse_lo, lo_i, i * rows, axis=2)
@@ -284,22 +277,19 @@ def _forward(p: _Prepared, st: _Static):
     kinds = _kinds(p.mask_fn, p.summary, p.mask is not None, g, i, jnp.arange(g.nk))
     lo, hi = _ranges(kinds > 0)
 
-    def kv_step(j, acc_state, masked):
-      m, l, acc = acc_state
+    def kv_step(j, state, masked):
       kj = lax.dynamic_slice_in_dim(p.k, j * st.bk, st.bk, axis=2)
       vj = lax.dynamic_slice_in_dim(p.v, j * st.bk, st.bk, axis=2)
       s = _post(p, st, i * st.bq, j * st.bk, _raw_logits(st, qi, kj), p.score_fn, masked)
-      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      e = jnp.exp(s - m_safe[..., None])
-      alpha = jnp.exp(m - m_safe)
-      l = l * alpha + jnp.sum(e, axis=-1)
       drop = _dropout_scale(p, st, i * st.bq, j * st.bk, st.bk)
-      if drop is not None:
-        e = e * drop
-      pv = jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj, precision=common.dot_precision(vdt),
-                      preferred_element_type=common.stat_dtype(vdt))
-      return m_new, l, acc * alpha[..., None] + pv
+
+      def weighted_values(e):
+        if drop is not None:
+          e = e * drop
+        return jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj,
+                          preferred_element_type=common.stat_dtype(vdt))
+
+      return softmax_state.update(state, s, weighted_values)
 
     def body(j, acc_state):
       return lax.switch(kinds[j], [
@@ -308,10 +298,9 @@ def _forward(p: _Prepared, st: _Static):
           lambda s: kv_step(j, s, False),
       ], acc_state)
 
-    row0 = _zeros_like(qi[..., 0])
-    init = (row0 - jnp.inf, row0, _zeros_like(qi[..., :1]) + _zeros_like(p.v[:, :, :1, :]))
-    m, l, acc = lax.fori_loop(lo, hi, body, init)
-    return _write_rows(carry, i, rows, acc, jnp.where(m == -jnp.inf, 0.0, m), l)
+    init = softmax_state.init(_zeros_like(qi[..., 0]),
+                              _zeros_like(qi[..., :1]) + _zeros_like(p.v[:, :, :1, :]))
+    return _write_rows(carry, i, rows, lax.fori_loop(lo, hi, body, init))
 
   return lax.fori_loop(0, nq, q_block, _output_init(p))
 
@@ -343,7 +332,6 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   from a VJP through the modifier (and the soft-cap) on this tile.
   """
   dt = p.q.dtype
-  prec = common.dot_precision(dt)
   leaves, rebuild = score
   w = kj.shape[2]
   raw = _raw_logits(st, qi, kj)
@@ -356,9 +344,9 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   drop = _dropout_scale(p, st, q0, k0, w)
   pd = prob if drop is None else prob * drop
   acc = common.stat_dtype(dt)
-  dv = jnp.einsum("bkrc,bkrh->bkch", pd.astype(dt), doi, precision=prec,
+  dv = jnp.einsum("bkrc,bkrh->bkch", pd.astype(dt), doi,
                   preferred_element_type=acc)
-  dp = jnp.einsum("bkrh,bkch->bkrc", doi, vj, precision=prec, preferred_element_type=acc)
+  dp = jnp.einsum("bkrh,bkch->bkrc", doi, vj, preferred_element_type=acc)
   if drop is not None:
     dp = dp * drop
   ds = prob * (dp - delta_i[..., None])
@@ -368,8 +356,8 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   if p.score_fn is not None:
     ds, d_leaves = pull(ds)
   ds = (ds * jnp.asarray(st.config.scale, ds.dtype)).astype(dt)
-  dk = jnp.einsum("bkrc,bkrh->bkch", ds, qi, precision=prec, preferred_element_type=acc)
-  dq = jnp.einsum("bkrc,bkch->bkrh", ds, kj, precision=prec, preferred_element_type=acc)
+  dk = jnp.einsum("bkrc,bkrh->bkch", ds, qi, preferred_element_type=acc)
+  dq = jnp.einsum("bkrc,bkch->bkrh", ds, kj, preferred_element_type=acc)
   return dq, dk, dv, dbias, d_leaves
 
 
@@ -492,16 +480,16 @@ def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
     kj = lax.dynamic_slice_in_dim(p.k, k0, w, axis=2)
     vj = lax.dynamic_slice_in_dim(p.v, k0, w, axis=2)
     s = _post(p, st, q0, k0, _raw_logits(st, qi, kj), p.score_fn, True)
+    # One tile holds every key of the block: the softmax needs no running state.
     m = jnp.max(s, axis=-1)
-    m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-    e = jnp.exp(s - m_safe[..., None])
+    e = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[..., None])
     l = jnp.sum(e, axis=-1)
     drop = _dropout_scale(p, st, q0, k0, w)
     if drop is not None:
       e = e * drop
-    pv = jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj, precision=common.dot_precision(vdt),
+    pv = jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj,
                     preferred_element_type=common.stat_dtype(vdt))
-    return _write_rows(carry, i, rows, pv, m_safe, l)
+    return _write_rows(carry, i, rows, softmax_state.State(m, l, pv))
 
   return lax.fori_loop(0, R // rows, q_block, _output_init(p))
 

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
 
@@ -182,13 +183,28 @@ def two_sum(a, b):
   return hi, lo
 
 
-def dot_precision(dtype):
-  """Dot precision for inputs of `dtype`.
+def platform(backend: str | None = None) -> str:
+  """`backend` (default: `jax.default_backend()`) with "cuda" and "rocm" read as "gpu".
 
-  Half-precision products accumulate in float32 through
-  `preferred_element_type`; an explicit algorithm preset (BF16_BF16_F32,
-  F16_F16_F32) is not supported by every backend's dot (CPU rejects F16), so
-  the default is kept.
+  Other names ("cpu", "tpu", a plugin's) come back as they are.
   """
-  del dtype
-  return None
+  backend = jax.default_backend() if backend is None else backend
+  return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+
+
+def cuda_gpu() -> tuple[bool, str | None, str]:
+  """(the default backend is a CUDA GPU, its compute capability or None, the backend's name).
+
+  A GPU backend whose platform version does not say CUDA (ROCm) is named
+  "gpu (<platform>)", e.g. "gpu (rocm)", and has no compute capability here.
+  """
+  backend = jax.default_backend()
+  if backend != "gpu":
+    return False, None, backend
+  try:
+    platform_version = jax.extend.backend.get_backend().platform_version.lower()
+  except Exception:  # pragma: no cover - depends on the installed plugin
+    platform_version = "cuda"
+  if "cuda" not in platform_version:
+    return False, None, "gpu (" + platform_version.split()[0] + ")"
+  return True, getattr(jax.devices()[0], "compute_capability", None), backend

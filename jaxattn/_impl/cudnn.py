@@ -29,27 +29,12 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.extend.backend
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from jaxattn._impl import common
 
 _DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
-
-
-def _gpu_info():
-  """(is a CUDA GPU backend, compute capability string or None, backend name)."""
-  backend = jax.default_backend()
-  if backend != "gpu":
-    return False, None, backend
-  try:
-    platform_version = jax.extend.backend.get_backend().platform_version.lower()
-  except Exception:  # pragma: no cover - depends on the installed plugin
-    platform_version = "cuda"
-  if "cuda" not in platform_version:
-    return False, None, "gpu (" + platform_version.split()[0] + ")"
-  return True, getattr(jax.devices()[0], "compute_capability", None), backend
 
 
 def _band(config: common.AttentionConfig):
@@ -69,7 +54,7 @@ def unsupported_reason(inputs: common.AttentionInputs, config: common.AttentionC
   `backend` and `compute_capability` override the detected ones (for tests).
   """
   if backend is None:
-    cuda, detected_cc, name = _gpu_info()
+    cuda, detected_cc, name = common.cuda_gpu()
     if not cuda:
       return f"cudnn needs a CUDA GPU backend; the default backend is {name}"
     compute_capability = compute_capability or detected_cc

@@ -98,19 +98,6 @@ def interpreter_available() -> bool:
   return plgpu is not None and hasattr(plgpu, "InterpretGPUParams")
 
 
-def _gpu_compute_capability():
-  """(is a CUDA GPU, compute capability string or None)."""
-  if jax.default_backend() != "gpu":
-    return False, None
-  try:
-    version = jax.extend.backend.get_backend().platform_version.lower()
-  except Exception:  # pragma: no cover - depends on the installed plugin
-    version = "cuda"
-  if "cuda" not in version:
-    return False, None
-  return True, getattr(jax.devices()[0], "compute_capability", None)
-
-
 class _Plan(NamedTuple):
   """Static description of one call (hashable)."""
   config: common.AttentionConfig
@@ -157,10 +144,10 @@ def unsupported_reason(inputs: common.AttentionInputs, config: common.AttentionC
   if plgpu is None or not hasattr(plgpu, "wgmma"):
     return "mosaic: this jax has no Pallas Mosaic GPU backend (jax.experimental.pallas.mosaic_gpu)"
   if backend is None:
-    cuda, _ = _gpu_compute_capability()
+    cuda = common.cuda_gpu()[0]
     backend = "gpu" if cuda else jax.default_backend()
   if backend in ("gpu", "cuda") and compute_capability is None:
-    compute_capability = _gpu_compute_capability()[1]  # None when lowering on a CPU machine
+    compute_capability = common.cuda_gpu()[1]  # None when lowering on a CPU machine
   if interpret is None:
     interpret = backend == "cpu"
   if interpret:

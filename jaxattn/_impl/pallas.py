@@ -56,7 +56,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxattn import masks as _masks
-from jaxattn._impl import common
+from jaxattn._impl import common, softmax_state
 
 
 def _triton():
@@ -137,10 +137,9 @@ def _pow2(n: int) -> int:
 
 
 def _platform() -> str:
-  backend = jax.default_backend()
-  if backend in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  return "tpu" if backend == "tpu" else "cpu"
+  """The kernels' target: "gpu", "tpu", or "cpu" (interpret mode) for any other backend."""
+  backend = common.platform()
+  return backend if backend in ("gpu", "tpu") else "cpu"
 
 
 def default_block_sizes(T: int, S: int, G: int = 1, compiled: bool = False) -> tuple[int, int]:
@@ -591,36 +590,31 @@ def _forward_kernel(refs, p: _Plan, prep: _Prepared):
   score_leaves = _score_leaf_values(ctx)
   scale = jnp.float32(p.config.scale)
 
-  def step(j, carry, masked):
-    m, l, acc = carry
+  def step(j, state, masked):
     k = refs["k"][pl.ds(j * p.bk, p.bk), :]
     v = refs["v"][pl.ds(j * p.bk, p.bk), :]
     s = _post(ctx, i, j, _dot_nt(q, k) * scale, score_leaves, masked)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    e = jnp.exp(s - m_safe[:, None])
-    alpha = jnp.exp(m - m_safe)
-    l = l * alpha + jnp.sum(e, axis=1)
     drop = _dropout_scale(ctx, i, j)
-    if drop is not None:
-      e = e * drop
-    return m_new, l, acc * alpha[:, None] + _dot_nn(e.astype(v.dtype), v)
+
+    def weighted_values(e):
+      if drop is not None:
+        e = e * drop
+      return _dot_nn(e.astype(v.dtype), v)
+
+    return softmax_state.update(state, s, weighted_values)
 
   def body(j, carry):
     return _visit(refs["kinds"][i, j], functools.partial(step, j), carry)
 
-  init = (jnp.full((p.rows,), -jnp.inf, jnp.float32), jnp.zeros((p.rows,), jnp.float32),
-          jnp.zeros((p.rows, p.Hvp), jnp.float32))
-  m, l, acc = lax.fori_loop(refs["row_lo"][i], refs["row_hi"][i], body, init)
-  live = l > 0
-  l_safe = jnp.where(live, l, 1.0)
-  refs["out"][...] = (acc / l_safe[:, None]).astype(refs["out"].dtype)
-  m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+  init = softmax_state.init(jnp.zeros((p.rows,), jnp.float32),
+                            jnp.zeros((p.rows, p.Hvp), jnp.float32))
+  state = lax.fori_loop(refs["row_lo"][i], refs["row_hi"][i], body, init)
   # lse = hi + lo exactly: the backward's exp((s - hi) - lo) stays accurate at
   # logits ~ 1e4, where hi alone is rounded by ~1e-3.
-  hi, lo = common.two_sum(m_safe, jnp.log(l_safe))
-  refs["lse"][...] = jnp.where(live, hi, -jnp.inf)
-  refs["lse_lo"][...] = jnp.where(live, lo, 0.0)
+  out, lse, lse_lo = softmax_state.finalize(state)
+  refs["out"][...] = out.astype(refs["out"].dtype)
+  refs["lse"][...] = lse
+  refs["lse_lo"][...] = lse_lo
 
 
 def _forward(p: _Plan, inputs: common.AttentionInputs):

@@ -31,7 +31,6 @@ def xla_attention(inputs: common.AttentionInputs, config: common.AttentionConfig
   # batched matmul is much faster on CPU than a 5D einsum, and K/V stay as is.
   rows = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
   logits = jnp.einsum("bkrh,bskh->bkrs", rows, k,
-                      precision=common.dot_precision(q.dtype),
                       preferred_element_type=acc).reshape(B, K, G, T, S)
   logits = logits * jnp.asarray(config.scale, acc)
   # Index arrays in the (B, K, G, T, S) layout; the head index is k * G + g.
@@ -71,7 +70,6 @@ def xla_attention(inputs: common.AttentionInputs, config: common.AttentionConfig
     probs = jnp.where(keep, probs / (1.0 - config.dropout_rate), 0.0)
 
   out = jnp.einsum("bkrs,bskh->bkrh", probs.astype(v.dtype).reshape(B, K, G * T, S), v,
-                   precision=common.dot_precision(v.dtype),
                    preferred_element_type=acc)
   out = out.reshape(B, K, G, T, Hv).transpose(0, 3, 1, 2, 4).reshape(B, T, N, Hv).astype(q.dtype)
   lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, N)

@@ -1,0 +1,107 @@
+"""The online softmax of blocked attention, written once (Milakov & Gimelshein
+2018, arXiv 1805.02867; FlashAttention, Dao et al. 2022, arXiv 2205.14135).
+
+A query row's state after some key blocks is (m, l, acc): the running maximum
+logit m, the sum l = sum_j exp(s_j - m) and the output sum
+acc = sum_j exp(s_j - m) v_j. A row that has seen no key yet has m = -inf,
+l = 0 and acc = 0; exp is then taken against 0 instead of -inf, so such rows
+give weights 0, never NaN. The output is acc / l and the logsumexp m + log l.
+
+Plain jnp on arrays of any leading shape (rows on the last axis of m and l,
+the value dimension after it in acc), so the same functions serve the chunked
+implementation, the decode kernels and the Pallas kernels (where they lower
+inside the kernel body). Statistics stay in the dtype the caller gives them
+(float32, or float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn._impl import common
+
+
+class State(NamedTuple):
+  """Online-softmax state of rows (...,): max m, sum l (...,), output sum acc (..., Hv)."""
+  m: jax.Array
+  l: jax.Array  # noqa: E741 - the paper's name
+  acc: jax.Array
+
+
+def _safe(m):
+  """m, with -inf (a row that saw no key) read as 0 so exp(x - m) stays finite."""
+  return jnp.where(m == -jnp.inf, 0.0, m)
+
+
+def init(row_zeros, acc_zeros) -> State:
+  """The state of rows that have seen no key: m = -inf, l = 0, acc = 0.
+
+  Args:
+    row_zeros: zeros (...,) in the statistics dtype (their sharding and
+      device variance are kept, as for any loop carry built from them).
+    acc_zeros: zeros (..., Hv) in the same dtype.
+  """
+  return State(row_zeros - jnp.inf, row_zeros, acc_zeros)
+
+
+def update(state: State, logits, weighted_values: Callable[[jax.Array], jax.Array]) -> State:
+  """Folds one block of logits (..., C) into the state.
+
+  m' = max(m, max_j s_j), l' = l e^(m - m') + sum_j e^(s_j - m'),
+  acc' = acc e^(m - m') + weighted_values(e), with e = e^(s - m') (..., C).
+
+  Args:
+    state: the rows' state so far.
+    logits: (..., C) in the statistics dtype; -inf for masked keys.
+    weighted_values: e (..., C) -> (..., Hv), the block's values weighted by
+      e (where dropout scales e, it does so here: l counts every key).
+  """
+  m_new = jnp.maximum(state.m, jnp.max(logits, axis=-1))
+  m_safe = _safe(m_new)
+  e = jnp.exp(logits - m_safe[..., None])
+  alpha = jnp.exp(state.m - m_safe)
+  l = state.l * alpha + jnp.sum(e, axis=-1)  # noqa: E741
+  return State(m_new, l, state.acc * alpha[..., None] + weighted_values(e))
+
+
+def reduce(state: State, axis: int) -> State:
+  """Merges the states of independent key chunks stacked on `axis` (>= 0) exactly.
+
+  m = max_p m_p, l = sum_p e^(m_p - m) l_p, acc = sum_p e^(m_p - m) acc_p;
+  a chunk that saw no key weighs 0.
+  """
+  m = jnp.max(state.m, axis=axis)
+  w = jnp.exp(state.m - jnp.expand_dims(_safe(m), axis))
+  return State(m, jnp.sum(w * state.l, axis=axis), jnp.sum(w[..., None] * state.acc, axis=axis))
+
+
+def finalize(state: State):
+  """Normalizes the state: (out (..., Hv), lse (...,), lse_lo (...,)).
+
+  out = acc / l and lse = m + log l, kept also as the exact sum lse + lse_lo
+  of two floats (`common.two_sum`): the blocked backward recomputes
+  probabilities as exp((s - lse) - lse_lo), accurate at logits ~ 1e4 where
+  lse alone is rounded by ~1e-3. Rows that saw no key (l = 0) give out 0,
+  lse -inf and lse_lo 0; rows whose l is NaN give lse -inf too.
+  """
+  live = state.l > 0
+  l_safe = jnp.where(live, state.l, 1.0)
+  out = state.acc / l_safe[..., None]
+  hi, lo = common.two_sum(_safe(state.m), jnp.log(l_safe))
+  return out, jnp.where(live, hi, -jnp.inf), jnp.where(live, lo, 0.0)
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+  """Merges two normalized partial results over disjoint keys: (out, lse).
+
+  lse = logaddexp(lse_a, lse_b), out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b;
+  rows empty in both (lse -inf) stay out 0, lse -inf. out_a, out_b (..., Hv),
+  lse_a, lse_b (...,), in the statistics dtype.
+  """
+  lse = jnp.logaddexp(lse_a, lse_b)
+  safe = _safe(lse)
+  out = out_a * jnp.exp(lse_a - safe)[..., None] + out_b * jnp.exp(lse_b - safe)[..., None]
+  return out, lse
