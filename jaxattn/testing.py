@@ -293,5 +293,5 @@ def random_segment_ids(key, B: int, L: int, num_segments: int = 3):
   if rng is None:
     cuts = jax.random.randint(key, (B, L), 0, L) < (num_segments - 1)
     return jnp.cumsum(cuts, axis=1).astype(jnp.int32)
-  cuts = rng.integers(0, L, (B, L)) < (num_segments - 1)
-  return jnp.asarray(np.cumsum(cuts, axis=1).astype(np.int32))
+  starts = rng.integers(0, L, (B, L)) < (num_segments - 1)
+  return jnp.asarray(np.cumsum(starts, axis=1).astype(np.int32))
