@@ -439,7 +439,7 @@ _SWEEP = dict(deadline=None, derandomize=True, database=None,
 @settings(max_examples=25, **_SWEEP)
 @given(case=_cases(SAMPLE_STRUCTURES))
 def test_sweep_sample(case):
-  """A sample of the sweep (the default run); `-m slow` runs >= 2000 cases."""
+  """A sample of the sweep (the default run); `-m sweep` runs >= 2000 cases."""
   _check_case(case)
 
 
