@@ -88,3 +88,16 @@ def test_dropout_is_the_same_mask_in_every_implementation_and_varies_with_key():
 
 def test_implementations_registry():
   assert {"xla", "chunked"} <= set(jaxattn.implementations())
+
+
+def test_testing_draws_are_deterministic_and_work_under_jit():
+  """jaxattn.testing draws with NumPy from the key's bits; a traced key uses jax.random."""
+  a = testing.random_qkv(jax.random.key(3))
+  b = testing.random_qkv(jax.random.PRNGKey(3))  # raw uint32 key with the same bits
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert not np.array_equal(a[0], testing.random_qkv(jax.random.key(4))[0])
+  traced = jax.jit(lambda k: testing.random_normal(k, (3, 4), jnp.bfloat16))(jax.random.key(0))
+  assert traced.shape == (3, 4) and traced.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(traced, np.float32)))
+  seg = testing.random_segment_ids(jax.random.key(5), 2, 9)
+  assert seg.dtype == jnp.int32 and np.all(np.diff(np.asarray(seg), axis=1) >= 0)
