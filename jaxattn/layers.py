@@ -47,11 +47,12 @@ def init_self_attention(key, d_model: int, d_k: int, d_v: int | None = None,
   d_v = d_k if d_v is None else _checks.positive_int(fn, "d_v", d_v)
   dtype = _checks.float_dtype(fn, "dtype", dtype)
   kq, kk, kv = jax.random.split(key, 3)
-  std = 1.0 / jnp.sqrt(d_model)
+  # Drawn in float32 and cast, so every dtype gets the same values.
+  init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal")
   return SelfAttentionParams(
-      w_q=(jax.random.normal(kq, (d_model, d_k)) * std).astype(dtype),
-      w_k=(jax.random.normal(kk, (d_model, d_k)) * std).astype(dtype),
-      w_v=(jax.random.normal(kv, (d_model, d_v)) * std).astype(dtype))
+      w_q=init(kq, (d_model, d_k), jnp.float32).astype(dtype),
+      w_k=init(kk, (d_model, d_k), jnp.float32).astype(dtype),
+      w_v=init(kv, (d_model, d_v), jnp.float32).astype(dtype))
 
 
 def self_attention(params: SelfAttentionParams, x, *, mask=None,
@@ -210,7 +211,8 @@ def _init_mha(key, *, sizes, use_bias, qk_norm, param_dtype):
   D, C, N, K, H, O = sizes
   shapes = ((D, N, H), (C, K, H), (C, K, H), (N, H, O))
   fan_in = (D, C, C, N * H)
-  # One draw sliced four ways: a single random kernel compiles much faster than four.
+  # One draw sliced four ways: a single random kernel compiles much faster than
+  # four (jax.nn.initializers would draw four times), which matters on CPU.
   flat = jax.random.normal(key, (sum(math.prod(s) for s in shapes),), jnp.float32)
   offsets = np.cumsum([0] + [math.prod(s) for s in shapes])
   wq, wk, wv, wo = (

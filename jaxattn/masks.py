@@ -73,7 +73,11 @@ class Mask:
 
 @dataclasses.dataclass(frozen=True)
 class BlockGeometry:
-  """Static block layout of a problem: sizes and block sizes."""
+  """Static block layout of a problem: sizes and block sizes.
+
+  Every kernel's static plan extends this class (`"chunked"`, `"pallas"`,
+  `"mosaic"`), so block counts and padding are computed in one place.
+  """
   B: int
   N: int
   T: int
@@ -90,6 +94,16 @@ class BlockGeometry:
   def nk(self) -> int:
     """Number of key blocks, ceil(S / bk)."""
     return -(-self.S // self.bk)
+
+  @property
+  def Tp(self) -> int:
+    """Query length padded to whole blocks, nq * bq."""
+    return self.nq * self.bq
+
+  @property
+  def Sp(self) -> int:
+    """Key length padded to whole blocks, nk * bk."""
+    return self.nk * self.bk
 
   def q_range(self, qb):
     """First and last (inclusive) query position of blocks qb."""
@@ -583,8 +597,43 @@ def all_of(*masks: Mask | None) -> Mask | None:
   return ms[0] if len(ms) == 1 else And(ms)
 
 
+EMPTY, PARTIAL, FULL = 0, 1, 2  # block kinds
+
+
+def block_kinds(mask: Mask | None, g: BlockGeometry, qb, kb, *, summary: Any = None,
+                dense_mask: bool = False, pad_keys: bool = True, pad_queries: bool = False):
+  """Block kinds of query blocks `qb` x key blocks `kb`, as kernels use them.
+
+  Returns int32 of the broadcast shape of `qb` and `kb`: `EMPTY` (0: no pair
+  attends, the kernel skips the block), `PARTIAL` (1: the kernel applies the
+  mask) or `FULL` (2: every pair attends, no mask arithmetic). `mask=None`
+  attends everywhere. `summary` is `mask.summary(g)`, computed here when not
+  given (kernels compute it once, outside their loops). A dense boolean mask
+  beside `mask` (`dense_mask=True`) makes no block full. With `pad_keys`, the
+  last key block is never full when it holds padding columns (`S % bk`);
+  with `pad_queries` the same holds for padding rows (`T % bq`).
+  """
+  shape = jnp.broadcast_shapes(jnp.shape(qb), jnp.shape(kb))
+  if mask is None:
+    empty, full = jnp.zeros(shape, bool), jnp.ones(shape, bool)
+  else:
+    if summary is None:
+      summary = mask.summary(g)
+    empty, full = mask.classify(summary, g, qb, kb)
+    empty, full = jnp.broadcast_to(empty, shape), jnp.broadcast_to(full, shape)
+  if dense_mask:
+    full = jnp.zeros(shape, bool)
+  if pad_keys and g.S % g.bk:
+    full = full & (kb != g.nk - 1)
+  if pad_queries and g.T % g.bq:
+    full = full & (qb != g.nq - 1)
+  return jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL)).astype(jnp.int32)
+
+
 def block_map(mask: Mask, g: BlockGeometry):
-  """(nq, nk) int8: 0 empty, 1 partial, 2 full, for inspection and tests."""
-  s = mask.summary(g)
-  empty, full = mask.classify(s, g, jnp.arange(g.nq)[:, None], jnp.arange(g.nk)[None, :])
-  return jnp.where(empty, 0, jnp.where(full, 2, 1)).astype(jnp.int8)
+  """(nq, nk) int8: 0 empty, 1 partial, 2 full, for inspection and tests.
+
+  The mask's own classification: padding blocks are not marked partial.
+  """
+  kinds = block_kinds(mask, g, jnp.arange(g.nq)[:, None], jnp.arange(g.nk)[None, :], pad_keys=False)
+  return kinds.astype(jnp.int8)

@@ -5,6 +5,11 @@ float64 reference (outputs and gradients) and against jax.nn.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import pathlib
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -12,6 +17,7 @@ import numpy as np
 import pytest
 
 import jaxattn
+import jaxattn._impl.common
 from jaxattn import testing
 
 B, T, S, N, K, H = 2, 5, 7, 6, 3, 11
@@ -70,6 +76,19 @@ JAX_NN_NAMES = ["plain", "scale", "causal", "window", "window_int", "causal_wind
 TNH_FAST = ("plain", "causal", "bias_and_mask", "both_lengths_causal")
 
 
+def block_any_all(allowed, bq, bk):
+  """(nq, nk) any / all of a (B, N, T, S) boolean over (bq, bk) blocks, padding ignored:
+  what a sound block classification must agree with (empty: not any; full: all)."""
+  B, N, T, S = allowed.shape
+  nq, nk = -(-T // bq), -(-S // bk)
+  a = np.zeros((B, N, nq * bq, nk * bk), bool)
+  a[:, :, :T, :S] = allowed
+  v = np.zeros((nq * bq, nk * bk), bool)
+  v[:T, :S] = True
+  a, v = a.reshape(B, N, nq, bq, nk, bk), v.reshape(nq, bq, nk, bk)
+  return a.any((0, 1, 3, 5)), (a | ~v).all((0, 1, 3, 5))
+
+
 def slow_unless(names, fast):
   """pytest params for `names`; those not in `fast` are marked slow."""
   return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
@@ -105,11 +124,106 @@ def random_cotangents(key, out, lse):
   return do, jnp.where(jnp.isfinite(lse), dl, 0)
 
 
+# Features a grid case or a base test may need; `AttentionTestBase.serves` lists the
+# ones an implementation has. What it lacks it must refuse with NotImplementedError.
+FEATURES = frozenset({"bias", "dense_mask", "dropout", "soft_cap", "segment_ids", "window_right",
+                      "bottom_right", "value_head_dim", "float32"})
+
+
+def features_of(kw, T=T, S=S) -> set[str]:
+  """The FEATURES a keyword set of dot_product_attention uses (query length T, key length S)."""
+  used = set()
+  if kw.get("bias") is not None:
+    used.add("bias")
+  if kw.get("mask") is not None:
+    used.add("dense_mask")
+  if kw.get("dropout_rate"):
+    used.add("dropout")
+  if kw.get("logits_soft_cap") is not None:
+    used.add("soft_cap")
+  if kw.get("query_segment_ids") is not None:
+    used.add("segment_ids")
+  window = kw.get("local_window_size")
+  if window is not None and (isinstance(window, int) or window[1] != 0):
+    used.add("window_right")  # a window that looks right of the query too
+  if kw.get("causal_alignment") == "bottom_right" and T != S:
+    used.add("bottom_right")  # bottom-right alignment that differs from top-left
+  return used
+
+
+def check_against_reference(attend, q, k, v, bias=None, mask=None, kw=None, *, lse_cotangent=True):
+  """Values, lse and gradients of `attend(q, k, v, bias) -> (out, lse)` vs the float64
+  reference with the same arguments (`kw`: the keyword arguments besides bias and mask).
+
+  The gradient check draws a random output cotangent and, with `lse_cotangent`, a
+  random lse cotangent too. Returns (out, lse, gradients).
+  """
+  kw = {n: x for n, x in (kw or {}).items() if n != "block_sizes"}
+  (out, lse), vjp = jax.vjp(attend, q, k, v, bias)
+  ref_out, ref_lse = testing.reference_attention(q, k, v, bias, mask, return_residual=True, **kw)
+  testing.assert_attention_close(out, ref_out)
+  testing.assert_attention_close(lse, ref_lse)
+  chex.assert_tree_all_finite(out)
+  do, dl = random_cotangents(jax.random.key(2), out, lse)
+  if lse_cotangent:
+    grads = vjp((do, dl))
+  else:  # differentiate the output alone (no lse cotangent reaches the backward)
+    dl = None
+    grads = jax.vjp(lambda *a: attend(*a)[0], q, k, v, bias)[1](do)
+  ref = testing.reference_attention_vjp(q, k, v, bias, mask, d_out=do, d_lse=dl, **kw)
+  testing.assert_attention_close(grads[:3], (ref["query"], ref["key"], ref["value"]))
+  if bias is not None:
+    testing.assert_attention_close(grads[3], ref["bias"])
+  chex.assert_tree_all_finite(grads[:3])
+  return out, lse, grads
+
+
+def load_example(name: str):
+  """The module examples/<name>.py, imported from its file (examples/ is not a package)."""
+  path = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+  spec.loader.exec_module(module)
+  return module
+
+
 class AttentionTestBase:
-  """Subclass and set `implementation` (and optionally `block_sizes`)."""
+  """Subclass and set `implementation` (and optionally `block_sizes`).
+
+  Capability flags say what the implementation serves, so one base fits every
+  kernel: a grid case that uses an unserved feature must raise
+  NotImplementedError (the refusal is tested, not skipped); a base test that
+  needs one is skipped with the reason.
+  """
 
   implementation: str = ""
   block_sizes: tuple[int, int] | None = None
+  serves: frozenset[str] = FEATURES  # see FEATURES
+  low_precision_dtypes: tuple = (jnp.float16, jnp.bfloat16)
+  backend: str | None = None  # the only backend it runs on (e.g. "gpu"), None for any
+
+  @pytest.fixture(autouse=True)
+  def _on_its_backend(self):
+    if self.backend is not None and jaxattn._impl.common.platform() != self.backend:
+      pytest.skip(f"{self.implementation} runs on {self.backend} only")
+
+  def require(self, *features):
+    """Skips the test unless the implementation serves every one of `features`."""
+    missing = sorted(set(features) - self.serves)
+    if missing:
+      pytest.skip(f"{self.implementation} does not serve {', '.join(missing)}")
+
+  # feature -> regex the refusal's message must match (default: any message)
+  refusal_messages: dict[str, str] = {}
+
+  def refuses(self, kw, T=T, S=S):
+    """A context: expects NotImplementedError where `kw` uses an unserved feature."""
+    missing = sorted(features_of(kw, T, S) - self.serves)
+    if not missing:
+      return contextlib.nullcontext()
+    messages = [self.refusal_messages[f] for f in missing if f in self.refusal_messages]
+    return pytest.raises(NotImplementedError, match="|".join(messages) or None)
 
   def attend(self, *args, **kw):
     if self.block_sizes is not None:
@@ -124,28 +238,24 @@ class AttentionTestBase:
   @pytest.mark.parametrize("name", GRID_NAMES)
   def test_matches_float64_reference_values_and_gradients(self, name):
     q, k, v = self.qkv()
-    bias, mask, kw = _split(option_grid(jax.random.key(1))[name])
+    case = option_grid(jax.random.key(1))[name]
+    with self.refuses(case):
+      self._check_reference(q, k, v, case)
 
-    def f(q, k, v, bias):
-      return self.attend(q, k, v, bias, mask, return_residual=True, **kw)
-
-    (out, lse), vjp = jax.vjp(f, q, k, v, bias)
-    ref_out, ref_lse = testing.reference_attention(q, k, v, bias, mask, return_residual=True, **kw)
-    testing.assert_attention_close(out, ref_out)
-    testing.assert_attention_close(lse, ref_lse)
-    chex.assert_tree_all_finite(out)
-    do, dl = random_cotangents(jax.random.key(2), out, lse)
-    grads = vjp((do, dl))
-    ref = testing.reference_attention_vjp(q, k, v, bias, mask, d_out=do, d_lse=dl, **kw)
-    testing.assert_attention_close(grads[:3], (ref["query"], ref["key"], ref["value"]))
-    if bias is not None:
-      testing.assert_attention_close(grads[3], ref["bias"])
-    chex.assert_tree_all_finite(grads[:3])
+  def _check_reference(self, q, k, v, case):
+    bias, mask, kw = _split(case)
+    attend = lambda q, k, v, bias: self.attend(q, k, v, bias, mask, return_residual=True, **kw)
+    check_against_reference(attend, q, k, v, bias, mask, kw)
 
   @pytest.mark.parametrize("name,layout", jax_nn_cases(JAX_NN_NAMES))
   def test_matches_jax_nn(self, name, layout):
+    self.require("float32")  # jax.nn parity is checked at float32 tolerances
     grid = option_grid(jax.random.key(1), B=1 if layout == "TNH" else B)
-    bias, mask, kw = _split(grid[name])
+    with self.refuses(grid[name]):
+      self._check_jax_nn(grid[name], layout)
+
+  def _check_jax_nn(self, case, layout):
+    bias, mask, kw = _split(case)
     q, k, v = self.qkv(seed=3, layout=layout)
     if layout == "TNH":
       bias = None if bias is None else bias[0]
@@ -174,12 +284,14 @@ class AttentionTestBase:
   def test_odd_sizes_and_decoding(self, sizes):
     q, k, v = self.qkv(seed=6, **sizes)
     for kw in (dict(), dict(is_causal=True, causal_alignment="bottom_right")):
-      out, lse = self.attend(q, k, v, return_residual=True, **kw)
-      ref, ref_lse = testing.reference_attention(q, k, v, return_residual=True, **kw)
-      testing.assert_attention_close(out, ref)
-      testing.assert_attention_close(lse, ref_lse)
+      with self.refuses(kw, q.shape[1], k.shape[1]):
+        out, lse = self.attend(q, k, v, return_residual=True, **kw)
+        ref, ref_lse = testing.reference_attention(q, k, v, return_residual=True, **kw)
+        testing.assert_attention_close(out, ref)
+        testing.assert_attention_close(lse, ref_lse)
 
   def test_fully_masked_rows_give_zero_and_finite_gradients(self):
+    self.require("bias", "dense_mask")
     q, k, v = self.qkv(seed=7)
     mask = jnp.ones((B, N, T, S), bool).at[0, :, 1].set(False).at[1, 2].set(False)
     bias = jnp.zeros((B, N, T, S)).at[1, 0, 3].set(-jnp.inf)
@@ -199,6 +311,7 @@ class AttentionTestBase:
 
   @pytest.mark.parametrize("magnitude", [1e2, 1e4])
   def test_large_logits(self, magnitude):
+    self.require("float32")  # the tolerances below are float32 ones
     q, k, v = self.qkv(seed=8)
     q = q * magnitude  # logits around +-magnitude^1 * |k|
     out, lse = self.attend(q, k, v, is_causal=True, return_residual=True)
@@ -212,6 +325,9 @@ class AttentionTestBase:
 
   @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
   def test_low_precision(self, dtype):
+    self.require("bias")
+    if dtype not in self.low_precision_dtypes:
+      pytest.skip(f"{self.implementation} does not serve {jnp.dtype(dtype).name}")
     q, k, v = self.qkv(seed=9, dtype=dtype)
     bias = (10.0 * testing.random_normal(jax.random.key(1), (1, N, T, S))).astype(dtype)
     out, lse = self.attend(q, k, v, bias, is_causal=True, return_residual=True)
@@ -245,6 +361,7 @@ class AttentionTestBase:
       f(q2, k2, v2).block_until_ready()
 
   def test_value_head_dim_may_differ(self):
+    self.require("value_head_dim")
     q, k, _ = self.qkv(seed=12)
     v = testing.random_normal(jax.random.key(13), (B, S, K, 4))
     f = lambda q, k, v: self.attend(q, k, v, is_causal=True)
@@ -254,3 +371,18 @@ class AttentionTestBase:
     do = testing.random_normal(jax.random.key(14), out.shape)
     ref = testing.reference_attention_vjp(q, k, v, d_out=do, is_causal=True)
     testing.assert_attention_close(vjp(do), (ref["query"], ref["key"], ref["value"]))
+
+  def test_reruns_are_bitwise_equal(self):
+    """The same call twice gives the same bits: outputs, lse and gradients (with
+    dropout where served: its mask is a hash of the key, never a stateful draw)."""
+    q, k, v = self.qkv(seed=15)
+    kw = dict(option_grid(jax.random.key(1))["both_lengths_causal"])
+    if "dropout" in self.serves:
+      kw.update(dropout_rate=0.3, dropout_key=jax.random.key(7))
+
+    def run():
+      (out, lse), vjp = jax.vjp(lambda q, k, v: self.attend(q, k, v, return_residual=True, **kw), q, k, v)
+      do, dl = random_cotangents(jax.random.key(16), out, lse)
+      return out, lse, vjp((do, dl))
+
+    chex.assert_trees_all_equal(run(), run())

@@ -10,7 +10,7 @@ import jaxattn
 from jaxattn import testing
 from jaxattn._impl import chunked, common
 
-from attention_base import rotated_cases
+from attention_base import block_any_all, rotated_cases
 
 
 def _temp_bytes(fn, *args):
@@ -71,12 +71,12 @@ def test_block_map_is_sound_and_exact(T, S, bq, bk, causal, bottom_right, left, 
     kw["query_segment_ids"] = testing.random_segment_ids(key, B, T)
     kw["key_value_segment_ids"] = testing.random_segment_ids(jax.random.fold_in(key, 2), B, S)
   inputs, config, _ = jaxattn.attention.normalize(q, k, v, **kw)
-  st_ = chunked._Static(config=config, T=T, S=S, bq=min(bq, T), bk=min(bk, S), G=1)
+  st_ = chunked._Static(B=B, N=1, T=T, S=S, bq=min(bq, T), bk=min(bk, S), config=config, G=1)
   bm = np.asarray(chunked.block_map(inputs, st_))
   allowed = _dense_allowed(inputs, config, T, S)
   if allowed is None:
     allowed = np.ones((1, 1, T, S), bool)
-  any_, all_ = _block_any_all(allowed, st_.bq, st_.bk)
+  any_, all_ = block_any_all(allowed, st_.bq, st_.bk)
   assert not np.any((bm == 0) & any_), "an empty block has an allowed pair"
   assert not np.any((bm == 2) & ~all_), "a full block has a masked pair"
   if not use_lengths and not use_segments:
@@ -89,27 +89,18 @@ def test_block_map_is_sound_and_exact(T, S, bq, bk, causal, bottom_right, left, 
     assert np.all((bm > 0) == any_)
 
 
-def _block_any_all(allowed, bq, bk):
-  """(nq, nk) any/all of a (B, N, T, S) boolean over blocks, padding ignored."""
-  B, N, T, S = allowed.shape
-  nq, nk = -(-T // bq), -(-S // bk)
-  a = np.zeros((B, N, nq * bq, nk * bk), bool)
-  a[:, :, :T, :S] = allowed
-  valid = np.zeros((nq * bq, nk * bk), bool)
-  valid[:T, :S] = True
-  a = a.reshape(B, N, nq, bq, nk, bk)
-  v = valid.reshape(nq, bq, nk, bk)
-  return a.any((0, 1, 3, 5)), (a | ~v).all((0, 1, 3, 5))
+def _static(config):
+  return chunked._Static(B=1, N=1, T=64, S=64, bq=8, bk=8, config=config, G=1)
 
 
 def test_causal_block_skipping_does_about_half_the_work():
   q, k, v = testing.random_qkv(jax.random.key(0), B=1, T=64, S=64, N=1, K=1, H=4)
   inputs, config, _ = jaxattn.attention.normalize(q, k, v, is_causal=True)
-  bm = np.asarray(chunked.block_map(inputs, chunked._Static(config, 64, 64, 8, 8, 1)))
+  bm = np.asarray(chunked.block_map(inputs, _static(config)))
   assert (bm == 0).sum() == 28 and (bm == 1).sum() == 8 and (bm == 2).sum() == 28
   # (a sliding window of 16 keys: 2 partial + 1 full block per row at most)
   inputs, config, _ = jaxattn.attention.normalize(q, k, v, is_causal=True, local_window_size=(16, 0))
-  bm = np.asarray(chunked.block_map(inputs, chunked._Static(config, 64, 64, 8, 8, 1)))
+  bm = np.asarray(chunked.block_map(inputs, _static(config)))
   assert (bm > 0).sum(1).max() == 3
   assert (bm == 2).sum() == 7 and (bm == 1).sum() == 14 and (bm == 0).sum() == 43
 

@@ -16,7 +16,7 @@ import jaxattn
 from jaxattn import masks, testing
 from jaxattn._impl import cudnn
 
-from attention_base import B, N, S, T, option_grid, random_cotangents
+from attention_base import FEATURES, B, N, S, T, AttentionTestBase, option_grid, random_cotangents
 
 
 def _normalize(dtype=jnp.bfloat16, **kw):
@@ -158,3 +158,18 @@ def test_cudnn_on_gpu_matches_xla():
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b))
     np.testing.assert_allclose(a[np.isfinite(a)], b[np.isfinite(b)], atol=5e-2, rtol=2e-2)
+
+
+class TestCudnnSharedBase(AttentionTestBase):
+  """The shared base through cuDNN, on a CUDA GPU only (skipped elsewhere): bf16
+  (fp16 where the base asks for it), H = 16. Unserved features must be refused
+  with NotImplementedError; a bias needs even T and S, which the base's T = 5
+  is not, so bias cases are refusals here (test_wrapper_* above cover bias)."""
+  implementation = "cudnn"
+  backend = "gpu"
+  serves = FEATURES - {"bias", "dropout", "soft_cap", "segment_ids", "window_right", "bottom_right",
+                       "value_head_dim", "float32"}
+
+  def qkv(self, seed=0, dtype=jnp.float32, **sizes):
+    dtype = jnp.float16 if dtype == jnp.float16 else jnp.bfloat16
+    return super().qkv(seed=seed, dtype=dtype, **{"H": 16, **sizes})

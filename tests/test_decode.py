@@ -4,7 +4,6 @@ and the tiny LM example (cached greedy == full-forward greedy)."""
 
 from __future__ import annotations
 
-import importlib.util
 import functools
 import pathlib
 import sys
@@ -19,6 +18,8 @@ from jaxattn import decode as dec
 from jaxattn import testing
 from jaxattn.layers import init_multi_head_attention, multi_head_attention
 from jaxattn.rope import RopeConfig
+
+from attention_base import load_example
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -262,19 +263,10 @@ def test_errors_name_the_argument():
     dec.init_kv_cache(B, 0, K, H)
 
 
-def _load_example():
-  path = ROOT / "examples" / "train_tiny_lm.py"
-  spec = importlib.util.spec_from_file_location("train_tiny_lm", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.mark.interop
 def test_tiny_lm_cached_greedy_equals_full_forward():
   pytest.importorskip("optax", reason='optax absent: pip install -e ".[examples]"')
-  lm = _load_example()
+  lm = load_example("train_tiny_lm")
   config = lm.Config(copy_length=4, d_model=32, d_mlp=64, num_heads=4, num_kv_heads=2,
                      head_dim=8)
   params, losses = lm.train(config, steps=30, batch=32, log=None)

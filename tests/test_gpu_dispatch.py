@@ -47,10 +47,10 @@ def test_jaxattn_imports_without_the_triton_backend():
 
 def test_pallas_refuses_compiled_gpu_kernels_with_the_reason(no_triton):
   inputs, config = _normalized(logits_soft_cap=30.0)
-  reason = pallas.unsupported_reason(inputs, config, platform="gpu", interpret=False)
+  reason = pallas.unsupported_reason(inputs, config, backend="gpu", interpret=False)
   assert reason is not None and "no Pallas Triton backend" in reason
   with pytest.raises(NotImplementedError, match="no Pallas Triton backend"):
-    pallas.pallas_attention(inputs, config, platform="gpu", interpret=False)
+    pallas.pallas_attention(inputs, config, backend="gpu", interpret=False)
   # interpret mode does not need Triton
   assert pallas.unsupported_reason(inputs, config, interpret=True) is None
 
@@ -76,7 +76,7 @@ def test_trace_time_refusal_falls_back(no_triton, monkeypatch):
 
   def gpu_pallas(inputs, config, **options):
     calls.append("pallas")
-    return pallas.pallas_attention(inputs, config, platform="gpu", interpret=False, **options)
+    return pallas.pallas_attention(inputs, config, backend="gpu", interpret=False, **options)
 
   monkeypatch.setitem(_impl._REGISTRY, "pallas", gpu_pallas)
   monkeypatch.setattr(jaxattn.attention, "choose_implementation", lambda *a, **k: "pallas")

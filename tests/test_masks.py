@@ -12,7 +12,7 @@ from jaxattn import masks as jm
 from jaxattn import scores as js
 from jaxattn import testing
 
-from attention_base import rotated_cases
+from attention_base import block_any_all, rotated_cases
 
 B, T, S, N, K, H = 2, 9, 11, 4, 2, 5
 IMPLS = [("xla", None), ("chunked", (2, 3)), ("chunked", (4, 4))]
@@ -81,7 +81,7 @@ def test_block_classification_is_sound(name, blocks):
   mask = MASKS[name]()
   g = jm.BlockGeometry(B=B, N=N, T=T, S=S, bq=blocks[0], bk=blocks[1])
   bm = np.asarray(jm.block_map(mask, g))
-  any_, all_ = _block_any_all(dense(mask), g.bq, g.bk)
+  any_, all_ = block_any_all(dense(mask), g.bq, g.bk)
   assert not np.any((bm == 0) & any_), name
   assert not np.any((bm == 2) & ~all_), name
   if name in ("causal", "window", "chunked_local", "per_head", "user_fn_with_block_fn"):
@@ -215,20 +215,9 @@ def test_property_block_maps_of_composed_builtins_are_sound(T_, S_, bq, bk, left
   mask = [band & others[0], band | others[1], ~band & others[2], (band | others[0]) & ~others[1]][combo]
   g = jm.BlockGeometry(B=1, N=1, T=T_, S=S_, bq=min(bq, T_), bk=min(bk, S_))
   bm = np.asarray(jm.block_map(mask, g))
-  any_, all_ = _block_any_all(dense(mask, B=1, N=1, T=T_, S=S_), g.bq, g.bk)
+  any_, all_ = block_any_all(dense(mask, B=1, N=1, T=T_, S=S_), g.bq, g.bk)
   assert not np.any((bm == 0) & any_)
   assert not np.any((bm == 2) & ~all_)
-
-
-def _block_any_all(allowed, bq, bk):
-  B, N, T, S = allowed.shape
-  nq, nk = -(-T // bq), -(-S // bk)
-  a = np.zeros((B, N, nq * bq, nk * bk), bool)
-  a[:, :, :T, :S] = allowed
-  v = np.zeros((nq * bq, nk * bk), bool)
-  v[:T, :S] = True
-  a, v = a.reshape(B, N, nq, bq, nk, bk), v.reshape(nq, bq, nk, bk)
-  return a.any((0, 1, 3, 5)), (a | ~v).all((0, 1, 3, 5))
 
 
 @pytest.mark.parametrize("make, error, message", [

@@ -7,9 +7,7 @@ weights ship inside the package, and the Hugging Face hub is never asked.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +26,8 @@ sentence_transformers = pytest.importorskip(
 
 import jax.numpy as jnp  # noqa: E402
 
+from attention_base import load_example  # noqa: E402
+
 SENTENCES = [
     "A man is eating food.",
     "Hi",
@@ -38,17 +38,9 @@ SENTENCES = [
 TOLERANCE = 1e-5
 
 
-def _load_example():
-  path = Path(__file__).resolve().parents[1] / "examples" / "minilm.py"
-  spec = importlib.util.spec_from_file_location("minilm_example", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.fixture(scope="module")
 def results():
-  minilm = _load_example()
+  minilm = load_example("minilm")
   directory = minilm.model_dir()
   params, _ = minilm.load_params(directory)
   ids, lengths = minilm.tokenize(minilm.load_tokenizer(directory), SENTENCES)

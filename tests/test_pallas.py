@@ -19,8 +19,8 @@ import jaxattn
 from jaxattn import scores, testing
 from jaxattn._impl import pallas
 
-from attention_base import (B, GRID_NAMES, N, S, AttentionTestBase, jax_nn_cases, option_grid,
-                            random_cotangents, slow_unless)
+from attention_base import (check_against_reference, B, GRID_NAMES, N, S, AttentionTestBase, jax_nn_cases, option_grid,
+                            slow_unless)
 
 # jax.nn parity on a subset (each case compiles the three kernels in interpret
 # mode, seconds each on 2 cores); the float64 grid above it covers every option.
@@ -56,20 +56,6 @@ def _normalized(q, k, v, bias=None, mask=None, **kw):
   return jaxattn.attention.normalize(q, k, v, bias, mask, **kw)[:2]
 
 
-def _check_against_reference(attend, q, k, v, bias, mask, kw):
-  """Values, lse and gradients (incl. the lse cotangent) of `attend` vs float64."""
-  (out, lse), vjp = jax.vjp(attend, q, k, v, bias)
-  ref_out, ref_lse = testing.reference_attention(q, k, v, bias, mask, return_residual=True, **kw)
-  testing.assert_attention_close(out, ref_out)
-  testing.assert_attention_close(lse, ref_lse)
-  do, dl = random_cotangents(jax.random.key(2), out, lse)
-  grads = vjp((do, dl))
-  ref = testing.reference_attention_vjp(q, k, v, bias, mask, d_out=do, d_lse=dl, **kw)
-  testing.assert_attention_close(grads[:3], (ref["query"], ref["key"], ref["value"]))
-  if bias is not None:
-    testing.assert_attention_close(grads[3], ref["bias"])
-
-
 GPU_LAYOUT_CASES = {
     "causal": dict(is_causal=True),
     "segments_lengths_bias": dict(query_segment_ids="q_seg", key_value_segment_ids="kv_seg",
@@ -96,7 +82,7 @@ def test_gpu_layout_in_interpret_mode(name):
     inputs, config = _normalized(q, k, v, bias, mask, **kw)
     return pallas.pallas_attention(inputs, config, block_sizes=(4, 16), interpret=True, gpu_layout=True)
 
-  _check_against_reference(attend, q, k, v, bias, mask, kw)
+  check_against_reference(attend, q, k, v, bias, mask, kw)
 
 
 def test_mask_fn_and_score_fn_holding_and_closing_over_arrays():
@@ -132,14 +118,14 @@ def test_compiled_kernels_refuse_what_triton_cannot_lower():
   for reason, kw in cases.items():
     inputs, config = _normalized(q, k, v, **kw)
     with pytest.raises(NotImplementedError, match=reason):
-      pallas.pallas_attention(inputs, config, interpret=False, platform="gpu")
-    assert reason in pallas.unsupported_reason(inputs, config, interpret=False, platform="gpu")
+      pallas.pallas_attention(inputs, config, interpret=False, backend="gpu")
+    assert reason in pallas.unsupported_reason(inputs, config, interpret=False, backend="gpu")
     assert pallas.unsupported_reason(inputs, config, interpret=True) is None
   inputs, config = _normalized(q, k, v)
   with pytest.raises(NotImplementedError, match="powers of 2"):
-    pallas.pallas_attention(inputs, config, interpret=False, platform="gpu", block_sizes=(2, 3))
+    pallas.pallas_attention(inputs, config, interpret=False, backend="gpu", block_sizes=(2, 3))
   with pytest.raises(NotImplementedError, match="TPU"):
-    pallas.pallas_attention(inputs, config, interpret=False, platform="tpu")
+    pallas.pallas_attention(inputs, config, interpret=False, backend="tpu")
 
 
 def _abstract_gpu():
@@ -171,7 +157,7 @@ def test_kernels_lower_to_triton_for_gpu(kw):
 
   def attend(q, k, v, bias):
     inputs, config = _normalized(q, k, v, bias, mask, **kw)
-    return pallas.pallas_attention(inputs, config, interpret=False, platform="gpu")
+    return pallas.pallas_attention(inputs, config, interpret=False, backend="gpu")
 
   def f(q, k, v, bias):
     out, vjp = jax.vjp(attend, q, k, v, bias)

@@ -22,21 +22,17 @@ import jaxattn
 from jaxattn import masks, testing
 from jaxattn._impl import splash
 
-from attention_base import (B, GRID_NAMES, JAX_NN_NAMES, N, S, T, AttentionTestBase,
-                            random_cotangents)
+from attention_base import (check_against_reference, B, FEATURES, GRID_NAMES, JAX_NN_NAMES, N, S, T, AttentionTestBase,
+                            features_of, option_grid)
 
 slow = pytest.mark.slow
 
 _NO_BIAS = "splash takes no bias"
 _NO_MASK = "splash takes no dense mask array"
 _NO_DROPOUT = "splash has no attention dropout"
-# Grid entries of the shared base that splash refuses, and the reason it gives.
-REFUSED_GRID = {
-    "bias_full": _NO_BIAS, "bias_bcast_heads": _NO_BIAS, "bias_bcast_batch_q": _NO_BIAS,
-    "bias_and_mask": _NO_BIAS, "soft_cap": _NO_BIAS, "everything": _NO_BIAS,
-    "mask_full": _NO_MASK, "mask_bcast": _NO_MASK,
-    "dropout": _NO_DROPOUT, "dropout_causal_raw_key": _NO_DROPOUT,
-}
+SERVES = FEATURES - {"bias", "dense_mask", "dropout"}
+# Grid entries of the shared base that splash refuses (cheap: the refusal comes at trace time).
+REFUSED_GRID = {n for n, kw in option_grid(jax.random.key(0)).items() if features_of(kw) - SERVES}
 # Served grid entries run by default (the rest behind -m slow): both causal
 # alignments' machinery (a LocalMask with an offset), a two-sided window,
 # lengths (as segment ids) and the caller's segment ids.
@@ -55,25 +51,20 @@ def _refusal(reason):
 class TestSplash(AttentionTestBase):
   """The shared base through splash in interpret mode (T, S padded to one 128 block)."""
   implementation = "splash"
+  serves = SERVES
+  refusal_messages = {"bias": re.escape(_NO_BIAS), "dense_mask": re.escape(_NO_MASK),
+                      "dropout": re.escape(_NO_DROPOUT)}
 
   @pytest.mark.parametrize("name", _grid_params(GRID_NAMES, CI_GRID))
   def test_matches_float64_reference_values_and_gradients(self, name):
-    if name in REFUSED_GRID:
-      with _refusal(REFUSED_GRID[name]):
-        super().test_matches_float64_reference_values_and_gradients(name)
-    else:
-      super().test_matches_float64_reference_values_and_gradients(name)
+    super().test_matches_float64_reference_values_and_gradients(name)
 
   @pytest.mark.parametrize("name,layout", [
       pytest.param(n, lay, marks=() if (n, lay) in CI_JAX_NN or (n in REFUSED_GRID and lay == "BTNH")
                    else slow)
       for n in JAX_NN_NAMES for lay in ("BTNH", "TNH")])
   def test_matches_jax_nn(self, name, layout):
-    if name in REFUSED_GRID:
-      with _refusal(REFUSED_GRID[name]):
-        super().test_matches_jax_nn(name, layout)
-    else:
-      super().test_matches_jax_nn(name, layout)
+    super().test_matches_jax_nn(name, layout)
 
   # GQA (N=6, K=3) runs in every grid case above; MQA takes splash's MQA kernel.
   @pytest.mark.parametrize("heads", [pytest.param((6, 6), marks=slow), pytest.param((6, 2), marks=slow),
@@ -144,23 +135,9 @@ def _check_against_reference(q, k, v, lse_cotangent=True, **kw):
   With `lse_cotangent`, the gradient includes a random lse cotangent (its
   share runs through chunked's backward: one more compile).
   """
-  f = lambda q, k, v: jaxattn.dot_product_attention(q, k, v, implementation="splash",
-                                                    return_residual=True, **kw)
-  (out, lse), vjp = jax.vjp(f, q, k, v)
-  kw.pop("block_sizes", None)
-  ref_out, ref_lse = testing.reference_attention(q, k, v, return_residual=True, **kw)
-  testing.assert_attention_close(out, ref_out)
-  testing.assert_attention_close(lse, ref_lse)
-  do, dl = random_cotangents(jax.random.key(2), out, lse)
-  if lse_cotangent:
-    grads = vjp((do, dl))
-  else:
-    dl = None
-    grads = jax.vjp(lambda q, k, v: f(q, k, v)[0], q, k, v)[1](do)
-  chex.assert_tree_all_finite(grads)
-  ref = testing.reference_attention_vjp(q, k, v, d_out=do, d_lse=dl, **kw)
-  testing.assert_attention_close(grads, (ref["query"], ref["key"], ref["value"]))
-  return out, lse
+  attend = lambda q, k, v, bias: jaxattn.dot_product_attention(
+      q, k, v, bias, implementation="splash", return_residual=True, **kw)
+  return check_against_reference(attend, q, k, v, kw=kw, lse_cotangent=lse_cotangent)[:2]
 
 
 @slow

@@ -44,7 +44,7 @@ def _register_builtins():
   register("xla", xla.xla_attention)
   register("chunked", chunked.chunked_attention)
   register("pallas", pallas.pallas_attention,
-           lambda i, c, backend: pallas.unsupported_reason(i, c, platform=backend))
+           lambda i, c, backend: pallas.unsupported_reason(i, c, backend=backend))
   register("cudnn", cudnn.cudnn_attention,
            lambda i, c, backend: cudnn.unsupported_reason(i, c, backend=backend))
   register("splash", splash.splash_attention,

@@ -16,12 +16,12 @@ rows of one matmul, so K and V are never repeated.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxattn import masks as _masks
@@ -34,18 +34,11 @@ DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_KV = 512
 
 
-class _Static(NamedTuple):
-  """Hashable description of a problem: sizes, blocks and options."""
+@dataclasses.dataclass(frozen=True)
+class _Static(_masks.BlockGeometry):
+  """Hashable description of a problem: its block geometry, options and group size."""
   config: common.AttentionConfig
-  T: int
-  S: int
-  bq: int
-  bk: int
-  G: int
-
-
-def _blocks(n: int, b: int) -> int:
-  return -(-n // b)
+  G: int  # query heads per K/V head
 
 
 def default_block_sizes(T: int, S: int, config: common.AttentionConfig | None = None
@@ -69,23 +62,9 @@ def default_block_sizes(T: int, S: int, config: common.AttentionConfig | None = 
 # Block classification.
 
 
-def _geometry(inputs: common.AttentionInputs, st: _Static) -> _masks.BlockGeometry:
-  B, _, N, _ = inputs.query.shape
-  return _masks.BlockGeometry(B=B, N=N, T=st.T, S=st.S, bq=st.bq, bk=st.bk)
-
-
-def _kinds(mask_fn, summary, dense_mask: bool, g: _masks.BlockGeometry, qb, kb):
-  """Block kinds for query blocks qb x key blocks kb: 0 empty, 1 partial, 2 full."""
-  shape = jnp.broadcast_shapes(jnp.shape(qb), jnp.shape(kb))
-  if mask_fn is None:
-    empty, full = jnp.zeros(shape, bool), jnp.ones(shape, bool)
-  else:
-    empty, full = mask_fn.classify(summary, g, qb, kb)
-  if dense_mask:
-    full = jnp.zeros(shape, bool)
-  if g.S % g.bk:  # padded key columns must be masked
-    full = full & (kb != g.nk - 1)
-  return jnp.where(empty, 0, jnp.where(full, 2, 1)).astype(jnp.int32)
+def _kinds(p: "_Prepared", st: _Static, qb, kb):
+  """Block kinds (`jaxattn.masks.block_kinds`) for query blocks qb x key blocks kb."""
+  return _masks.block_kinds(p.mask_fn, st, qb, kb, summary=p.summary, dense_mask=p.mask is not None)
 
 
 def block_map(inputs: common.AttentionInputs, st: _Static):
@@ -94,11 +73,8 @@ def block_map(inputs: common.AttentionInputs, st: _Static):
   The kernels never build this table: they classify one row (forward) or
   column (backward) at a time inside their loops. It is for inspection.
   """
-  g = _geometry(inputs, st)
-  mask_fn = common.combined_mask(inputs, st.config)
-  summary = None if mask_fn is None else mask_fn.summary(g)
-  return _kinds(mask_fn, summary, inputs.mask is not None, g,
-                jnp.arange(g.nq)[:, None], jnp.arange(g.nk)[None, :])
+  return _masks.block_kinds(common.combined_mask(inputs, st.config), st, jnp.arange(st.nq)[:, None],
+                            jnp.arange(st.nk)[None, :], dense_mask=inputs.mask is not None)
 
 
 def _ranges(needed):
@@ -153,13 +129,12 @@ class _Prepared(NamedTuple):
   summary: Any  # mask_fn's per-block summary
   score_fn: Any  # score modifiers incl. the soft-cap (or None)
   dropout_key: jax.Array | None
-  geometry: _masks.BlockGeometry
 
 
 def _prepare(inputs: common.AttentionInputs, st: _Static) -> _Prepared:
   B, T, N, H = inputs.query.shape
   K = N // st.G
-  Tp, Sp = _blocks(T, st.bq) * st.bq, _blocks(st.S, st.bk) * st.bk
+  Tp, Sp = st.Tp, st.Sp
   q = _pad_to(inputs.query, 1, Tp).reshape(B, Tp, K, st.G, H).transpose(0, 2, 1, 3, 4)
   q = q.reshape(B, K, Tp * st.G, H)
   k = _pad_to(inputs.key, 1, Sp).transpose(0, 2, 1, 3)
@@ -170,11 +145,10 @@ def _prepare(inputs: common.AttentionInputs, st: _Static) -> _Prepared:
   mask = inputs.mask
   if mask is not None:
     mask = _pad_to(_pad_to(mask, 2, Tp), 3, Sp)
-  g = _geometry(inputs, st)
   mask_fn = common.combined_mask(inputs, st.config)
-  summary = None if mask_fn is None else mask_fn.summary(g)
+  summary = None if mask_fn is None else mask_fn.summary(st)
   return _Prepared(q, k, v, bias, mask, mask_fn, summary,
-                   common.combined_score(inputs, st.config), inputs.dropout_key, g)
+                   common.combined_score(inputs, st.config), inputs.dropout_key)
 
 
 def _tile_index(p: _Prepared, st: _Static, q0, k0, w):
@@ -269,12 +243,11 @@ def _forward(p: _Prepared, st: _Static):
   R = p.q.shape[2]
   rows = st.bq * st.G
   nq = R // rows
-  g = p.geometry
   vdt = p.v.dtype
 
   def q_block(i, carry):
     qi = _row_slice(p.q, i, rows)
-    kinds = _kinds(p.mask_fn, p.summary, p.mask is not None, g, i, jnp.arange(g.nk))
+    kinds = _kinds(p, st, i, jnp.arange(st.nk))
     lo, hi = _ranges(kinds > 0)
 
     def kv_step(j, state, masked):
@@ -312,7 +285,7 @@ def _forward(p: _Prepared, st: _Static):
 def _split_float_leaves(tree):
   """Leaves of `tree` that carry gradients (inexact dtypes) and a rebuild function."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  diff = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  diff = common.inexact_leaves(leaves)
 
   def rebuild(diff_leaves):
     new = list(leaves)
@@ -377,7 +350,6 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
   Hv = p.v.shape[-1]
   rows = st.bq * st.G
   nk = p.k.shape[2] // st.bk
-  g = p.geometry
   delta, lse_safe, lo_safe = _backward_prologue(out, lse, lse_lo, d_out, d_lse)
   score = _split_float_leaves(p.score_fn)
   score_leaves = score[0]
@@ -386,7 +358,7 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
     dq, dbias, dscore = carry
     kj = lax.dynamic_slice_in_dim(p.k, j * st.bk, st.bk, axis=2)
     vj = lax.dynamic_slice_in_dim(p.v, j * st.bk, st.bk, axis=2)
-    kinds = _kinds(p.mask_fn, p.summary, p.mask is not None, g, jnp.arange(g.nq), j)
+    kinds = _kinds(p, st, jnp.arange(st.nq), j)
     lo, hi = _ranges(kinds > 0)
 
     def q_step(i, state, masked):
@@ -424,16 +396,8 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
 
 
 def _score_cotangent(score_fn, dscore):
-  """Cotangent pytree for score_fn: gradients on float leaves, zeros elsewhere."""
-  leaves, treedef = jax.tree_util.tree_flatten(score_fn)
-  it = iter(dscore)
-  out = []
-  for x in leaves:
-    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-      out.append(next(it).astype(jnp.result_type(x)))
-    else:
-      out.append(np.zeros(jnp.shape(x), jax.dtypes.float0))
-  return jax.tree_util.tree_unflatten(treedef, out)
+  """Cotangent pytree for score_fn from the gradients of its float leaves, in order."""
+  return common.leaf_cotangents(score_fn, dict(zip(common.inexact_leaves(score_fn), dscore)))
 
 
 # ---------------------------------------------------------------------------
@@ -566,7 +530,7 @@ def _static(inputs: common.AttentionInputs, config: common.AttentionConfig, bloc
   B, T, N, H = inputs.query.shape
   S, K = inputs.key.shape[1], inputs.key.shape[2]
   bq, bk = block_sizes or default_block_sizes(T, S, config)
-  return _Static(config=config, T=T, S=S, bq=min(bq, T), bk=min(bk, S), G=N // K)
+  return _Static(B=B, N=N, T=T, S=S, bq=min(bq, T), bk=min(bk, S), config=config, G=N // K)
 
 
 def _forward_with_lo(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
@@ -630,7 +594,7 @@ def _backward_once(config, block_sizes, inputs, out, lse, lse_lo, d_out, d_lse):
   st = _static(inputs, config, block_sizes)
   p = _prepare(inputs, st)
   acc = common.stat_dtype(inputs.query.dtype)
-  Tp = _blocks(st.T, st.bq) * st.bq
+  Tp = st.Tp
   out_rows = _to_row_layout(out, st, Tp)
   # Padding rows get lse -inf, hence P = 0: they contribute exactly nothing,
   # whatever their logits (a large bias or ALiBi would overflow exp(s - 0)).

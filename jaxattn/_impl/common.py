@@ -164,6 +164,31 @@ def dropout_keep_numpy(key_data, rate: float, b_idx, n_idx, q_idx, kv_idx):
   return h >= threshold
 
 
+def inexact_leaves(tree) -> list[int]:
+  """Indices of the leaves of `tree` that carry gradients (inexact dtypes)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+
+
+def leaf_cotangents(tree, grads: dict[int, Any]):
+  """A cotangent for the pytree `tree` from `grads`, {leaf index: gradient}.
+
+  Inexact leaves get their gradient cast to their dtype (zeros where `grads`
+  has none); other leaves get the float0 zeros custom VJPs must return.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  out: list[Any] = []
+  for i, x in enumerate(leaves):
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      out.append(np.zeros(jnp.shape(x), jax.dtypes.float0))
+    elif i in grads:
+      out.append(jnp.asarray(grads[i]).astype(dtype))
+    else:
+      out.append(jnp.zeros(jnp.shape(x), dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def stat_dtype(dtype):
   """The dtype of logits, softmax statistics and accumulators for inputs of `dtype`:
   float32 for half precision and float32, float64 for float64."""

@@ -51,10 +51,10 @@ head dims.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,32 +98,19 @@ def interpreter_available() -> bool:
   return plgpu is not None and hasattr(plgpu, "InterpretGPUParams")
 
 
-class _Plan(NamedTuple):
-  """Static description of one call (hashable)."""
+@dataclasses.dataclass(frozen=True)
+class _Plan(_masks.BlockGeometry):
+  """Static description of one call (hashable); bq * Gp == BLOCK_ROWS."""
   config: common.AttentionConfig
-  B: int
-  T: int
-  S: int
-  N: int
   K: int
   G: int
   Gp: int  # G padded to a power of 2; rows g >= G are inert dummies
   H: int
-  bq: int  # query positions per block: bq * Gp == BLOCK_ROWS
-  bk: int
   interpret: bool
 
   @property
   def rows(self) -> int:
     return self.bq * self.Gp
-
-  @property
-  def nq(self) -> int:
-    return -(-self.T // self.bq)
-
-  @property
-  def nk(self) -> int:
-    return -(-self.S // self.bk)
 
 
 def _pow2(n: int) -> int:
@@ -195,7 +182,8 @@ def _make_plan(inputs, config, block_sizes, interpret) -> _Plan:
     bk = INTERPRET_BLOCK_KV if interpret else COMPILED_BLOCK_KV[H]
   else:
     bq, bk = block_sizes
-  return _Plan(config, B, T, S, N, K, G, Gp, H, bq, bk, bool(interpret))
+  return _Plan(B=B, N=N, T=T, S=S, bq=bq, bk=bk, config=config, K=K, G=G, Gp=Gp, H=H,
+               interpret=bool(interpret))
 
 
 # ---------------------------------------------------------------------------
@@ -269,12 +257,9 @@ def block_lists(inputs: common.AttentionInputs, p: _Plan):
   "chunked"/"pallas" (`jaxattn.masks`: band, lengths, documents; the padded
   last key block is never full).
   """
-  g = _masks.BlockGeometry(B=p.B, N=p.N, T=p.T, S=p.S, bq=p.bq, bk=p.bk)
-  mask_fn = common.combined_mask(inputs, p.config)
   qb = jnp.asarray(np.arange(p.nq, dtype=np.int32))[:, None]
   kb = jnp.asarray(np.arange(p.nk, dtype=np.int32))[None, :]
-  summary = None if mask_fn is None else mask_fn.summary(g)
-  kinds = chunked._kinds(mask_fn, summary, False, g, qb, kb)  # 0 empty, 1 partial, 2 full
+  kinds = _masks.block_kinds(common.combined_mask(inputs, p.config), p, qb, kb)
   counts = jnp.sum(kinds > 0, axis=1).astype(jnp.int32)
   full = jnp.sum(kinds == 2, axis=1).astype(jnp.int32)
   # Stable sort: full blocks, then partial, then empty; increasing within each.
@@ -510,7 +495,7 @@ def mosaic_attention(inputs: common.AttentionInputs, config: common.AttentionCon
     NotImplementedError: see `unsupported_reason`.
   """
   if interpret is None:
-    interpret = (backend or jax.default_backend()) == "cpu"
+    interpret = common.platform(backend) == "cpu"
   reason = unsupported_reason(inputs, config, backend=backend, interpret=interpret,
                               block_sizes=block_sizes)
   if reason is not None:

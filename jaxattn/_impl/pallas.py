@@ -46,6 +46,7 @@ included (the same hash mask as every implementation).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -90,13 +91,10 @@ INTERPRET_BLOCK_KV = 128
 _MIN_DIM = 16
 
 
-class _Plan(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class _Plan(_masks.BlockGeometry):
   """Static description of one call (hashable: a custom_vjp static argument)."""
   config: common.AttentionConfig
-  B: int
-  T: int
-  S: int
-  N: int
   K: int
   G: int
   Gp: int  # G padded (a power of 2 when compiled); rows g >= G are dummies
@@ -104,8 +102,6 @@ class _Plan(NamedTuple):
   Hv: int
   Hp: int
   Hvp: int
-  bq: int
-  bk: int
   interpret: bool
   platform: str  # "cpu", "gpu" or "tpu"
   bias_dims: tuple | None  # (Bb, Kb, Tb, Gb, Sb) of the 5D bias layout
@@ -115,31 +111,15 @@ class _Plan(NamedTuple):
   def rows(self) -> int:
     return self.bq * self.Gp
 
-  @property
-  def nq(self) -> int:
-    return -(-self.T // self.bq)
-
-  @property
-  def nk(self) -> int:
-    return -(-self.S // self.bk)
-
-  @property
-  def Tp(self) -> int:
-    return self.nq * self.bq
-
-  @property
-  def Sp(self) -> int:
-    return self.nk * self.bk
-
 
 def _pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _platform() -> str:
-  """The kernels' target: "gpu", "tpu", or "cpu" (interpret mode) for any other backend."""
-  backend = common.platform()
-  return backend if backend in ("gpu", "tpu") else "cpu"
+def _platform(backend: str | None = None) -> str:
+  """The kernels' target for `backend` (default: JAX's): "gpu", "tpu", or "cpu" (interpret mode)."""
+  platform = common.platform(backend)
+  return platform if platform in ("gpu", "tpu") else "cpu"
 
 
 def default_block_sizes(T: int, S: int, G: int = 1, compiled: bool = False) -> tuple[int, int]:
@@ -164,11 +144,11 @@ def _bias_dims(x, plan_sizes, Gp, Tp, Sp):
 
 
 def _make_plan(inputs: common.AttentionInputs, config: common.AttentionConfig,
-               block_sizes, interpret, platform=None, gpu_layout=None) -> _Plan:
+               block_sizes, interpret, backend=None, gpu_layout=None) -> _Plan:
   B, T, N, H = inputs.query.shape
   _, S, K, Hv = inputs.value.shape
   G = N // K
-  platform = platform or _platform()
+  platform = _platform(backend)
   if interpret is None:
     interpret = platform == "cpu"
   if jnp.dtype(inputs.query.dtype) == jnp.float64:
@@ -197,9 +177,10 @@ def _make_plan(inputs: common.AttentionInputs, config: common.AttentionConfig,
           f"block ({bk}) to be powers of 2 >= {_MIN_DIM}; got block_sizes={block_sizes}.")
   nq, nk = -(-T // bq), -(-S // bk)
   sizes = (B, N, T, S, K)
-  return _Plan(config, B, T, S, N, K, G, Gp, H, Hv, Hp, Hvp, bq, bk, bool(interpret), platform,
-               _bias_dims(inputs.bias, sizes, Gp, nq * bq, nk * bk),
-               _bias_dims(inputs.mask, sizes, Gp, nq * bq, nk * bk))
+  return _Plan(B=B, N=N, T=T, S=S, bq=bq, bk=bk, config=config, K=K, G=G, Gp=Gp, H=H, Hv=Hv,
+               Hp=Hp, Hvp=Hvp, interpret=bool(interpret), platform=platform,
+               bias_dims=_bias_dims(inputs.bias, sizes, Gp, nq * bq, nk * bk),
+               mask_dims=_bias_dims(inputs.mask, sizes, Gp, nq * bq, nk * bk))
 
 
 # ---------------------------------------------------------------------------
@@ -274,27 +255,17 @@ def _ranges(nonempty, axis):
 
 
 def block_map(inputs: common.AttentionInputs, p: _Plan):
-  """(nq, nk) int32 block kinds: 0 empty (skipped), 1 partial (masked), 2 full."""
-  g = _masks.BlockGeometry(B=p.B, N=p.N, T=p.T, S=p.S, bq=p.bq, bk=p.bk)
+  """(nq, nk) int32 block kinds: 0 empty (skipped), 1 partial (masked), 2 full.
+
+  Padding rows make their block partial too, so they stay finite and inert.
+  """
   # Block indices as array constants, not iota: XLA:CPU (jax 0.10.2) miscompiles
   # this classification when it is built from iota alone (a block of the
   # bottom-right causal map came out empty; see tests/test_pallas.py).
   qb = jnp.asarray(np.arange(p.nq, dtype=np.int32))[:, None]
   kb = jnp.asarray(np.arange(p.nk, dtype=np.int32))[None, :]
-  shape = (p.nq, p.nk)
-  mask_fn = common.combined_mask(inputs, p.config)
-  if mask_fn is None:
-    empty, full = jnp.zeros(shape, bool), jnp.ones(shape, bool)
-  else:
-    empty, full = mask_fn.classify(mask_fn.summary(g), g, qb, kb)
-    empty, full = jnp.broadcast_to(empty, shape), jnp.broadcast_to(full, shape)
-  if inputs.mask is not None:
-    full = jnp.zeros(shape, bool)
-  if p.S % p.bk:  # padded key columns must be masked
-    full = full & (kb != p.nk - 1)
-  if p.T % p.bq:  # padded query rows too, so they stay finite and inert
-    full = full & (qb != p.nq - 1)
-  return jnp.where(empty, 0, jnp.where(full, 2, 1)).astype(jnp.int32)
+  return _masks.block_kinds(common.combined_mask(inputs, p.config), p, qb, kb,
+                            dense_mask=inputs.mask is not None, pad_queries=True)
 
 
 # ---------------------------------------------------------------------------
@@ -310,6 +281,8 @@ class _Lifted(NamedTuple):
 
 
 def _lift(obj, example_args) -> _Lifted | None:
+  # Not jax.closure_convert: it hoists only traced values, while a kernel must
+  # receive every closed-over array (concrete ones too) as an input.
   if obj is None:
     return None
   leaves, treedef = jax.tree_util.tree_flatten(obj)
@@ -333,10 +306,6 @@ def _example_index_args(p: _Plan):
   h = jax.ShapeDtypeStruct((), i32) if p.Gp == 1 else jax.ShapeDtypeStruct((p.rows, 1), i32)
   return (jax.ShapeDtypeStruct((), i32), h, jax.ShapeDtypeStruct((p.rows, 1), i32),
           jax.ShapeDtypeStruct((1, p.bk), i32))
-
-
-def _float_leaves(leaves):
-  return [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.inexact)]
 
 
 # ---------------------------------------------------------------------------
@@ -677,8 +646,8 @@ def _dkv_kernel(refs, p: _Plan, prep: _Prepared):
   v = refs["v"][...]
   dt = k.dtype
   score_leaves = _score_leaf_values(ctx)
-  want_leaves = bool(prep.score is not None and _float_leaves(prep.score.leaves))
-  fl = _float_leaves(prep.score.leaves) if want_leaves else []
+  want_leaves = bool(prep.score is not None and common.inexact_leaves(prep.score.leaves))
+  fl = common.inexact_leaves(prep.score.leaves) if want_leaves else []
   bias_tiles = "dbias" in refs and p.bias_dims[2] > 1
   if bias_tiles:  # written tile by tile; blocks the loop skips stay 0
     refs["dbias"][...] = jnp.zeros(refs["dbias"].shape, jnp.float32)
@@ -788,7 +757,7 @@ def _backward(p: _Plan, inputs: common.AttentionInputs, out_rows, lse_rows, lo_r
         jax.ShapeDtypeStruct((p.B, p.K, npart, Tb, Gb, Sb), jnp.float32),
         pl.BlockSpec((None, None, None, Tb, Gb, p.bk if Sb > 1 else 1),
                      lambda b, h, j: (b, h, j if Sb == 1 else 0, 0, 0, j if Sb > 1 else 0)))
-  fl = _float_leaves(prep.score.leaves) if prep.score is not None else []
+  fl = common.inexact_leaves(prep.score.leaves) if prep.score is not None else []
   for n in fl:
     shape = prep.score.leaves[n].shape
     zeros = (0,) * len(shape)
@@ -865,14 +834,7 @@ def _flash_bwd(p: _Plan, res, cts):
   d_score = None
   if inputs.score_fn is not None:
     # The soft-cap holds no arrays, so the combined modifier's leaves are the caller's.
-    leaves, treedef = jax.tree_util.tree_flatten(inputs.score_fn)
-    ct = []
-    for n, x in enumerate(leaves):
-      if n in dleaves:
-        ct.append(dleaves[n].astype(jnp.result_type(x)))
-      else:
-        ct.append(np.zeros(jnp.shape(x), jax.dtypes.float0))
-    d_score = treedef.unflatten(ct)
+    d_score = common.leaf_cotangents(inputs.score_fn, dleaves)
   return (common.AttentionInputs(query=dq, key=dk, value=dv, bias=dbias, score_fn=d_score),)
 
 
@@ -881,14 +843,14 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def unsupported_reason(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
                        block_sizes: tuple[int, int] | None = None, interpret: bool | None = None,
-                       platform: str | None = None) -> str | None:
+                       backend: str | None = None) -> str | None:
   """Why `pallas_attention` would raise NotImplementedError for these arguments, or None.
 
   Static and cheap (it traces the mask and score functions, runs nothing), so
   dispatch can choose without trying.
   """
   try:
-    p = _make_plan(inputs, config, block_sizes, interpret, platform)
+    p = _make_plan(inputs, config, block_sizes, interpret, backend)
     _check_triton(p)
     _lift_functions(inputs, p)
   except NotImplementedError as exc:
@@ -898,7 +860,7 @@ def unsupported_reason(inputs: common.AttentionInputs, config: common.AttentionC
 
 def pallas_attention(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
                      block_sizes: tuple[int, int] | None = None, interpret: bool | None = None,
-                     platform: str | None = None, gpu_layout: bool | None = None):
+                     backend: str | None = None, gpu_layout: bool | None = None):
   """Returns (output (B, T, N, Hv) in query dtype, lse (B, T, N) float32).
 
   Args:
@@ -908,9 +870,9 @@ def pallas_attention(inputs: common.AttentionInputs, config: common.AttentionCon
       kernels need bq x G (G padded to a power of 2) and the key block to be
       powers of 2 >= 16.
     interpret: run the kernels in Pallas' interpreter; default: on CPU only.
-    platform: "gpu" or "tpu": the compiler the kernels are lowered for
-      (default: the default backend's); set it to lower for another
-      platform, e.g. with `jax.export` on a CPU machine.
+    backend: "gpu" (or "cuda") or "tpu": the compiler the kernels are
+      lowered for (default: the default backend's); set it to lower for
+      another platform, e.g. with `jax.export` on a CPU machine.
     gpu_layout: pad blocks and head dims as the compiled kernels do
       (default: when not interpreting); True runs that layout in interpret
       mode, for tests.
@@ -925,8 +887,8 @@ def pallas_attention(inputs: common.AttentionInputs, config: common.AttentionCon
   if Hv == 0:  # the logsumexp is still defined: run with one zero value column
     one = inputs._replace(value=jnp.pad(inputs.value, ((0, 0), (0, 0), (0, 0), (0, 1))))
     out, lse = pallas_attention(one, config, block_sizes=block_sizes, interpret=interpret,
-                                platform=platform, gpu_layout=gpu_layout)
+                                backend=backend, gpu_layout=gpu_layout)
     return out[..., :0], lse
-  p = _make_plan(inputs, config, block_sizes, interpret, platform, gpu_layout)
+  p = _make_plan(inputs, config, block_sizes, interpret, backend, gpu_layout)
   _check_triton(p)
   return _flash(p, inputs)

@@ -172,7 +172,7 @@ def unsupported_reason(inputs: common.AttentionInputs, config: common.AttentionC
   Off TPU splash serves nothing here: dispatch never picks it there, while
   `implementation="splash"` runs it in Pallas' TPU interpret mode (tests).
   """
-  backend = backend or jax.default_backend()
+  backend = common.platform(backend)
   if backend != "tpu":
     return f"splash is a TPU kernel; the backend is {backend}"
   return _static_reason(inputs, config, block_sizes)
@@ -329,7 +329,7 @@ def attention(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
   `interpret` defaults to True off TPU (Pallas' TPU interpret mode on CPU).
   """
   if interpret is None:
-    interpret = jax.default_backend() != "tpu"
+    interpret = common.platform() != "tpu"
   p = _Plan(inputs, config, block_sizes, interpret)
   rest = inputs._replace(query=None, key=None, value=None)
   return _make_attend(p, config)(inputs.query, inputs.key, inputs.value, rest)
