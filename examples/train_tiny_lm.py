@@ -14,7 +14,7 @@ embedding. Training uses optax's AdamW with warm-up and cosine decay.
 Generation, greedy, two ways:
   full forward  the model on the whole padded sequence for every new token;
   cached        one prefill, then one token per step through
-                `jaxattn.decode.multi_head_attention_decode` and a `KVCache`
+                `jaxattn.layers.multi_head_attention_decode` and a `KVCache`
                 per layer (jitted once, cache donated, no retrace per step).
 The prompts are ragged (row b already holds r_b answer tokens), so every
 row sits at its own position. The script checks that both give the same
@@ -39,7 +39,8 @@ import numpy as np
 import optax
 
 from jaxattn import decode
-from jaxattn.layers import MultiHeadParams, init_multi_head_attention, multi_head_attention
+from jaxattn.layers import (MultiHeadParams, init_multi_head_attention, multi_head_attention,
+                            multi_head_attention_decode)
 from jaxattn.rope import RopeConfig
 
 LOSS_THRESHOLD = 0.05  # the final training loss must fall below this
@@ -154,8 +155,8 @@ def forward_cached(params: LMParams, tokens, caches, config: Config, seq_lengths
   new_caches = []
   for p, cache in zip(params.blocks, caches):
     h = layer_norm(x, p.ln1_scale, p.ln1_bias)
-    y, cache = decode.multi_head_attention_decode(p.attention, h, cache,
-                                                  seq_lengths=seq_lengths, rope=config.rope)
+    y, cache = multi_head_attention_decode(p.attention, h, cache,
+                                           seq_lengths=seq_lengths, rope=config.rope)
     x = x + y
     x = x + _mlp(p, layer_norm(x, p.ln2_scale, p.ln2_bias))
     new_caches.append(cache)

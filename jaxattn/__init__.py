@@ -7,7 +7,6 @@ from jaxattn.decode import (
     decode_attention,
     init_kv_cache,
     init_paged_kv_cache,
-    multi_head_attention_decode,
     update_kv_cache,
 )
 from jaxattn.layers import (
@@ -16,6 +15,7 @@ from jaxattn.layers import (
     init_multi_head_attention,
     init_self_attention,
     multi_head_attention,
+    multi_head_attention_decode,
     self_attention,
 )
 from jaxattn.parallel import (

@@ -20,6 +20,11 @@ def fmt(shape) -> str:
   return str(shape)
 
 
+def dims(shape) -> str:
+  """A shape as `(2, 5, 6)`, a 1-tuple as `(2)`: sizes in error messages."""
+  return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
 def is_int(value) -> bool:
   """A Python or NumPy integer (not a bool, not an array)."""
   return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -44,6 +49,15 @@ def int_value(fn: str, name: str, value) -> int:
   if not is_int(value):
     raise ValueError(f"{fn}: {name} must be an int; got {value!r}.")
   return int(value)
+
+
+def block_sizes(fn: str, value, *, optional: bool = True):
+  """block_sizes: a tuple of two positive ints (not bools), or None where `optional`."""
+  if value is None and optional:
+    return None
+  if not (isinstance(value, tuple) and len(value) == 2 and all(is_int(b) and b > 0 for b in value)):
+    raise ValueError(f"{fn}: block_sizes must be a tuple of two positive ints; got {value!r}.")
+  return int(value[0]), int(value[1])
 
 
 def window_side(fn: str, name: str, value) -> int | None:

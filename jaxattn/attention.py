@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn import _impl
+from jaxattn import _checks, _impl
 from jaxattn import masks as _masks
 from jaxattn import scores as _scores
 from jaxattn import tuning as _tuning
@@ -27,58 +27,136 @@ _FN = "dot_product_attention"
 _CHUNKED_MIN_LOGITS = 256 * 256
 
 
-def _fmt(shape) -> str:
-  return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+_fmt = _checks.dims
 
 
-def _err(arg: str, msg: str) -> ValueError:
-  return ValueError(f"{_FN}: {arg} {msg}")
+def _err(fn: str, arg: str, msg: str) -> ValueError:
+  return ValueError(f"{fn}: {arg} {msg}")
 
 
-def _check_float(name, x):
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{_FN}: {name} must have a floating point dtype; got {x.dtype}.")
-
-
-def _broadcastable_4d(name: str, x, full: tuple[int, int, int, int], rank3: bool):
+def _broadcastable_4d(fn: str, name: str, x, full: tuple[int, int, int, int], rank3: bool):
   """Checks that x broadcasts to (B, N, T, S) by NumPy rules (missing leading
   dims are 1, as in jax.nn: a (S,) mask applies to every query); returns it as 4D."""
   letters = "(N, T, S)" if rank3 else "(B, N, T, S)"
   shown = full[1:] if rank3 else full
   if x.ndim > 4:
-    raise _err(name, f"must have rank at most 4 and broadcast to {letters} = "
+    raise _err(fn, name, f"must have rank at most 4 and broadcast to {letters} = "
                f"{_fmt(shown)}; got shape {_fmt(x.shape)}.")
   x4 = x.reshape((1,) * (4 - x.ndim) + x.shape)
   for have, want in zip(x4.shape, full):
     if have not in (1, want):
-      raise _err(name, f"must broadcast to {letters} = {_fmt(shown)} (each dim 1 "
+      raise _err(fn, name, f"must broadcast to {letters} = {_fmt(shown)} (each dim 1 "
                  f"or full); got shape {_fmt(x.shape)}.")
   return x4
 
 
-def _check_lengths(name, x, B, L, rank3):
-  if x is None:
-    return None
+def _integer_array(fn: str, name: str, x):
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):
-    raise TypeError(f"{_FN}: {name} must have an integer dtype; got {x.dtype}.")
+    raise TypeError(f"{fn}: {name} must have an integer dtype; got {x.dtype}.")
+  return x
+
+
+# ---------------------------------------------------------------------------
+# Canonicalizers: one per argument group. Each takes the public function's name
+# (`fn`) for its messages, so every entry point (dot_product_attention, the
+# layers, ring attention) raises errors in its own name.
+
+
+def canonical_qkv(fn: str, query, key, value):
+  """(query, key, value) as 4D arrays of one float dtype, and whether the caller's were 3D."""
+  query, key, value = (jnp.asarray(x) for x in (query, key, value))
+  if query.ndim not in (3, 4):
+    raise _err(fn, "query", f"must have shape (B, T, N, H) or (T, N, H); got rank "
+               f"{query.ndim} shape {_fmt(query.shape)}.")
+  rank3 = query.ndim == 3
+  shown = (lambda shape: shape[1:]) if rank3 else (lambda shape: shape)
+  for name, x in (("key", key), ("value", value)):
+    if x.ndim != query.ndim:
+      letters = "(S, K, H)" if rank3 else "(B, S, K, H)"
+      raise _err(fn, name, f"must have shape {letters}, the rank of query "
+                 f"{_fmt(query.shape)}; got {_fmt(x.shape)}.")
+  if rank3:
+    query, key, value = query[None], key[None], value[None]
+  B, T, N, H = query.shape
+  _, S, K, _ = key.shape
+  if key.shape[0] != B or key.shape[3] != H:
+    letters = "(S, K, H)" if rank3 else "(B, S, K, H)"
+    raise _err(fn, "key", f"must have shape {letters} = {_fmt(shown((B, S, K, H)))} "
+               f"to match query {_fmt(shown(query.shape))}; got {_fmt(shown(key.shape))}.")
+  if value.shape[:3] != key.shape[:3]:
+    letters = "(S, K, Hv)" if rank3 else "(B, S, K, Hv)"
+    raise _err(fn, "value", f"must have shape {letters} with the key's leading dims "
+               f"{_fmt(shown(key.shape[:3]))}; got {_fmt(shown(value.shape))}.")
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{fn}: {name} must have a floating point dtype; got {x.dtype}.")
+  if key.dtype != query.dtype or value.dtype != query.dtype:
+    raise TypeError(f"{fn}: query, key and value must share one dtype; got "
+                    f"{query.dtype}, {key.dtype}, {value.dtype}.")
+  if K == 0 or N % K != 0:
+    raise _err(fn, "key", f"heads K={K} must divide the query heads N={N} (GQA/MQA); "
+               f"got query {_fmt(shown(query.shape))} and key {_fmt(shown(key.shape))}.")
+  for name, n in (("T", T), ("S", S), ("H", H), ("N", N)):
+    if n == 0:
+      raise _err(fn, "query" if name != "S" else "key", f"has a zero-sized {name} dimension.")
+  return query, key, value, rank3
+
+
+def canonical_bias_and_mask(fn: str, bias, mask, full: tuple[int, int, int, int], rank3: bool):
+  """bias (float) and mask (bool) as 4D arrays broadcastable to `full` = (B, N, T, S)."""
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    if not jnp.issubdtype(bias.dtype, jnp.floating):
+      raise TypeError(f"{fn}: bias must have a floating point dtype (use mask= for "
+                      f"boolean masks); got {bias.dtype}.")
+    bias = _broadcastable_4d(fn, "bias", bias, full, rank3)
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+      raise TypeError(f"{fn}: mask must be boolean (True = attend; pass additive "
+                      f"masks as bias=); got {mask.dtype}.")
+    mask = _broadcastable_4d(fn, "mask", mask, full, rank3)
+  return bias, mask
+
+
+def canonical_lengths(fn: str, name: str, x, B: int, L: int, rank3: bool):
+  """int32 (B,) lengths clipped to [0, L], or None."""
+  if x is None:
+    return None
+  x = _integer_array(fn, name, x)
   if x.shape != (B,):
     want = "(B,) = " + _fmt((B,)) if not rank3 else "(1,) for the 3D (T, N, H) layout"
-    raise _err(name, f"must have shape {want}; got {_fmt(x.shape)}.")
+    raise _err(fn, name, f"must have shape {want}; got {_fmt(x.shape)}.")
   # Clipped to [0, L] in the caller's width first: a length past the sequence
   # means all of it (2**32 would wrap to 0 in int32), a negative one none of it.
   return jnp.clip(x, 0, L).astype(jnp.int32)
 
 
-def _check_segments(name, x, B, L, letter, rank3):
-  x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.integer):
-    raise TypeError(f"{_FN}: {name} must have an integer dtype; got {x.dtype}.")
+def _check_segments(fn, name, x, B, L, letter, rank3):
+  x = _integer_array(fn, name, x)
   want = (L,) if rank3 else (B, L)
   if x.shape != want:
     letters = f"({letter},)" if rank3 else f"(B, {letter})"
-    raise _err(name, f"must have shape {letters} = {_fmt(want)}; got {_fmt(x.shape)}.")
+    raise _err(fn, name, f"must have shape {letters} = {_fmt(want)}; got {_fmt(x.shape)}.")
   return x.reshape(B, L)
+
+
+def canonical_segments(fn: str, query_segment_ids, key_value_segment_ids, B: int, T: int, S: int,
+                       rank3: bool):
+  """int32 (B, T) and (B, S) segment ids (the key side defaults to the query's), or Nones."""
+  if key_value_segment_ids is not None and query_segment_ids is None:
+    raise _err(fn, "query_segment_ids", "is required when key_value_segment_ids is given.")
+  if query_segment_ids is None:
+    return None, None
+  q_ids = _check_segments(fn, "query_segment_ids", query_segment_ids, B, T, "T", rank3)
+  if key_value_segment_ids is None:
+    if S != T:
+      raise _err(fn, "key_value_segment_ids", f"is required when T != S (T={T}, S={S}).")
+    kv_ids = q_ids
+  else:
+    kv_ids = _check_segments(fn, "key_value_segment_ids", key_value_segment_ids, B, S, "S", rank3)
+  return _segments_as_int32(q_ids, kv_ids)
 
 
 def _segments_as_int32(q_ids, kv_ids):
@@ -100,31 +178,87 @@ def _segments_as_int32(q_ids, kv_ids):
   return rank(q_ids), rank(kv_ids)
 
 
-def _check_window(w):
+def canonical_window(fn: str, w):
+  """local_window_size as a (left, right) tuple of ints or None sides, or None."""
   if w is None:
     return None
   if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
     w = (int(w), int(w))
   if not (isinstance(w, tuple) and len(w) == 2):
-    raise _err("local_window_size", f"must be an int or a (left, right) tuple of "
+    raise _err(fn, "local_window_size", f"must be an int or a (left, right) tuple of "
                f"ints (None for unbounded); got {w!r}.")
   for side in w:
     if side is not None and (isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 0):
-      raise _err("local_window_size", f"sides must be non-negative ints or None; got {w!r}.")
+      raise _err(fn, "local_window_size", f"sides must be non-negative ints or None; got {w!r}.")
   return tuple(None if s is None else int(s) for s in w)
 
 
-def _dropout_words(dropout_key):
-  """Two uint32 words that seed the dropout hash, from a typed or raw key."""
+def canonical_scale_and_cap(fn: str, scale, logits_soft_cap, H: int):
+  """(scale, cap) as finite Python floats; scale defaults to 1 / sqrt(H), cap may be None."""
+  if scale is None:
+    scale = 1.0 / float(np.sqrt(H))
+  elif isinstance(scale, jax.core.Tracer):
+    raise TypeError(f"{fn}: scale must be a static Python number; got a traced value.")
+  scale = float(scale)
+  if not math.isfinite(scale):
+    raise _err(fn, "scale", f"must be a finite number; got {scale}.")
+  if logits_soft_cap is not None:
+    logits_soft_cap = float(logits_soft_cap)
+    if not logits_soft_cap > 0:
+      raise _err(fn, "logits_soft_cap", f"must be positive; got {logits_soft_cap}.")
+    if not math.isfinite(logits_soft_cap):
+      raise _err(fn, "logits_soft_cap", f"must be finite (cap * tanh(x / cap) is nan at "
+                 f"cap = inf; pass None for no cap); got {logits_soft_cap}.")
+  return scale, logits_soft_cap
+
+
+def canonical_causal(fn: str, is_causal, causal_alignment, T: int, S: int):
+  """(is_causal, q_offset): the offset of bottom-right alignment, S - T, or 0."""
+  if not isinstance(is_causal, (bool, np.bool_)):
+    raise TypeError(f"{fn}: is_causal must be a Python bool; got {type(is_causal).__name__}.")
+  if causal_alignment not in ("top_left", "bottom_right"):
+    raise _err(fn, "causal_alignment", f"must be 'top_left' or 'bottom_right'; got {causal_alignment!r}.")
+  return bool(is_causal), (S - T) if causal_alignment == "bottom_right" else 0
+
+
+def canonical_dropout(fn: str, dropout_rate, dropout_key):
+  """(rate, words): the rate as a float in [0, 1) and the key's two uint32 words (None at rate 0)."""
+  dropout_rate = float(dropout_rate)
+  if not 0.0 <= dropout_rate < 1.0:
+    raise _err(fn, "dropout_rate", f"must be in [0, 1); got {dropout_rate}.")
+  if dropout_rate == 0.0:
+    return dropout_rate, None
+  if dropout_key is None:
+    raise _err(fn, "dropout_key", f"is required when dropout_rate > 0 (got rate {dropout_rate}).")
   k = jnp.asarray(dropout_key) if not isinstance(dropout_key, jax.Array) else dropout_key
   if not jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key):
     if k.dtype != jnp.uint32:
-      raise TypeError(f"{_FN}: dropout_key must be a key from jax.random.key or "
+      raise TypeError(f"{fn}: dropout_key must be a key from jax.random.key or "
                       f"jax.random.PRNGKey; got dtype {k.dtype}.")
     k = jax.random.wrap_key_data(k)
   if k.shape != ():
-    raise _err("dropout_key", f"must be a single key (shape ()); got key shape {_fmt(k.shape)}.")
-  return jax.random.bits(k, (2,), jnp.uint32)
+    raise _err(fn, "dropout_key", f"must be a single key (shape ()); got key shape {_fmt(k.shape)}.")
+  return dropout_rate, jax.random.bits(k, (2,), jnp.uint32)
+
+
+def canonical_functions(fn: str, mask_fn, score_fn, B: int, N: int, T: int, S: int):
+  """mask_fn as a jaxattn.masks.Mask and score_fn as a jaxattn.scores.ScoreMod (or None),
+  each validated against the problem's sizes."""
+  if mask_fn is not None:
+    if not isinstance(mask_fn, _masks.Mask):
+      if not callable(mask_fn):
+        raise TypeError(f"{fn}: mask_fn must be a jaxattn.masks.Mask or a function "
+                        f"(b, h, q_idx, kv_idx) -> bool; got {type(mask_fn).__name__}.")
+      mask_fn = _masks.from_function(mask_fn)
+    mask_fn.validate(fn, B, N, T, S)
+  if score_fn is not None:
+    if not isinstance(score_fn, _scores.ScoreMod):
+      if not callable(score_fn):
+        raise TypeError(f"{fn}: score_fn must be a jaxattn.scores.ScoreMod or a function "
+                        f"(score, b, h, q_idx, kv_idx) -> score; got {type(score_fn).__name__}.")
+      score_fn = _scores.from_function(score_fn)
+    score_fn.validate(fn, B, N, T, S)
+  return mask_fn, score_fn
 
 
 def normalize(query, key, value, bias=None, mask=None, *, scale=None,
@@ -132,122 +266,31 @@ def normalize(query, key, value, bias=None, mask=None, *, scale=None,
               key_value_seq_lengths=None, local_window_size=None,
               query_segment_ids=None, key_value_segment_ids=None,
               logits_soft_cap=None, causal_alignment="top_left",
-              dropout_rate=0.0, dropout_key=None, mask_fn=None, score_fn=None):
-  """Validates public arguments; returns (inputs, config, rank3)."""
-  query, key, value = (jnp.asarray(x) for x in (query, key, value))
-  if query.ndim not in (3, 4):
-    raise _err("query", f"must have shape (B, T, N, H) or (T, N, H); got rank "
-               f"{query.ndim} shape {_fmt(query.shape)}.")
-  rank3 = query.ndim == 3
-  shown = (lambda shape: shape[1:]) if rank3 else (lambda shape: shape)
-  for name, x in (("key", key), ("value", value)):
-    if x.ndim != query.ndim:
-      letters = "(S, K, H)" if rank3 else "(B, S, K, H)"
-      raise _err(name, f"must have shape {letters}, the rank of query "
-                 f"{_fmt(query.shape)}; got {_fmt(x.shape)}.")
-  if rank3:
-    query, key, value = query[None], key[None], value[None]
+              dropout_rate=0.0, dropout_key=None, mask_fn=None, score_fn=None,
+              fn: str = _FN):
+  """Validates public arguments; returns (inputs, config, rank3).
+
+  `fn` names the public function in error messages.
+  """
+  query, key, value, rank3 = canonical_qkv(fn, query, key, value)
   B, T, N, H = query.shape
-  _, S, K, _ = key.shape
-  if key.shape[0] != B or key.shape[3] != H:
-    letters = "(S, K, H)" if rank3 else "(B, S, K, H)"
-    raise _err("key", f"must have shape {letters} = {_fmt(shown((B, S, K, H)))} "
-               f"to match query {_fmt(shown(query.shape))}; got {_fmt(shown(key.shape))}.")
-  if value.shape[:3] != key.shape[:3]:
-    letters = "(S, K, Hv)" if rank3 else "(B, S, K, Hv)"
-    raise _err("value", f"must have shape {letters} with the key's leading dims "
-               f"{_fmt(shown(key.shape[:3]))}; got {_fmt(shown(value.shape))}.")
-  for name, x in (("query", query), ("key", key), ("value", value)):
-    _check_float(name, x)
-  if key.dtype != query.dtype or value.dtype != query.dtype:
-    raise TypeError(f"{_FN}: query, key and value must share one dtype; got "
-                    f"{query.dtype}, {key.dtype}, {value.dtype}.")
-  if K == 0 or N % K != 0:
-    raise _err("key", f"heads K={K} must divide the query heads N={N} (GQA/MQA); "
-               f"got query {_fmt(shown(query.shape))} and key {_fmt(shown(key.shape))}.")
-  for name, n in (("T", T), ("S", S), ("H", H), ("N", N)):
-    if n == 0:
-      raise _err("query" if name != "S" else "key", f"has a zero-sized {name} dimension.")
-
-  full = (B, N, T, S)
-  if bias is not None:
-    bias = jnp.asarray(bias)
-    if not jnp.issubdtype(bias.dtype, jnp.floating):
-      raise TypeError(f"{_FN}: bias must have a floating point dtype (use mask= for "
-                      f"boolean masks); got {bias.dtype}.")
-    bias = _broadcastable_4d("bias", bias, full, rank3)
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-      raise TypeError(f"{_FN}: mask must be boolean (True = attend; pass additive "
-                      f"masks as bias=); got {mask.dtype}.")
-    mask = _broadcastable_4d("mask", mask, full, rank3)
-
-  query_seq_lengths = _check_lengths("query_seq_lengths", query_seq_lengths, B, T, rank3)
-  key_value_seq_lengths = _check_lengths("key_value_seq_lengths", key_value_seq_lengths, B, S, rank3)
-
-  if key_value_segment_ids is not None and query_segment_ids is None:
-    raise _err("query_segment_ids", "is required when key_value_segment_ids is given.")
-  if query_segment_ids is not None:
-    query_segment_ids = _check_segments("query_segment_ids", query_segment_ids, B, T, "T", rank3)
-    if key_value_segment_ids is None:
-      if S != T:
-        raise _err("key_value_segment_ids", f"is required when T != S (T={T}, S={S}).")
-      key_value_segment_ids = query_segment_ids
-    else:
-      key_value_segment_ids = _check_segments("key_value_segment_ids", key_value_segment_ids, B, S, "S", rank3)
-    query_segment_ids, key_value_segment_ids = _segments_as_int32(query_segment_ids, key_value_segment_ids)
-
-  window = _check_window(local_window_size)
-  if not isinstance(is_causal, (bool, np.bool_)):
-    raise TypeError(f"{_FN}: is_causal must be a Python bool; got {type(is_causal).__name__}.")
-  if causal_alignment not in ("top_left", "bottom_right"):
-    raise _err("causal_alignment", f"must be 'top_left' or 'bottom_right'; got {causal_alignment!r}.")
-  if scale is None:
-    scale = 1.0 / float(np.sqrt(H))
-  elif isinstance(scale, jax.core.Tracer):
-    raise TypeError(f"{_FN}: scale must be a static Python number; got a traced value.")
-  scale = float(scale)
-  if not math.isfinite(scale):
-    raise _err("scale", f"must be a finite number; got {scale}.")
-  if logits_soft_cap is not None:
-    logits_soft_cap = float(logits_soft_cap)
-    if not logits_soft_cap > 0:
-      raise _err("logits_soft_cap", f"must be positive; got {logits_soft_cap}.")
-    if not math.isfinite(logits_soft_cap):
-      raise _err("logits_soft_cap", f"must be finite (cap * tanh(x / cap) is nan at "
-                 f"cap = inf; pass None for no cap); got {logits_soft_cap}.")
-  dropout_rate = float(dropout_rate)
-  if not 0.0 <= dropout_rate < 1.0:
-    raise _err("dropout_rate", f"must be in [0, 1); got {dropout_rate}.")
-  words = None
-  if dropout_rate > 0.0:
-    if dropout_key is None:
-      raise _err("dropout_key", f"is required when dropout_rate > 0 (got rate {dropout_rate}).")
-    words = _dropout_words(dropout_key)
-
-  if mask_fn is not None:
-    if not isinstance(mask_fn, _masks.Mask):
-      if not callable(mask_fn):
-        raise TypeError(f"{_FN}: mask_fn must be a jaxattn.masks.Mask or a function "
-                        f"(b, h, q_idx, kv_idx) -> bool; got {type(mask_fn).__name__}.")
-      mask_fn = _masks.from_function(mask_fn)
-    mask_fn.validate(_FN, B, N, T, S)
-  if score_fn is not None:
-    if not isinstance(score_fn, _scores.ScoreMod):
-      if not callable(score_fn):
-        raise TypeError(f"{_FN}: score_fn must be a jaxattn.scores.ScoreMod or a function "
-                        f"(score, b, h, q_idx, kv_idx) -> score; got {type(score_fn).__name__}.")
-      score_fn = _scores.from_function(score_fn)
-    score_fn.validate(_FN, B, N, T, S)
-
+  S = key.shape[1]
+  bias, mask = canonical_bias_and_mask(fn, bias, mask, (B, N, T, S), rank3)
+  query_seq_lengths = canonical_lengths(fn, "query_seq_lengths", query_seq_lengths, B, T, rank3)
+  key_value_seq_lengths = canonical_lengths(fn, "key_value_seq_lengths", key_value_seq_lengths, B, S, rank3)
+  query_segment_ids, key_value_segment_ids = canonical_segments(
+      fn, query_segment_ids, key_value_segment_ids, B, T, S, rank3)
+  window = canonical_window(fn, local_window_size)
+  is_causal, q_offset = canonical_causal(fn, is_causal, causal_alignment, T, S)
+  scale, logits_soft_cap = canonical_scale_and_cap(fn, scale, logits_soft_cap, H)
+  dropout_rate, words = canonical_dropout(fn, dropout_rate, dropout_key)
+  mask_fn, score_fn = canonical_functions(fn, mask_fn, score_fn, B, N, T, S)
   inputs = common.AttentionInputs(
       query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
       query_segment_ids, key_value_segment_ids, words, mask_fn, score_fn)
   config = common.AttentionConfig(
-      scale=scale, is_causal=bool(is_causal),
-      q_offset=(S - T) if causal_alignment == "bottom_right" else 0,
-      window=window, logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate)
+      scale=scale, is_causal=is_causal, q_offset=q_offset, window=window,
+      logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate)
   return inputs, config, rank3
 
 
@@ -424,10 +467,7 @@ def dot_product_attention(
   if implementation is not None and implementation not in _impl.names():
     raise ValueError(f"{_FN}: implementation must be None or one of "
                      f"{', '.join(map(repr, _impl.names()))}; got {implementation!r}.")
-  if block_sizes is not None:
-    if not (isinstance(block_sizes, tuple) and len(block_sizes) == 2 and
-            all(isinstance(b, int) and b > 0 for b in block_sizes)):
-      raise _err("block_sizes", f"must be a tuple of two positive ints; got {block_sizes!r}.")
+  block_sizes = _checks.block_sizes(_FN, block_sizes)
   inputs, config, rank3 = normalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,

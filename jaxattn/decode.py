@@ -87,8 +87,6 @@ from jax import lax
 
 from jaxattn import _checks
 from jaxattn import attention as _attention
-from jaxattn import layers as _layers
-from jaxattn import rope as _rope
 from jaxattn._impl import common, softmax_state
 
 # Queries (T * N) up to this use the decode kernel (all T * N query rows in each
@@ -102,8 +100,7 @@ _SPLIT_MAX_CHUNKS = 16
 _STEP_BYTES = 4 << 20
 
 
-def _fmt(shape) -> str:
-  return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+_fmt = _checks.dims
 
 
 class KVCache(NamedTuple):
@@ -144,19 +141,6 @@ class PagedKVCache(NamedTuple):
 # init
 
 
-def _positive_int(fn, name, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-    raise ValueError(f"{fn}: {name} must be a positive int; got {value!r}.")
-  return int(value)
-
-
-def _float_dtype(fn, dtype):
-  dtype = jnp.dtype(dtype)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"{fn}: dtype must be floating point; got {dtype}.")
-  return dtype
-
-
 def init_kv_cache(batch: int, max_length: int, num_kv_heads: int, head_dim: int,
                   dtype=jnp.float32) -> KVCache:
   """Creates an empty contiguous cache (zeros, all lengths 0).
@@ -180,11 +164,11 @@ def init_kv_cache(batch: int, max_length: int, num_kv_heads: int, head_dim: int,
   (2, 3, 16, 8)
   """
   fn = "init_kv_cache"
-  B = _positive_int(fn, "batch", batch)
-  L = _positive_int(fn, "max_length", max_length)
-  K = _positive_int(fn, "num_kv_heads", num_kv_heads)
-  H = _positive_int(fn, "head_dim", head_dim)
-  dtype = _float_dtype(fn, dtype)
+  B = _checks.positive_int(fn, "batch", batch)
+  L = _checks.positive_int(fn, "max_length", max_length)
+  K = _checks.positive_int(fn, "num_kv_heads", num_kv_heads)
+  H = _checks.positive_int(fn, "head_dim", head_dim)
+  dtype = _checks.float_dtype(fn, "dtype", dtype)
   zeros = jnp.zeros((B, K, L, H), dtype)
   return KVCache(zeros, zeros, jnp.zeros((B,), jnp.int32))
 
@@ -219,12 +203,12 @@ def init_paged_kv_cache(batch: int, num_pages: int, page_size: int, num_kv_heads
   ((8, 3, 4, 8), [[0, 1, 2, 3], [4, 5, 6, 7]])
   """
   fn = "init_paged_kv_cache"
-  B = _positive_int(fn, "batch", batch)
-  P = _positive_int(fn, "num_pages", num_pages)
-  S = _positive_int(fn, "page_size", page_size)
-  K = _positive_int(fn, "num_kv_heads", num_kv_heads)
-  H = _positive_int(fn, "head_dim", head_dim)
-  dtype = _float_dtype(fn, dtype)
+  B = _checks.positive_int(fn, "batch", batch)
+  P = _checks.positive_int(fn, "num_pages", num_pages)
+  S = _checks.positive_int(fn, "page_size", page_size)
+  K = _checks.positive_int(fn, "num_kv_heads", num_kv_heads)
+  H = _checks.positive_int(fn, "head_dim", head_dim)
+  dtype = _checks.float_dtype(fn, "dtype", dtype)
   if page_table is None:
     if P < B:
       raise ValueError(f"{fn}: num_pages must be at least batch B = {B} to give each "
@@ -247,7 +231,7 @@ def init_paged_kv_cache(batch: int, num_pages: int, page_size: int, num_kv_heads
 # validation shared by update and attention
 
 
-def _cache_sizes(fn, cache):
+def cache_sizes(fn: str, cache):
   """(B, K, H, max_length, dtype) of a cache, checked for internal agreement."""
   if isinstance(cache, KVCache):
     k, v = cache.key, cache.value
@@ -382,7 +366,7 @@ def update_kv_cache(cache, key, value, *, seq_lengths=None):
   [5, 2]
   """
   fn = "update_kv_cache"
-  B, K, H, L, dtype = _cache_sizes(fn, cache)
+  B, K, H, L, dtype = cache_sizes(fn, cache)
   key, value = jnp.asarray(key), jnp.asarray(value)
   for name, x in (("key", key), ("value", value)):
     if x.ndim != 4 or x.shape[0] != B or x.shape[2:] != (K, H):
@@ -762,7 +746,7 @@ def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | Non
   (2, 4, 6, 8)
   """
   fn = "decode_attention"
-  B, K, H, L, dtype = _cache_sizes(fn, cache)
+  B, K, H, L, dtype = cache_sizes(fn, cache)
   query = jnp.asarray(query)
   if query.ndim != 4 or query.shape[0] != B or query.shape[3] != H:
     raise ValueError(f"{fn}: query must have shape (B, T, N, H) = ({B}, T, N, {H}) to "
@@ -864,97 +848,10 @@ def _dense(query, cache: KVCache, lengths, n, *, scale, soft_cap, window_left, i
 # the multi-head layer's cached path
 
 
-def multi_head_attention_decode(
-    params, x, cache, *, seq_lengths=None, rope=None, scale: float | None = None,
-    logits_soft_cap: float | None = None, local_window_size=None,
-    qk_norm_type: str = "layer_norm", qk_norm_epsilon: float = 1e-6, dtype=None,
-    implementation: str | None = None, num_splits: int | None = None):
-  r"""Causal multi-head self-attention of T new tokens per sequence, with a cache.
-
-  The cached twin of `multi_head_attention(params, x, is_causal=True,
-  rope=rope)` on the whole sequence: it projects the new tokens, rotates
-  queries and keys at their absolute positions `cache.lengths[b] + t`, appends
-  keys and values to the cache, attends (`decode_attention`) and projects the
-  output. Prefill and decode steps are the same call.
-
-  Args:
-    params: `jaxattn.layers.MultiHeadParams` for self-attention (C = D).
-    x: (B, T, D) the new tokens' inputs (batched: the cache is per batch).
-    cache: KVCache or PagedKVCache with K and H of params; keys and values
-      are stored, and queries attend, in the cache's dtype.
-    seq_lengths: optional int (B,): real new tokens per row (right padding of
-      a ragged prefill); padded rows give b_out and are not stored.
-    rope: a `jaxattn.rope.RopeConfig` or None.
-    scale, logits_soft_cap, local_window_size, implementation, num_splits:
-      as for `decode_attention`.
-    qk_norm_type, qk_norm_epsilon: as for `multi_head_attention`.
-    dtype: computation dtype of the projections; default the promotion of
-      x's and the parameters' dtypes.
-
-  Returns:
-    (y, cache): y (B, T, O) in the computation dtype, and the updated cache.
-
-  Raises:
-    ValueError: shapes of x, params and cache disagree.
-    TypeError: params not MultiHeadParams, x not floating point.
-
-  >>> import jax, jax.numpy as jnp, jaxattn.decode as dec
-  >>> from jaxattn.layers import init_multi_head_attention
-  >>> p = init_multi_head_attention(jax.random.key(0), d_model=12, num_heads=6, num_kv_heads=3)
-  >>> cache = dec.init_kv_cache(2, 16, 3, 2)
-  >>> y, cache = dec.multi_head_attention_decode(p, jnp.ones((2, 5, 12)), cache)  # prefill
-  >>> y, cache = dec.multi_head_attention_decode(p, jnp.ones((2, 1, 12)), cache)  # one step
-  >>> y.shape, cache.lengths.tolist()
-  ((2, 1, 12), [6, 6])
-  """
-  fn = "multi_head_attention_decode"
-  D, C, N, K, H, O = _layers._check_params(fn, params)
-  B, Kc, Hc, L, cache_dtype = _cache_sizes(fn, cache)
-  x = jnp.asarray(x)
-  if x.ndim != 3 or x.shape[0] != B or x.shape[2] != D:
-    raise ValueError(f"{fn}: x must have shape (B, T, D) = ({B}, T, {D}) from the cache "
-                     f"and params.w_query {_fmt(params.w_query.shape)}; got {_fmt(x.shape)}.")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{fn}: x must have a floating point dtype; got {x.dtype}.")
-  if C != D:
-    raise ValueError(f"{fn}: params are for cross-attention (C = {C} != D = {D}); the "
-                     f"cache holds self-attention keys.")
-  if (Kc, Hc) != (K, H):
-    raise ValueError(f"{fn}: the cache's (K, H) = ({Kc}, {Hc}) must match params.w_key "
-                     f"(C, K, H) = {_fmt(params.w_key.shape)}.")
-  if qk_norm_type not in ("layer_norm", "rms_norm"):
-    raise ValueError(f"{fn}: qk_norm_type must be 'layer_norm' or 'rms_norm'; got "
-                     f"{qk_norm_type!r}.")
-  if rope is not None and not isinstance(rope, _rope.RopeConfig):
-    raise TypeError(f"{fn}: rope must be a jaxattn.rope.RopeConfig or None; got "
-                    f"{type(rope).__name__}.")
-  qk_norm_epsilon = _checks.finite_positive_float(fn, "qk_norm_epsilon", qk_norm_epsilon)
-  if rope is not None:
-    R = H if rope.rotary_dim is None else rope.rotary_dim
-    if R > H or R % 2:
-      raise ValueError(f"{fn}: RoPE rotates feature pairs: the rotary dim must be even and "
-                       f"at most the head dim H = {H}; got {R}.")
-  leaves = [l for l in params if l is not None]
-  if dtype is None:
-    dtype = jnp.result_type(x.dtype, *(l.dtype for l in leaves))
-  dtype = _float_dtype(fn, dtype)
-  p = type(params)(*(None if l is None else l.astype(dtype) for l in params))
-  x = x.astype(dtype)
-  T = x.shape[1]
-
-  q = _layers._project(x, p.w_query, p.b_query, "btd,dnh->btnh")
-  k = _layers._project(x, p.w_key, p.b_key, "btd,dkh->btkh")
-  v = _layers._project(x, p.w_value, p.b_value, "btd,dkh->btkh")
-  q = _layers._qk_normalize(q, p.query_norm_scale, qk_norm_type, float(qk_norm_epsilon))
-  k = _layers._qk_normalize(k, p.key_norm_scale, qk_norm_type, float(qk_norm_epsilon))
-  if rope is not None:
-    positions = jnp.maximum(cache.lengths, 0)[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    q = rope.apply(q, positions)
-    k = rope.apply(k, positions)
-  q, k, v = (a.astype(cache_dtype) for a in (q, k, v))
-  cache = update_kv_cache(cache, k, v, seq_lengths=seq_lengths)
-  out = decode_attention(q, cache, query_seq_lengths=seq_lengths, scale=scale,
-                         logits_soft_cap=logits_soft_cap, local_window_size=local_window_size,
-                         implementation=implementation, num_splits=num_splits)
-  y = _layers._project(out.astype(dtype), p.w_out, p.b_out, "btnh,nho->bto")
-  return y, cache
+def __getattr__(name):
+  # multi_head_attention_decode lives beside multi_head_attention in jaxattn.layers
+  # (implementations never import layers); this name is kept for older code.
+  if name == "multi_head_attention_decode":
+    from jaxattn import layers  # noqa: PLC0415
+    return layers.multi_head_attention_decode
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

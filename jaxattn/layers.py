@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxattn import _checks
 from jaxattn import attention as _attention
+from jaxattn import decode as _decode
 from jaxattn import rope as _rope
 from jaxattn.softmax import softmax as _softmax
 
@@ -360,11 +361,7 @@ def _check_attention_options(fn, batched, lead, N, T, S, *, bias, mask, scale, i
   if implementation is not None and implementation not in names:
     raise ValueError(f"{fn}: implementation must be None or one of "
                      f"{', '.join(map(repr, names))}; got {implementation!r}.")
-  if block_sizes is not None and not (
-      isinstance(block_sizes, tuple) and len(block_sizes) == 2
-      and all(_checks.is_int(b) and b > 0 for b in block_sizes)):
-    raise ValueError(f"{fn}: block_sizes must be a tuple of two positive ints; got "
-                     f"{block_sizes!r}.")
+  _checks.block_sizes(fn, block_sizes)
 
 
 def _lengths(fn, name, value, batched):
@@ -542,3 +539,102 @@ def multi_head_attention(
       logits_soft_cap=logits_soft_cap, causal_alignment=causal_alignment,
       dropout_rate=dropout_rate, dropout_key=dropout_key, block_sizes=block_sizes)
   return _project(out, p.w_out, p.b_out, "...tnh,nho->...to")
+
+
+# ---------------------------------------------------------------------------
+# Cached decoding (jaxattn.decode holds the cache and the attention step).
+
+
+def multi_head_attention_decode(
+    params, x, cache, *, seq_lengths=None, rope=None, scale: float | None = None,
+    logits_soft_cap: float | None = None, local_window_size=None,
+    qk_norm_type: str = "layer_norm", qk_norm_epsilon: float = 1e-6, dtype=None,
+    implementation: str | None = None, num_splits: int | None = None):
+  r"""Causal multi-head self-attention of T new tokens per sequence, with a cache.
+
+  The cached twin of `multi_head_attention(params, x, is_causal=True,
+  rope=rope)` on the whole sequence: it projects the new tokens, rotates
+  queries and keys at their absolute positions `cache.lengths[b] + t`, appends
+  keys and values to the cache, attends (`decode_attention`) and projects the
+  output. Prefill and decode steps are the same call.
+
+  Args:
+    params: `jaxattn.layers.MultiHeadParams` for self-attention (C = D).
+    x: (B, T, D) the new tokens' inputs (batched: the cache is per batch).
+    cache: KVCache or PagedKVCache with K and H of params; keys and values
+      are stored, and queries attend, in the cache's dtype.
+    seq_lengths: optional int (B,): real new tokens per row (right padding of
+      a ragged prefill); padded rows give b_out and are not stored.
+    rope: a `jaxattn.rope.RopeConfig` or None.
+    scale, logits_soft_cap, local_window_size, implementation, num_splits:
+      as for `decode_attention`.
+    qk_norm_type, qk_norm_epsilon: as for `multi_head_attention`.
+    dtype: computation dtype of the projections; default the promotion of
+      x's and the parameters' dtypes.
+
+  Returns:
+    (y, cache): y (B, T, O) in the computation dtype, and the updated cache.
+
+  Raises:
+    ValueError: shapes of x, params and cache disagree.
+    TypeError: params not MultiHeadParams, x not floating point.
+
+  >>> import jax, jax.numpy as jnp, jaxattn
+  >>> p = jaxattn.init_multi_head_attention(jax.random.key(0), d_model=12, num_heads=6, num_kv_heads=3)
+  >>> cache = jaxattn.init_kv_cache(2, 16, 3, 2)
+  >>> y, cache = jaxattn.multi_head_attention_decode(p, jnp.ones((2, 5, 12)), cache)  # prefill
+  >>> y, cache = jaxattn.multi_head_attention_decode(p, jnp.ones((2, 1, 12)), cache)  # one step
+  >>> y.shape, cache.lengths.tolist()
+  ((2, 1, 12), [6, 6])
+  """
+  fn = "multi_head_attention_decode"
+  D, C, N, K, H, O = _check_params(fn, params)
+  B, Kc, Hc, L, cache_dtype = _decode.cache_sizes(fn, cache)
+  x = jnp.asarray(x)
+  if x.ndim != 3 or x.shape[0] != B or x.shape[2] != D:
+    raise ValueError(f"{fn}: x must have shape (B, T, D) = ({B}, T, {D}) from the cache "
+                     f"and params.w_query {_checks.dims(params.w_query.shape)}; got {_checks.dims(x.shape)}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{fn}: x must have a floating point dtype; got {x.dtype}.")
+  if C != D:
+    raise ValueError(f"{fn}: params are for cross-attention (C = {C} != D = {D}); the "
+                     f"cache holds self-attention keys.")
+  if (Kc, Hc) != (K, H):
+    raise ValueError(f"{fn}: the cache's (K, H) = ({Kc}, {Hc}) must match params.w_key "
+                     f"(C, K, H) = {_checks.dims(params.w_key.shape)}.")
+  if qk_norm_type not in ("layer_norm", "rms_norm"):
+    raise ValueError(f"{fn}: qk_norm_type must be 'layer_norm' or 'rms_norm'; got "
+                     f"{qk_norm_type!r}.")
+  if rope is not None and not isinstance(rope, _rope.RopeConfig):
+    raise TypeError(f"{fn}: rope must be a jaxattn.rope.RopeConfig or None; got "
+                    f"{type(rope).__name__}.")
+  qk_norm_epsilon = _checks.finite_positive_float(fn, "qk_norm_epsilon", qk_norm_epsilon)
+  if rope is not None:
+    R = H if rope.rotary_dim is None else rope.rotary_dim
+    if R > H or R % 2:
+      raise ValueError(f"{fn}: RoPE rotates feature pairs: the rotary dim must be even and "
+                       f"at most the head dim H = {H}; got {R}.")
+  leaves = [l for l in params if l is not None]
+  if dtype is None:
+    dtype = jnp.result_type(x.dtype, *(l.dtype for l in leaves))
+  dtype = _checks.float_dtype(fn, "dtype", dtype)
+  p = type(params)(*(None if l is None else l.astype(dtype) for l in params))
+  x = x.astype(dtype)
+  T = x.shape[1]
+
+  q = _project(x, p.w_query, p.b_query, "btd,dnh->btnh")
+  k = _project(x, p.w_key, p.b_key, "btd,dkh->btkh")
+  v = _project(x, p.w_value, p.b_value, "btd,dkh->btkh")
+  q = _qk_normalize(q, p.query_norm_scale, qk_norm_type, float(qk_norm_epsilon))
+  k = _qk_normalize(k, p.key_norm_scale, qk_norm_type, float(qk_norm_epsilon))
+  if rope is not None:
+    positions = jnp.maximum(cache.lengths, 0)[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    q = rope.apply(q, positions)
+    k = rope.apply(k, positions)
+  q, k, v = (a.astype(cache_dtype) for a in (q, k, v))
+  cache = _decode.update_kv_cache(cache, k, v, seq_lengths=seq_lengths)
+  out = _decode.decode_attention(q, cache, query_seq_lengths=seq_lengths, scale=scale,
+                         logits_soft_cap=logits_soft_cap, local_window_size=local_window_size,
+                         implementation=implementation, num_splits=num_splits)
+  y = _project(out.astype(dtype), p.w_out, p.b_out, "btnh,nho->bto")
+  return y, cache

@@ -49,6 +49,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxattn import _checks
 from jaxattn import attention as _attention
 from jaxattn._impl import chunked, common, softmax_state
 
@@ -362,18 +363,6 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 _FN = "ring_attention"
 
 
-def _renamed(e: Exception, fn: str) -> Exception:
-  """The shared validator's error, naming the public function that was called."""
-  return type(e)(str(e).replace("dot_product_attention:", f"{fn}:", 1))
-
-
-def _check_block_sizes(fn, block_sizes):
-  if block_sizes is not None and not (
-      isinstance(block_sizes, tuple) and len(block_sizes) == 2
-      and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_sizes)):
-    raise ValueError(f"{fn}: block_sizes must be a tuple of two positive ints; got {block_sizes!r}.")
-
-
 def ring_attention(
     query, key, value, *,
     axis_name,
@@ -451,14 +440,11 @@ def ring_attention(
   (2, 8, 4, 16)
   """
   _check_layout(_FN, layout)
-  _check_block_sizes(_FN, block_sizes)
-  try:
-    inputs, config, rank3 = _attention.normalize(
-        query, key, value, scale=scale, is_causal=is_causal,
-        query_segment_ids=query_segment_ids, key_value_segment_ids=key_value_segment_ids,
-        logits_soft_cap=logits_soft_cap)
-  except (ValueError, TypeError) as e:
-    raise _renamed(e, _FN) from None
+  block_sizes = _checks.block_sizes(_FN, block_sizes)
+  inputs, config, rank3 = _attention.normalize(
+      query, key, value, scale=scale, is_causal=is_causal,
+      query_segment_ids=query_segment_ids, key_value_segment_ids=key_value_segment_ids,
+      logits_soft_cap=logits_soft_cap, fn=_FN)
   T, S = inputs.query.shape[1], inputs.key.shape[1]
   if is_causal and T != S:
     raise ValueError(f"{_FN}: is_causal needs local query and key lengths to match "
@@ -557,7 +543,7 @@ def sharded_ring_attention(
   """
   fn = "sharded_ring_attention"
   _check_layout(fn, layout)
-  _check_block_sizes(fn, block_sizes)
+  _checks.block_sizes(fn, block_sizes)
   for arg, name in (("axis_name", axis_name), ("batch_axis", batch_axis), ("head_axis", head_axis)):
     names = name if isinstance(name, tuple) else (name,)
     if name is None and arg != "axis_name":
@@ -579,13 +565,10 @@ def sharded_ring_attention(
                      f"(B, S, K, H) (or their 3D forms); got {query.shape}, {key.shape}.")
   # The caller's global shapes are validated here, so errors show them (the
   # ring inside shard_map would only see per-device shards).
-  try:
-    _attention.normalize(query, key, value, scale=scale, is_causal=is_causal,
-                         query_segment_ids=query_segment_ids,
-                         key_value_segment_ids=key_value_segment_ids,
-                         logits_soft_cap=logits_soft_cap)
-  except (ValueError, TypeError) as e:
-    raise _renamed(e, fn) from None
+  _attention.normalize(query, key, value, scale=scale, is_causal=is_causal,
+                       query_segment_ids=query_segment_ids,
+                       key_value_segment_ids=key_value_segment_ids,
+                       logits_soft_cap=logits_soft_cap, fn=fn)
   if is_causal and query.shape[1] != key.shape[1]:
     raise ValueError(f"{fn}: is_causal needs query and key lengths to match "
                      f"(self-attention); got T={query.shape[1]}, S={key.shape[1]}.")

@@ -34,6 +34,7 @@ from typing import Any, Iterable, NamedTuple
 
 import jax
 
+from jaxattn import _checks
 from jaxattn._impl import common
 
 CACHE_ENV = "JAXATTN_TUNING_CACHE"
@@ -149,9 +150,7 @@ def record(key: TuningKey, block_sizes: tuple[int, int],
   if path is None:
     raise ValueError(f"record: no cache file: {CACHE_ENV} is set to an empty string.")
   path = pathlib.Path(path)
-  bq, bk = block_sizes
-  if not (isinstance(bq, int) and isinstance(bk, int) and bq > 0 and bk > 0):
-    raise ValueError(f"record: block_sizes must be two positive ints; got {block_sizes!r}.")
+  bq, bk = _checks.block_sizes("record", block_sizes, optional=False)
   entries = []
   if path.exists():
     try:

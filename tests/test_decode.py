@@ -16,7 +16,7 @@ import pytest
 
 from jaxattn import decode as dec
 from jaxattn import testing
-from jaxattn.layers import init_multi_head_attention, multi_head_attention
+from jaxattn.layers import init_multi_head_attention, multi_head_attention, multi_head_attention_decode
 from jaxattn.rope import RopeConfig
 
 from attention_base import load_example
@@ -205,7 +205,7 @@ def test_layer_decode_matches_full_forward():
   x = _normal(7, (B, TOTAL, D))
   full = np.asarray(jax.jit(jax.vmap(
       lambda x: multi_head_attention(params, x, is_causal=True, rope=rope)))(x))
-  layer = jax.jit(functools.partial(dec.multi_head_attention_decode, rope=rope))
+  layer = jax.jit(functools.partial(multi_head_attention_decode, rope=rope))
 
   prompt = np.array([4, 1, 6])
   T = int(prompt.max())

@@ -70,6 +70,8 @@ BAD = [
      r"dropout_key is required when dropout_rate > 0"),
     ("block_sizes", (q, k, v), dict(block_sizes=(0, 4)), ValueError,
      r"block_sizes must be a tuple of two positive ints; got \(0, 4\)"),
+    ("block_sizes_bool", (q, k, v), dict(block_sizes=(True, 1)), ValueError,
+     r"block_sizes must be a tuple of two positive ints; got \(True, 1\)"),
     ("scale_not_finite", (q, k, v), dict(scale=float("nan")), ValueError,
      r"scale must be a finite number; got nan"),
     ("is_causal_type", (q, k, v), dict(is_causal="yes"), TypeError,
