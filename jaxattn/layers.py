@@ -286,6 +286,19 @@ def _project(x, w, b, spec):
   return y if b is None else y + _lead(b, y.ndim)
 
 
+def _qkv_projections(params: MultiHeadParams, x, context, dtype, qk_norm_type: str, qk_norm_epsilon):
+  """(params in dtype, q, k, v): the projections of x (..., T, D) and context (..., S, C),
+  with the query/key normalization where the params hold its scales."""
+  p = type(params)(*(None if l is None else l.astype(dtype) for l in params))
+  x, context = x.astype(dtype), context.astype(dtype)
+  q = _project(x, p.w_query, p.b_query, "...td,dnh->...tnh")
+  k = _project(context, p.w_key, p.b_key, "...sc,ckh->...skh")
+  v = _project(context, p.w_value, p.b_value, "...sc,ckh->...skh")
+  q = _qk_normalize(q, p.query_norm_scale, qk_norm_type, float(qk_norm_epsilon))
+  k = _qk_normalize(k, p.key_norm_scale, qk_norm_type, float(qk_norm_epsilon))
+  return p, q, k, v
+
+
 def _check_attention_options(fn, batched, lead, N, T, S, *, bias, mask, scale, is_causal,
                              query_seq_lengths, key_value_seq_lengths, local_window_size,
                              query_segment_ids, key_value_segment_ids, logits_soft_cap,
@@ -517,14 +530,7 @@ def multi_head_attention(
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"{fn}: dtype must be floating point; got {dtype}.")
-  p = MultiHeadParams(*(None if l is None else l.astype(dtype) for l in params))
-  x, context = x.astype(dtype), context.astype(dtype)
-
-  q = _project(x, p.w_query, p.b_query, "...td,dnh->...tnh")
-  k = _project(context, p.w_key, p.b_key, "...sc,ckh->...skh")
-  v = _project(context, p.w_value, p.b_value, "...sc,ckh->...skh")
-  q = _qk_normalize(q, p.query_norm_scale, qk_norm_type, float(qk_norm_epsilon))
-  k = _qk_normalize(k, p.key_norm_scale, qk_norm_type, float(qk_norm_epsilon))
+  p, q, k, v = _qkv_projections(params, x, context, dtype, qk_norm_type, qk_norm_epsilon)
 
   if rope is not None:
     q = rope.apply(q, positions)
@@ -618,15 +624,8 @@ def multi_head_attention_decode(
   if dtype is None:
     dtype = jnp.result_type(x.dtype, *(l.dtype for l in leaves))
   dtype = _checks.float_dtype(fn, "dtype", dtype)
-  p = type(params)(*(None if l is None else l.astype(dtype) for l in params))
-  x = x.astype(dtype)
   T = x.shape[1]
-
-  q = _project(x, p.w_query, p.b_query, "btd,dnh->btnh")
-  k = _project(x, p.w_key, p.b_key, "btd,dkh->btkh")
-  v = _project(x, p.w_value, p.b_value, "btd,dkh->btkh")
-  q = _qk_normalize(q, p.query_norm_scale, qk_norm_type, float(qk_norm_epsilon))
-  k = _qk_normalize(k, p.key_norm_scale, qk_norm_type, float(qk_norm_epsilon))
+  p, q, k, v = _qkv_projections(params, x, x, dtype, qk_norm_type, qk_norm_epsilon)
   if rope is not None:
     positions = jnp.maximum(cache.lengths, 0)[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     q = rope.apply(q, positions)
@@ -634,7 +633,7 @@ def multi_head_attention_decode(
   q, k, v = (a.astype(cache_dtype) for a in (q, k, v))
   cache = _decode.update_kv_cache(cache, k, v, seq_lengths=seq_lengths)
   out = _decode.decode_attention(q, cache, query_seq_lengths=seq_lengths, scale=scale,
-                         logits_soft_cap=logits_soft_cap, local_window_size=local_window_size,
-                         implementation=implementation, num_splits=num_splits)
+                                 logits_soft_cap=logits_soft_cap, local_window_size=local_window_size,
+                                 implementation=implementation, num_splits=num_splits)
   y = _project(out.astype(dtype), p.w_out, p.b_out, "btnh,nho->bto")
   return y, cache

@@ -91,11 +91,10 @@ def _ranges(needed):
 
 
 def _pad_to(x, axis, size, value=0):
-  if x is None or x.shape[axis] in (1, size):
+  """`common.pad_axis`, leaving None and broadcast (size 1) dims as they are."""
+  if x is None or x.shape[axis] == 1:
     return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
+  return common.pad_axis(x, axis, size, value)
 
 
 def _tile(x, q_start, bq, k_start, bk):

@@ -65,6 +65,26 @@ class AttentionConfig:
   dropout_rate: float = 0.0
 
 
+def band(config: AttentionConfig) -> tuple[int | None, int | None] | None:
+  """is_causal and local_window_size as one (left, right) band of keys around each
+  query (None: unbounded side), or None when neither is set."""
+  if not config.is_causal and config.window is None:
+    return None
+  left, right = config.window if config.window is not None else (None, None)
+  if config.is_causal:
+    right = 0 if right is None else min(right, 0)
+  return left, right
+
+
+def pad_axis(x, axis: int, size: int, value=0):
+  """`x` padded with `value` at the end of `axis` to `size` (unchanged if it is that size)."""
+  if x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
 def combined_mask(inputs: AttentionInputs, config: AttentionConfig):
   """Every mask argument as one `jaxattn.masks.Mask` (None if nothing masks).
 
@@ -72,19 +92,15 @@ def combined_mask(inputs: AttentionInputs, config: AttentionConfig):
   segment ids a documents mask, and the caller's mask_fn joins them. The dense
   `mask` array is not included: implementations slice it per tile.
   """
-  band = None
-  if config.is_causal or config.window is not None:
-    left, right = config.window if config.window is not None else (None, None)
-    if config.is_causal:
-      right = 0 if right is None else min(right, 0)
-    band = _masks.Band(left, right, config.q_offset)
+  sides = band(config)
+  band_mask = None if sides is None else _masks.Band(*sides, config.q_offset)
   lengths = None
   if inputs.query_seq_lengths is not None or inputs.key_value_seq_lengths is not None:
     lengths = _masks.Lengths(inputs.query_seq_lengths, inputs.key_value_seq_lengths)
   docs = None
   if inputs.query_segment_ids is not None:
     docs = _masks.Documents(inputs.query_segment_ids, inputs.key_value_segment_ids)
-  return _masks.all_of(band, lengths, docs, inputs.mask_fn)
+  return _masks.all_of(band_mask, lengths, docs, inputs.mask_fn)
 
 
 def zero_padding(inputs: AttentionInputs) -> AttentionInputs:

@@ -37,15 +37,6 @@ from jaxattn._impl import common
 _DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
-def _band(config: common.AttentionConfig):
-  """(left, right) after is_causal, or None without causal or window."""
-  if not config.is_causal and config.window is None:
-    return None
-  left, right = config.window if config.window is not None else (None, None)
-  if config.is_causal:
-    right = 0 if right is None else min(right, 0)
-  return left, right
-
 
 def unsupported_reason(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
                        backend: str | None = None, compute_capability: str | None = None) -> str | None:
@@ -82,7 +73,7 @@ def unsupported_reason(inputs: common.AttentionInputs, config: common.AttentionC
     return "cudnn takes no score_fn"
   if config.logits_soft_cap is not None:
     return "cudnn takes no logits_soft_cap"
-  band = _band(config)
+  band = common.band(config)
   if band is not None:
     left, right = band
     if right != 0:
@@ -110,7 +101,7 @@ def _row_valid(inputs: common.AttentionInputs, config: common.AttentionConfig):
   t = jnp.arange(T)
   lo = jnp.zeros((T,), jnp.int32)
   hi = jnp.full((T,), S - 1, jnp.int32)
-  band = _band(config)
+  band = common.band(config)
   if band is not None:
     left, right = band
     pos = t + config.q_offset
@@ -141,7 +132,7 @@ def _row_valid(inputs: common.AttentionInputs, config: common.AttentionConfig):
 
 def _call(config: common.AttentionConfig, kernel: str, q, k, v, bias, mask, q_len, kv_len):
   """jax.nn's attention on the cuDNN-ready arguments: (out, lse float32)."""
-  band = _band(config)
+  band = common.band(config)
   kw = {}
   if band is not None:
     kw["is_causal"] = True

@@ -190,12 +190,7 @@ def _make_plan(inputs, config, block_sizes, interpret) -> _Plan:
 # Outside the kernel: layouts, per-position vectors, the compacted block lists.
 
 
-def _pad(x, axis, size, value=0):
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
+_pad = common.pad_axis
 
 
 def _rows_of(x, p: _Plan):
@@ -215,14 +210,6 @@ def _from_rows(x, p: _Plan):
   x = jnp.moveaxis(x, 2, 1)
   return x.reshape((p.B, p.T, p.N) + rest)
 
-
-def _band(config: common.AttentionConfig):
-  if not config.is_causal and config.window is None:
-    return None
-  left, right = config.window if config.window is not None else (None, None)
-  if config.is_causal:
-    right = 0 if right is None else min(right, 0)
-  return left, right
 
 
 def _vectors(inputs: common.AttentionInputs, p: _Plan):
@@ -326,7 +313,7 @@ def _kernel(p: _Plan, names: tuple[str, ...], *refs):
   else:
     pre = jnp.float32(c.scale / c.logits_soft_cap)
     cap2 = jnp.float32(c.logits_soft_cap * _LOG2E)
-  band = _band(c)
+  band = common.band(c)
 
   def rows(x, width):
     return lax.broadcast_in_dim(x, (R, width), [0])

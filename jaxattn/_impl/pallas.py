@@ -187,12 +187,7 @@ def _make_plan(inputs: common.AttentionInputs, config: common.AttentionConfig,
 # Layouts (plain JAX, outside the kernels).
 
 
-def _pad(x, axis, size, value=0):
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
+_pad = common.pad_axis
 
 
 def _to_rows(x, p: _Plan, width: int):

@@ -64,15 +64,6 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def _band(config: common.AttentionConfig):
-  """(left, right) after is_causal, or None without causal or window."""
-  if not config.is_causal and config.window is None:
-    return None
-  left, right = config.window if config.window is not None else (None, None)
-  if config.is_causal:
-    right = 0 if right is None else min(right, 0)
-  return left, right
-
 
 def default_block_sizes(T: int, S: int) -> tuple[int, int]:
   """Splash's default tiles (128 x 128, `BlockSizes.get_default()`), shrunk to
@@ -158,7 +149,7 @@ def _static_reason(inputs: common.AttentionInputs, config: common.AttentionConfi
     B, T, N, _ = inputs.query.shape
     S = inputs.key.shape[1]
     bq, bk = block_sizes or default_block_sizes(T, S)
-    dense = _dense_static_mask(inputs.mask_fn, _band(config), config.q_offset, B, N, T, S,
+    dense = _dense_static_mask(inputs.mask_fn, common.band(config), config.q_offset, B, N, T, S,
                                _round_up(T, bq), _round_up(S, bk))
     if isinstance(dense, str):
       return dense
@@ -190,7 +181,7 @@ class _Plan:
     self.Tp, self.Sp = _round_up(T, bq), _round_up(S, bk)
     self.Hp, self.Hvp = _round_up(H, _LANES), _round_up(Hv, _LANES)
     self.scale = config.scale
-    band = _band(config)
+    band = common.band(config)
     shape = (self.Tp, self.Sp)
     if inputs.mask_fn is not None:
       dense = _dense_static_mask(inputs.mask_fn, band, config.q_offset, B, N, T, S, self.Tp, self.Sp)
