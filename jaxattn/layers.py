@@ -286,6 +286,23 @@ def _project(x, w, b, spec):
   return y if b is None else y + _lead(b, y.ndim)
 
 
+def _check_norm_and_rope(fn: str, qk_norm_type, qk_norm_epsilon, rope, H: int) -> float:
+  """Checks the query/key normalization options and the RoPE config for head dim H;
+  returns the epsilon as a float."""
+  if qk_norm_type not in ("layer_norm", "rms_norm"):
+    raise ValueError(f"{fn}: qk_norm_type must be 'layer_norm' or 'rms_norm'; got "
+                     f"{qk_norm_type!r}.")
+  if rope is not None:
+    if not isinstance(rope, _rope.RopeConfig):
+      raise TypeError(f"{fn}: rope must be a jaxattn.rope.RopeConfig or None; got "
+                      f"{type(rope).__name__}.")
+    R = H if rope.rotary_dim is None else rope.rotary_dim
+    if R > H or R % 2:
+      raise ValueError(f"{fn}: RoPE rotates feature pairs: the rotary dim must be even and "
+                       f"at most the head dim H = {H}; got {R}.")
+  return _checks.finite_positive_float(fn, "qk_norm_epsilon", qk_norm_epsilon)
+
+
 def _qkv_projections(params: MultiHeadParams, x, context, dtype, qk_norm_type: str, qk_norm_epsilon):
   """(params in dtype, q, k, v): the projections of x (..., T, D) and context (..., S, C),
   with the query/key normalization where the params hold its scales."""
@@ -489,12 +506,7 @@ def multi_head_attention(
   for name, a in (("x", x), ("context", context)):
     if not jnp.issubdtype(a.dtype, jnp.floating):
       raise TypeError(f"{fn}: {name} must have a floating point dtype; got {a.dtype}.")
-  if qk_norm_type not in ("layer_norm", "rms_norm"):
-    raise ValueError(f"{fn}: qk_norm_type must be 'layer_norm' or 'rms_norm'; got "
-                     f"{qk_norm_type!r}.")
-  if rope is not None and not isinstance(rope, _rope.RopeConfig):
-    raise TypeError(f"{fn}: rope must be a jaxattn.rope.RopeConfig or None; got "
-                    f"{type(rope).__name__}.")
+  qk_norm_epsilon = _check_norm_and_rope(fn, qk_norm_type, qk_norm_epsilon, rope, H)
 
   T, S = x.shape[-2], context.shape[-2]
   if rope is not None:
@@ -507,15 +519,10 @@ def multi_head_attention(
       if pos.shape not in ((L,), x.shape[:-2] + (L,)):
         raise ValueError(f"{fn}: {name} must have shape ({L},) (one position per "
                          f"token); got {_shape(pos.shape)}.")
-    R = H if rope.rotary_dim is None else rope.rotary_dim
-    if R > H or R % 2:
-      raise ValueError(f"{fn}: RoPE rotates feature pairs: the rotary dim must be even and "
-                       f"at most the head dim H = {H}; got {R}.")
   elif positions is not None or context_positions is not None:
     raise ValueError(f"{fn}: positions are only used by RoPE; pass rope=RopeConfig(...) "
                      f"or leave positions=None.")
 
-  qk_norm_epsilon = _checks.finite_positive_float(fn, "qk_norm_epsilon", qk_norm_epsilon)
   _check_attention_options(
       fn, batched, x.shape[:-2], N, T, S, bias=bias, mask=mask, scale=scale,
       is_causal=is_causal, query_seq_lengths=query_seq_lengths,
@@ -608,18 +615,7 @@ def multi_head_attention_decode(
   if (Kc, Hc) != (K, H):
     raise ValueError(f"{fn}: the cache's (K, H) = ({Kc}, {Hc}) must match params.w_key "
                      f"(C, K, H) = {_checks.dims(params.w_key.shape)}.")
-  if qk_norm_type not in ("layer_norm", "rms_norm"):
-    raise ValueError(f"{fn}: qk_norm_type must be 'layer_norm' or 'rms_norm'; got "
-                     f"{qk_norm_type!r}.")
-  if rope is not None and not isinstance(rope, _rope.RopeConfig):
-    raise TypeError(f"{fn}: rope must be a jaxattn.rope.RopeConfig or None; got "
-                    f"{type(rope).__name__}.")
-  qk_norm_epsilon = _checks.finite_positive_float(fn, "qk_norm_epsilon", qk_norm_epsilon)
-  if rope is not None:
-    R = H if rope.rotary_dim is None else rope.rotary_dim
-    if R > H or R % 2:
-      raise ValueError(f"{fn}: RoPE rotates feature pairs: the rotary dim must be even and "
-                       f"at most the head dim H = {H}; got {R}.")
+  qk_norm_epsilon = _check_norm_and_rope(fn, qk_norm_type, qk_norm_epsilon, rope, H)
   leaves = [l for l in params if l is not None]
   if dtype is None:
     dtype = jnp.result_type(x.dtype, *(l.dtype for l in leaves))

@@ -67,6 +67,12 @@ def _kinds(p: "_Prepared", st: _Static, qb, kb):
   return _masks.block_kinds(p.mask_fn, st, qb, kb, summary=p.summary, dense_mask=p.mask is not None)
 
 
+def _by_kind(kind, step, state):
+  """One block of a loop: `state` unchanged for an empty block, else `step(state,
+  masked)` with the mask applied for a partial block and skipped for a full one."""
+  return lax.switch(kind, [lambda s: s, lambda s: step(s, True), lambda s: step(s, False)], state)
+
+
 def block_map(inputs: common.AttentionInputs, st: _Static):
   """(nq, nk) int32 block map: 0 empty (skipped), 1 partial (masked), 2 full.
 
@@ -264,11 +270,7 @@ def _forward(p: _Prepared, st: _Static):
       return softmax_state.update(state, s, weighted_values)
 
     def body(j, acc_state):
-      return lax.switch(kinds[j], [
-          lambda s: s,
-          lambda s: kv_step(j, s, True),
-          lambda s: kv_step(j, s, False),
-      ], acc_state)
+      return _by_kind(kinds[j], functools.partial(kv_step, j), acc_state)
 
     init = softmax_state.init(_zeros_like(qi[..., 0]),
                               _zeros_like(qi[..., :1]) + _zeros_like(p.v[:, :, :1, :]))
@@ -370,11 +372,7 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
       return dk + dkj, dv + dvj, dq, dbias, [a + b for a, b in zip(dscore, d_leaves)]
 
     def body(i, state):
-      return lax.switch(kinds[i], [
-          lambda s: s,
-          lambda s: q_step(i, s, True),
-          lambda s: q_step(i, s, False),
-      ], state)
+      return _by_kind(kinds[i], functools.partial(q_step, i), state)
 
     dk0, dv0 = _zeros_like(kj), _zeros_like(vj)
     dk, dv, dq, dbias, dscore = lax.fori_loop(lo, hi, body, (dk0, dv0, dq, dbias, dscore))
