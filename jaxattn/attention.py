@@ -481,6 +481,13 @@ def dot_product_attention(
   options = () if blocks is None or name == "xla" else (("block_sizes", blocks),)
   try:
     out, lse = _run(inputs, name=name, config=config, options=options)
+  except TypeError as e:
+    if "forward-mode" not in str(e):
+      raise
+    raise TypeError(
+        f"{_FN}: implementation={name!r} has a custom VJP, which JAX cannot differentiate in "
+        f"forward mode (jax.jvp, jax.jacfwd, jax.hessian); use implementation='chunked_jvp' "
+        f"(O(T) memory) or 'xla'.") from e
   except NotImplementedError:
     if implementation is not None or name in ("xla", "chunked"):
       raise

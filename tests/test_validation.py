@@ -50,7 +50,7 @@ BAD = [
     ("window_type", (q, k, v), dict(local_window_size=2.5), ValueError,
      r"local_window_size must be an int or a \(left, right\) tuple"),
     ("unknown_implementation", (q, k, v), dict(implementation="flash"), ValueError,
-     r"implementation must be None or one of 'chunked', 'cudnn', .*'xla'; got 'flash'"),
+     r"implementation must be None or one of 'chunked', 'chunked_jvp', 'cudnn', .*'xla'; got 'flash'"),
     ("lengths_shape", (q, k, v), dict(key_value_seq_lengths=jnp.array([3, 4, 5], i32)), ValueError,
      r"key_value_seq_lengths must have shape \(B,\) = \(2\); got \(3\)"),
     ("lengths_dtype", (q, k, v), dict(query_seq_lengths=jnp.array([3.0, 4.0])), TypeError,

@@ -40,9 +40,10 @@ def names() -> tuple[str, ...]:
 
 
 def _register_builtins():
-  from jaxattn._impl import chunked, cudnn, mosaic, pallas, splash, xla
+  from jaxattn._impl import chunked, chunked_jvp, cudnn, mosaic, pallas, splash, xla
   register("xla", xla.xla_attention)
   register("chunked", chunked.chunked_attention)
+  register("chunked_jvp", chunked_jvp.chunked_jvp_attention)
   register("pallas", pallas.pallas_attention,
            lambda i, c, backend: pallas.unsupported_reason(i, c, backend=backend))
   register("cudnn", cudnn.cudnn_attention,

@@ -1,0 +1,135 @@
+"""`implementation="chunked_jvp"`: the blocked O(T)-memory path with a custom JVP.
+
+`"chunked"` has a custom VJP, and JAX cannot apply forward mode to a custom
+VJP, so `jax.jvp`, `jax.jacfwd` and Hessian-vector products through it raise.
+This implementation runs the same blocked forward (`chunked`'s, block
+skipping included) under a `jax.custom_jvp` whose tangent is itself computed
+block by block, in O(T) memory:
+
+  dS = scale (dQ K^T + Q dK^T) (+ dbias, through the score modifiers),
+  m  = rowsum(P * dS) = d lse,
+  dO = sum_j (P * drop)_j (dS_j V_j + dV_j) - m O,
+
+with P = exp(S - lse) recomputed per tile from the saved logsumexp (its low
+part too, as the backward does) and `drop` the dropout multiplier. Empty
+blocks are skipped, full blocks skip the mask, as everywhere.
+
+The tangent is linear in (dQ, dK, dV, dbias, d score parameters) and written
+with loops of static trip count and rematerialized tiles, so JAX can transpose
+it: reverse mode (`jax.grad`) works too, in O(T) memory, and so do
+forward-over-reverse Hessian-vector products. That transposed backward is
+slower than `"chunked"`'s hand-written one: use `"chunked"` for training and
+this one where forward mode is needed. (With public JAX APIs one function
+cannot carry both a custom JVP and a custom VJP.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxattn._impl import chunked, common
+
+
+def _tangent_leaves(primal_tree, tangent_tree):
+  """The tangents of the inexact leaves of `primal_tree`, in order."""
+  if primal_tree is None:
+    return []
+  t_leaves = jax.tree_util.tree_leaves(tangent_tree)
+  return [t_leaves[i] for i in common.inexact_leaves(primal_tree)]
+
+
+def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_rows, lse_rows, lo_rows):
+  """(dO rows (B, K, R, Hv), d lse rows (B, K, R)) of the blocked forward, in the
+  statistics dtype, for tangents in the kernel layout (see `chunked._prepare`)."""
+  rows = st.bq * st.G
+  acc = common.stat_dtype(p.q.dtype)
+  vdt = p.v.dtype
+  score_leaves, rebuild = chunked._split_float_leaves(p.score_fn)
+  dead = lse_rows == -jnp.inf  # rows with no key (and padding rows): P = 0
+  lse_safe = jnp.where(dead, jnp.inf, lse_rows)
+  lo_safe = jnp.where(dead, 0.0, lo_rows)
+
+  def logits(q0, k0, masked, qi, kj, bias, leaves):
+    pb = p._replace(bias=bias)
+    return chunked._post(pb, st, q0, k0, chunked._raw_logits(st, qi, kj), rebuild(leaves), masked)
+
+  def q_block(i, carry):
+    d_out, d_lse = carry
+    q0 = i * st.bq
+    qi, tqi = chunked._row_slice(p.q, i, rows), chunked._row_slice(tq, i, rows)
+    lse_i, lo_i = chunked._row_slice(lse_safe, i, rows), chunked._row_slice(lo_safe, i, rows)
+    kinds = chunked._kinds(p, st, i, jnp.arange(st.nk))
+
+    def tile(j, state, masked):
+      a, m = state
+      k0 = j * st.bk
+      kj = lax.dynamic_slice_in_dim(p.k, k0, st.bk, axis=2)
+      vj = lax.dynamic_slice_in_dim(p.v, k0, st.bk, axis=2)
+      tkj = lax.dynamic_slice_in_dim(tk, k0, st.bk, axis=2)
+      tvj = lax.dynamic_slice_in_dim(tv, k0, st.bk, axis=2)
+      s, ts = jax.jvp(functools.partial(logits, q0, k0, masked),
+                      (qi, kj, p.bias, score_leaves), (tqi, tkj, tbias, t_score))
+      prob = jnp.exp((s - lse_i[..., None]) - lo_i[..., None])
+      pts = prob * ts
+      drop = chunked._dropout_scale(p, st, q0, k0, st.bk)
+      pd, ptsd = (prob, pts) if drop is None else (prob * drop, pts * drop)
+      a = a + jnp.einsum("bkrc,bkch->bkrh", pd.astype(vdt), tvj, preferred_element_type=acc)
+      a = a + jnp.einsum("bkrc,bkch->bkrh", ptsd.astype(vdt), vj, preferred_element_type=acc)
+      return a, m + jnp.sum(pts, axis=-1)
+
+    # Rematerialized: transposing this loop (reverse mode) recomputes each tile
+    # from loop-invariant inputs instead of storing every tile's probabilities.
+    @jax.checkpoint
+    def body(j, state):
+      return chunked._by_kind(kinds[j], lambda s, masked: tile(j, s, masked), state)
+
+    zero_rows = chunked._zeros_like(qi[..., 0])
+    init = (zero_rows[..., None] + chunked._zeros_like(p.v[:, :, :1, :]), zero_rows)
+    a, m = lax.fori_loop(0, st.nk, body, init)  # static trip count: transposable
+    o_i = chunked._row_slice(out_rows, i, rows).astype(acc)
+    d_out = lax.dynamic_update_slice_in_dim(d_out, a - m[..., None] * o_i, i * rows, axis=2)
+    d_lse = lax.dynamic_update_slice_in_dim(d_lse, m, i * rows, axis=2)
+    return d_out, d_lse
+
+  init = (chunked._zeros_like(out_rows), chunked._zeros_like(lse_rows))
+  return lax.fori_loop(0, st.nq, q_block, init)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _attend(config, block_sizes, inputs: common.AttentionInputs):
+  return chunked.forward(inputs, config, block_sizes=block_sizes)
+
+
+@_attend.defjvp
+def _attend_jvp(config, block_sizes, primals, tangents):
+  (inputs,), (t_inputs,) = primals, tangents
+  out, lse, lse_lo = chunked._forward_with_lo(inputs, config, block_sizes)
+  st = chunked._static(inputs, config, block_sizes)
+  p = chunked._prepare(inputs, st)
+  zero = lambda x: jnp.zeros(x.shape, x.dtype)
+  t_q = t_inputs.query if t_inputs.query is not None else zero(inputs.query)
+  t_k = t_inputs.key if t_inputs.key is not None else zero(inputs.key)
+  t_v = t_inputs.value if t_inputs.value is not None else zero(inputs.value)
+  # The tangents in the kernel layout: chunked._prepare on tangent-valued inputs.
+  tp = chunked._prepare(inputs._replace(query=t_q, key=t_k, value=t_v, bias=t_inputs.bias), st)
+  t_score = _tangent_leaves(p.score_fn, common.combined_score(t_inputs, config)
+                            if inputs.score_fn is not None else None)
+  acc = common.stat_dtype(inputs.query.dtype)
+  Tp = st.Tp
+  d_out, d_lse = _tangent_rows(
+      p, st, tp.q, tp.k, tp.v, tp.bias, t_score,
+      chunked._to_row_layout(out, st, Tp), chunked._to_row_layout(lse.astype(acc), st, Tp, -jnp.inf),
+      chunked._to_row_layout(lse_lo.astype(acc), st, Tp))
+  d_out, d_lse = chunked._finish(inputs, st, d_out, d_lse)
+  return (out, lse), (d_out.astype(out.dtype), d_lse.astype(lse.dtype))
+
+
+def chunked_jvp_attention(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
+                          block_sizes: tuple[int, int] | None = None):
+  """Returns (output (B, T, N, Hv) in query dtype, lse (B, T, N) float32 or wider);
+  differentiable in forward and reverse mode (see the module docstring)."""
+  return _attend(config, block_sizes, inputs)

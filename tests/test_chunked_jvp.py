@@ -1,0 +1,147 @@
+"""implementation="chunked_jvp": forward-mode autodiff (jvp, jacfwd, Hessian-vector
+products) through the blocked O(T) path, against the float64 reference and "xla",
+and its reverse mode (the transposed tangent) through the shared test base."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+from jaxattn import scores, testing
+
+from attention_base import (GRID_NAMES, JAX_NN_NAMES, AttentionTestBase, jax_nn_cases, option_grid,
+                            slow_unless)
+
+B, T, S, N, K, H = 2, 5, 7, 6, 3, 11
+BLOCKS = (2, 3)  # blocks that divide neither T nor S: pad, partial, full and skipped tiles
+
+
+def _attend(impl, kw):
+  opts = {"block_sizes": BLOCKS} if impl == "chunked_jvp" else {}
+  return lambda q, k, v, bias: jaxattn.dot_product_attention(
+      q, k, v, bias, implementation=impl, return_residual=True, **opts, **kw)
+
+
+def _tangents(q, k, v, bias, seed=7):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  t = [testing.random_normal(kk, x.shape).astype(x.dtype) for kk, x in zip(ks, (q, k, v))]
+  t.append(None if bias is None else testing.random_normal(ks[3], bias.shape))
+  return tuple(t)
+
+
+# Forward mode against the float64 reference by duality: for any cotangent c,
+# <J t, c> = <t, J^T c>, with J^T c the reference's analytic float64 VJP.
+JVP_CASES = ["plain", "causal_bottom_right", "window", "bias_bcast_heads", "mask_bcast",
+             "both_lengths_causal", "segments", "soft_cap", "dropout", "everything"]
+
+
+@pytest.mark.parametrize("name", slow_unless(JVP_CASES, ("causal_bottom_right", "bias_bcast_heads",
+                                                          "both_lengths_causal", "everything")))
+def test_jvp_matches_float64_reference_by_duality(name):
+  q, k, v = testing.random_qkv(jax.random.key(0), B=B, T=T, S=S, N=N, K=K, H=H)
+  kw = dict(option_grid(jax.random.key(1))[name])
+  bias, mask = kw.pop("bias", None), kw.pop("mask", None)
+  kw_m = dict(kw, mask=mask)
+  tangents = _tangents(q, k, v, bias)
+  (out, lse), (t_out, t_lse) = jax.jvp(_attend("chunked_jvp", kw_m), (q, k, v, bias), tangents)
+  chex.assert_tree_all_finite((t_out, t_lse))
+  c_out = testing.random_normal(jax.random.key(2), out.shape)
+  c_lse = jnp.where(jnp.isfinite(lse), testing.random_normal(jax.random.key(3), lse.shape), 0)
+  ref = testing.reference_attention_vjp(q, k, v, bias, mask, d_out=c_out, d_lse=c_lse, **kw)
+  want = sum(np.sum(np.asarray(t, np.float64) * ref[n])
+             for t, n in zip(tangents, ("query", "key", "value", "bias")) if t is not None)
+  got = (np.sum(np.asarray(t_out, np.float64) * np.asarray(c_out, np.float64))
+         + np.sum(np.where(np.isfinite(lse), np.asarray(t_lse, np.float64) * np.asarray(c_lse), 0)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # rows with no key: output and lse stay constant (0 and -inf), their tangents 0
+  dead = ~np.isfinite(np.asarray(lse))
+  assert np.all(np.asarray(t_out)[dead] == 0) and np.all(np.asarray(t_lse)[dead] == 0)
+
+
+def test_jvp_matches_xla_elementwise_with_gqa_and_alibi():
+  """Every element of the tangent (output and lse) equals "xla"'s jvp, including a
+  tangent of the score modifier's parameters (the ALiBi slopes)."""
+  q, k, v = testing.random_qkv(jax.random.key(4), B=B, T=T, S=S, N=N, K=K, H=H)
+  slopes = scores.alibi_slopes(N)
+  t_slopes = testing.random_normal(jax.random.key(5), slopes.shape)
+
+  def f(impl):
+    opts = {"block_sizes": BLOCKS} if impl == "chunked_jvp" else {}
+    return lambda q, slopes: jaxattn.dot_product_attention(
+        q, k, v, is_causal=True, score_fn=scores.alibi(slopes), logits_soft_cap=4.0,
+        implementation=impl, return_residual=True, **opts)
+
+  tq = testing.random_normal(jax.random.key(6), q.shape)
+  ours = jax.jvp(f("chunked_jvp"), (q, slopes), (tq, t_slopes))
+  theirs = jax.jvp(f("xla"), (q, slopes), (tq, t_slopes))
+  chex.assert_trees_all_close(ours, theirs, atol=2e-5, rtol=2e-5)
+
+
+def test_jacfwd_equals_jacrev_and_xla():
+  q, k, v = testing.random_qkv(jax.random.key(8), B=1, T=4, S=6, N=2, K=1, H=3)
+
+  def f(impl):
+    opts = {"block_sizes": BLOCKS} if impl == "chunked_jvp" else {}
+    return lambda q: jaxattn.dot_product_attention(q, k, v, is_causal=True, causal_alignment="bottom_right",
+                                                   implementation=impl, **opts)
+
+  fwd = jax.jacfwd(f("chunked_jvp"))(q)
+  assert fwd.shape == q.shape + q.shape
+  chex.assert_trees_all_close(fwd, jax.jacrev(f("chunked_jvp"))(q), atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(fwd, jax.jacfwd(f("xla"))(q), atol=1e-5, rtol=1e-5)
+
+
+def test_hessian_vector_product_matches_xla():
+  """Forward over reverse: jvp of the gradient (the transposed tangent, differentiated again)."""
+  q, k, v = testing.random_qkv(jax.random.key(9), B=B, T=T, S=S, N=N, K=K, H=H)
+  kv_len = jnp.array([4, S], jnp.int32)
+
+  def loss(impl):
+    opts = {"block_sizes": BLOCKS} if impl == "chunked_jvp" else {}
+    def f(q, k, v):
+      out, lse = jaxattn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=kv_len,
+                                               implementation=impl, return_residual=True, **opts)
+      return jnp.sum(out ** 2) + jnp.sum(jnp.where(jnp.isfinite(lse), jnp.sin(lse), 0.0))
+    return f
+
+  t = _tangents(q, k, v, None)[:3]
+  ours = jax.jvp(jax.grad(loss("chunked_jvp"), (0, 1, 2)), (q, k, v), t)
+  theirs = jax.jvp(jax.grad(loss("xla"), (0, 1, 2)), (q, k, v), t)
+  chex.assert_trees_all_close(ours, theirs, atol=5e-5, rtol=5e-5)
+
+
+def _temp_mib(fn, *args):
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
+
+
+def test_jvp_and_its_transpose_take_linear_memory():
+  """memory_analysis (deterministic): doubling T at most ~doubles the jvp's and the
+  gradient's temporaries (a materialized T x S tangent would quadruple them)."""
+  f = lambda q, k, v: jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation="chunked_jvp")
+  jvp = lambda q, k, v, tq, tk, tv: jax.jvp(f, (q, k, v), (tq, tk, tv))
+  grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), (0, 1, 2))
+  mem = {}
+  for t_len in (16384, 32768):
+    sds = jax.ShapeDtypeStruct((1, t_len, 1, 64), jnp.float32)
+    mem[t_len] = (_temp_mib(jvp, *(sds,) * 6), _temp_mib(grad, sds, sds, sds))
+  (jvp_small, grad_small), (jvp_large, grad_large) = mem[16384], mem[32768]
+  assert jvp_large <= 2.1 * jvp_small, mem
+  assert grad_large <= 2.1 * grad_small, mem
+  assert jvp_large < 64 and grad_large < 128, mem  # a (T, T) float32 tile grid is 4096 MiB
+
+
+class TestChunkedJvp(AttentionTestBase):
+  """The shared base: values, and reverse mode through the transposed tangent."""
+  implementation = "chunked_jvp"
+  block_sizes = BLOCKS
+
+  @pytest.mark.parametrize("name", slow_unless(GRID_NAMES, ("causal_window", "bias_and_mask", "segments",
+                                                             "dropout_causal_raw_key", "everything")))
+  def test_matches_float64_reference_values_and_gradients(self, name):
+    super().test_matches_float64_reference_values_and_gradients(name)
+
+  @pytest.mark.parametrize("name,layout", jax_nn_cases(JAX_NN_NAMES, all_slow=True))
+  def test_matches_jax_nn(self, name, layout):
+    super().test_matches_jax_nn(name, layout)
