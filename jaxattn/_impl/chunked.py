@@ -336,14 +336,21 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
 
 
 def _backward_prologue(out, lse, lse_lo, d_out, d_lse):
-  """D = rowsum(dO * O) - dlse (the lse cotangent adds P * dlse to dS), and an
-  lse whose -inf rows (nothing attended, or padding) give P = exp(-inf) = 0."""
+  """D = rowsum(dO * O) - dlse (the lse cotangent adds P * dlse to dS)."""
   acc = lse.dtype
   delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1)
   if d_lse is not None:
     delta = delta - d_lse
-  dead = lse == -jnp.inf
-  return delta, jnp.where(dead, jnp.inf, lse), jnp.where(dead, 0.0, lse_lo)
+  return delta
+
+
+def _row_lse(lse, lse_lo, i, rows):
+  """Query block i's (lse, lse_lo) for recomputing P = exp((S - lse) - lse_lo):
+  rows that attended nothing (and padding rows) have lse -inf and get +inf, so
+  their P is exp(-inf) = 0. Per block, so no full-size copy is made."""
+  lse_i, lo_i = _row_slice(lse, i, rows), _row_slice(lse_lo, i, rows)
+  dead = lse_i == -jnp.inf
+  return jnp.where(dead, jnp.inf, lse_i), jnp.where(dead, 0.0, lo_i)
 
 
 def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
@@ -351,7 +358,7 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
   Hv = p.v.shape[-1]
   rows = st.bq * st.G
   nk = p.k.shape[2] // st.bk
-  delta, lse_safe, lo_safe = _backward_prologue(out, lse, lse_lo, d_out, d_lse)
+  delta = _backward_prologue(out, lse, lse_lo, d_out, d_lse)
   score = _split_float_leaves(p.score_fn)
   score_leaves = score[0]
 
@@ -364,10 +371,10 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
 
     def q_step(i, state, masked):
       dk, dv, dq, dbias, dscore = state
+      lse_i, lo_i = _row_lse(lse, lse_lo, i, rows)
       dqi, dkj, dvj, dbias, d_leaves = _tile_grads(
           p, st, i * st.bq, j * st.bk, _row_slice(p.q, i, rows), kj, vj, _row_slice(d_out, i, rows),
-          _row_slice(lse_safe, i, rows), _row_slice(delta, i, rows), masked, score, dbias,
-          _row_slice(lo_safe, i, rows))
+          lse_i, _row_slice(delta, i, rows), masked, score, dbias, lo_i)
       dq = lax.dynamic_update_slice_in_dim(dq, _row_slice(dq, i, rows) + dqi, i * rows, axis=2)
       return dk + dkj, dv + dvj, dq, dbias, [a + b for a, b in zip(dscore, d_leaves)]
 
@@ -459,7 +466,7 @@ def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_l
   R = p.q.shape[2]
   rows = st.bq * st.G
   Sp = p.k.shape[2]
-  delta, lse_safe, lo_safe = _backward_prologue(out, lse, lse_lo, d_out, d_lse)
+  delta = _backward_prologue(out, lse, lse_lo, d_out, d_lse)
   score = _split_float_leaves(p.score_fn)
   score_leaves = score[0]
 
@@ -469,10 +476,10 @@ def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_l
     k0 = _band_start(st, q0, w, left, Sp)
     kj = lax.dynamic_slice_in_dim(p.k, k0, w, axis=2)
     vj = lax.dynamic_slice_in_dim(p.v, k0, w, axis=2)
+    lse_i, lo_i = _row_lse(lse, lse_lo, i, rows)
     dqi, dkj, dvj, dbias, d_leaves = _tile_grads(
         p, st, q0, k0, _row_slice(p.q, i, rows), kj, vj, _row_slice(d_out, i, rows),
-        _row_slice(lse_safe, i, rows), _row_slice(delta, i, rows), True, score, dbias,
-        _row_slice(lo_safe, i, rows))
+        lse_i, _row_slice(delta, i, rows), True, score, dbias, lo_i)
     dq = lax.dynamic_update_slice_in_dim(dq, dqi, i * rows, axis=2)  # complete: the band is one tile
     dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, k0, w, axis=2) + dkj, k0, axis=2)
     dv = lax.dynamic_update_slice_in_dim(dv, lax.dynamic_slice_in_dim(dv, k0, w, axis=2) + dvj, k0, axis=2)

@@ -49,9 +49,6 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_rows, lse_rows, lo_rows
   acc = common.stat_dtype(p.q.dtype)
   vdt = p.v.dtype
   score_leaves, rebuild = chunked._split_float_leaves(p.score_fn)
-  dead = lse_rows == -jnp.inf  # rows with no key (and padding rows): P = 0
-  lse_safe = jnp.where(dead, jnp.inf, lse_rows)
-  lo_safe = jnp.where(dead, 0.0, lo_rows)
 
   def logits(q0, k0, masked, qi, kj, bias, leaves):
     pb = p._replace(bias=bias)
@@ -61,7 +58,7 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_rows, lse_rows, lo_rows
     d_out, d_lse = carry
     q0 = i * st.bq
     qi, tqi = chunked._row_slice(p.q, i, rows), chunked._row_slice(tq, i, rows)
-    lse_i, lo_i = chunked._row_slice(lse_safe, i, rows), chunked._row_slice(lo_safe, i, rows)
+    lse_i, lo_i = chunked._row_lse(lse_rows, lo_rows, i, rows)  # rows with no key: P = 0
     kinds = chunked._kinds(p, st, i, jnp.arange(st.nk))
 
     def tile(j, state, masked):
