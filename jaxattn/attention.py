@@ -221,15 +221,21 @@ def canonical_causal(fn: str, is_causal, causal_alignment, T: int, S: int):
   return bool(is_causal), (S - T) if causal_alignment == "bottom_right" else 0
 
 
-def canonical_dropout(fn: str, dropout_rate, dropout_key):
-  """(rate, words): the rate as a float in [0, 1) and the key's two uint32 words (None at rate 0)."""
+def canonical_dropout_rate(fn: str, dropout_rate, dropout_key) -> float:
+  """The rate as a float in [0, 1); a key is required when it is positive."""
   dropout_rate = float(dropout_rate)
   if not 0.0 <= dropout_rate < 1.0:
     raise _err(fn, "dropout_rate", f"must be in [0, 1); got {dropout_rate}.")
+  if dropout_rate > 0.0 and dropout_key is None:
+    raise _err(fn, "dropout_key", f"is required when dropout_rate > 0 (got rate {dropout_rate}).")
+  return dropout_rate
+
+
+def canonical_dropout(fn: str, dropout_rate, dropout_key):
+  """(rate, words): the rate as a float in [0, 1) and the key's two uint32 words (None at rate 0)."""
+  dropout_rate = canonical_dropout_rate(fn, dropout_rate, dropout_key)
   if dropout_rate == 0.0:
     return dropout_rate, None
-  if dropout_key is None:
-    raise _err(fn, "dropout_key", f"is required when dropout_rate > 0 (got rate {dropout_rate}).")
   k = jnp.asarray(dropout_key) if not isinstance(dropout_key, jax.Array) else dropout_key
   if not jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key):
     if k.dtype != jnp.uint32:

@@ -77,7 +77,6 @@ never corrupt the cache or reach an output:
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -429,23 +428,6 @@ def _update_paged(cache: PagedKVCache, key, value, n):
   return PagedKVCache(k, v, cache.page_table, lengths)
 
 
-def _window_left(fn, w):
-  if w is None:
-    return None
-  if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
-    w = (int(w), None)
-  if not (isinstance(w, tuple) and len(w) == 2):
-    raise ValueError(f"{fn}: local_window_size must be an int or a (left, right) tuple; "
-                     f"got {w!r}.")
-  # Both sides are checked, as dot_product_attention does, though causality
-  # makes the right side moot here.
-  for side in w:
-    if side is not None and (not _checks.is_int(side) or side < 0):
-      raise ValueError(f"{fn}: local_window_size sides must be non-negative ints or None; "
-                       f"got {w!r}.")
-  return None if w[0] is None else int(w[0])
-
-
 def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | None = None,
                      logits_soft_cap: float | None = None, local_window_size=None,
                      implementation: str | None = None, num_splits: int | None = None,
@@ -521,17 +503,15 @@ def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | Non
   n = _seq_lengths(fn, "query_seq_lengths", query_seq_lengths, B, T)
   _check_values(fn, cache, L, new=None if query_seq_lengths is None else n, T=T,
                 name="query_seq_lengths", reading=True)
-  scale = 1.0 / math.sqrt(H) if scale is None else _checks.finite_float(fn, "scale", scale)
-  if logits_soft_cap is not None:
-    logits_soft_cap = _checks.finite_positive_float(fn, "logits_soft_cap", logits_soft_cap)
-  left = _window_left(fn, local_window_size)
+  scale, logits_soft_cap = _attention.canonical_scale_and_cap(fn, scale, logits_soft_cap, H)
+  # Causal by construction: only the window's left side matters here.
+  window = _attention.canonical_window(fn, local_window_size)
+  left = None if window is None else window[0]
   lengths = cache.lengths
-  if block_size is not None and (isinstance(block_size, bool) or not isinstance(
-      block_size, (int, np.integer)) or block_size <= 0):
-    raise ValueError(f"{fn}: block_size must be a positive int; got {block_size!r}.")
-  if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(
-      num_splits, (int, np.integer)) or num_splits <= 0):
-    raise ValueError(f"{fn}: num_splits must be a positive int; got {num_splits!r}.")
+  if block_size is not None:
+    block_size = _checks.positive_int(fn, "block_size", block_size)
+  if num_splits is not None:
+    num_splits = _checks.positive_int(fn, "num_splits", num_splits)
 
   if isinstance(cache, PagedKVCache):
     if implementation not in (None, "paged"):

@@ -366,27 +366,11 @@ def _check_attention_options(fn, batched, lead, N, T, S, *, bias, mask, scale, i
   if query_segment_ids is not None and key_value_segment_ids is None and T != S:
     raise ValueError(f"{fn}: key_value_segment_ids is required when T != S (T = {T}, "
                      f"S = {S}).")
-  if local_window_size is not None:
-    w = local_window_size
-    sides = (w, None) if _checks.is_int(w) else w
-    if not (isinstance(sides, tuple) and len(sides) == 2 and all(
-        x is None or (_checks.is_int(x) and x >= 0) for x in sides)):
-      raise ValueError(f"{fn}: local_window_size must be a non-negative int or a (left, right) "
-                       f"tuple of non-negative ints or None; got {w!r}.")
-  if not isinstance(is_causal, bool):
-    raise TypeError(f"{fn}: is_causal must be a Python bool; got {type(is_causal).__name__}.")
-  if causal_alignment not in ("top_left", "bottom_right"):
-    raise ValueError(f"{fn}: causal_alignment must be 'top_left' or 'bottom_right'; got "
-                     f"{causal_alignment!r}.")
-  if scale is not None:
-    _checks.finite_float(fn, "scale", scale)
-  if logits_soft_cap is not None:
-    _checks.finite_positive_float(fn, "logits_soft_cap", logits_soft_cap)
-  rate = _checks.finite_float(fn, "dropout_rate", dropout_rate)
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f"{fn}: dropout_rate must be in [0, 1); got {rate}.")
-  if rate > 0 and dropout_key is None:
-    raise ValueError(f"{fn}: dropout_key is required when dropout_rate > 0 (got rate {rate}).")
+  # The scalar options: dot_product_attention's own canonicalizers, in the layer's name.
+  _attention.canonical_window(fn, local_window_size)
+  _attention.canonical_causal(fn, is_causal, causal_alignment, T, S)
+  _attention.canonical_scale_and_cap(fn, scale, logits_soft_cap, 1)
+  _attention.canonical_dropout_rate(fn, dropout_rate, dropout_key)
   names = _attention.implementations()
   if implementation is not None and implementation not in names:
     raise ValueError(f"{fn}: implementation must be None or one of "
