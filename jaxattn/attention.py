@@ -423,7 +423,9 @@ def dot_product_attention(
     local_window_size: `w` or `(left, right)`: query at position p sees keys
       in [p - left, p + right]; a side may be None (unbounded).
     implementation: None (choose per backend and shape), or a registered
-      name: see `jaxattn.implementations()`.
+      name: see `jaxattn.implementations()`. For forward-mode autodiff
+      (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) in O(T) memory, use
+      "chunked_jvp"; the other blocked implementations have custom VJPs.
     return_residual: also return the logsumexp of the masked logits, (B, T, N)
       or (T, N), differentiable (-inf for a fully masked row).
     query_segment_ids: int (B, T); a query attends only to keys with the same
