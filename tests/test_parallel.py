@@ -338,11 +338,20 @@ EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_two_processes_four_cpu_devices_each():
-  """examples/ring_multiprocess.py: jax.distributed on localhost, gloo CPU collectives."""
-  r = subprocess.run([sys.executable, EXAMPLE, "--timeout", "240"], capture_output=True,
-                     text=True, timeout=300)
-  log = r.stdout + r.stderr
-  assert r.returncode == 0, log[-4000:]
+  """examples/ring_multiprocess.py: jax.distributed on localhost, gloo CPU collectives.
+
+  One retry: the example picks a free port and then binds it, and another
+  process may take the port in between (seen once in a full run). A real
+  failure fails both attempts; both logs are shown."""
+  logs = []
+  for _ in range(2):
+    r = subprocess.run([sys.executable, EXAMPLE, "--timeout", "240"], capture_output=True,
+                       text=True, timeout=300)
+    logs.append(r.stdout + r.stderr)
+    if r.returncode == 0:
+      break
+  log = logs[-1]
+  assert r.returncode == 0, "\n--- next attempt ---\n".join(x[-3000:] for x in logs)
   assert log.count("] OK") == 2, log[-4000:]
   assert "4 local of 8 devices in 2 processes" in log, log[-4000:]
 
