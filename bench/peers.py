@@ -80,6 +80,10 @@ def _jax_runnable(case, inputs, attend) -> Runnable:
     def step(q, k, v, aux, d_out):
       del d_out
       return attend(q, k, v, aux)
+  elif case.mode == "jvp":
+    def step(q, k, v, aux, d_out):
+      # Fixed tangents of the right shapes: the cotangent array for q, k and v themselves.
+      return jax.jvp(lambda q, k, v: attend(q, k, v, aux), (q, k, v), (d_out, k, v))
   else:
     def step(q, k, v, aux, d_out):
       out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, aux), q, k, v)
@@ -158,6 +162,8 @@ def _load_torch():
   device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
   def build(case, inputs):
+    if case.mode == "jvp":
+      raise Unsupported("jvp mode: JAX peers only (torch's forward-mode AD is not benchmarked)")
     dtype = getattr(torch, case.dtype)
     def native(x):  # (B, L, heads, H) -> torch's (B, heads, L, H)
       x = torch.from_numpy(np.array(x, np.float32)).to(device=device, dtype=dtype)
@@ -280,6 +286,8 @@ def _load_torch_sdpa():
 
   def build(case, inputs):
     _require_gpu()
+    if case.mode == "jvp":
+      raise Unsupported("jvp mode: JAX peers only (torch's forward-mode AD is not benchmarked)")
     if not torch.cuda.is_available():
       raise Unsupported("torch has no CUDA device")
     if case.soft_cap is not None:

@@ -1,8 +1,10 @@
 """Named benchmark cases and presets, their inputs and their masks.
 
 A case is one attention problem (shapes B, T, S, N, K, H, a dtype, a mask kind)
-in one mode: "fwd" (the output) or "fwdbwd" (the output and the gradients of
-query, key and value for a fixed random cotangent).
+in one mode: "fwd" (the output), "fwdbwd" (the output and the gradients of
+query, key and value for a fixed random cotangent) or "jvp" (the output and
+its forward-mode derivative along fixed random tangents of query, key and
+value, `jax.jvp`).
 
 Mask kinds, each a single concept so that peers can express it natively:
   none       every query sees every key.
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MASKS = ("none", "causal", "window", "lengths", "documents", "causal_documents")
-MODES = ("fwd", "fwdbwd")
+MODES = ("fwd", "fwdbwd", "jvp")
 # Errors against the float64 reference are computed up to this length.
 REFERENCE_MAX_T = 1024
 
@@ -89,9 +91,10 @@ class Case:
 
   @property
   def flops(self) -> float:
-    """Dense-equivalent flops: 4*B*N*T*S*H forward, 3.5x that for fwd+bwd."""
+    """Dense-equivalent flops: 4*B*N*T*S*H forward, 3.5x that for fwd+bwd, 2.5x for
+    the jvp (forward, plus dS from two matmuls and P dS V, P dV)."""
     fwd = 4.0 * self.B * self.N * self.T * self.S * self.H
-    return fwd * (3.5 if self.mode == "fwdbwd" else 1.0)
+    return fwd * {"fwd": 1.0, "fwdbwd": 3.5, "jvp": 2.5}[self.mode]
 
   @property
   def small(self) -> bool:
@@ -207,6 +210,7 @@ def _quick() -> list[Case]:
       Case("fwd", "documents", 512, **small),
       Case("fwdbwd", "causal", 128, **small),
       Case("fwdbwd", "causal", 512, **small),
+      Case("jvp", "causal", 128, **small),
   ]
 
 
@@ -215,6 +219,7 @@ def _default() -> list[Case]:
       *(Case("fwd", "none", t) for t in (1024, 4096)),
       *(Case("fwd", "causal", t) for t in (1024, 2048, 4096, 8192)),
       *(Case("fwdbwd", "causal", t) for t in (1024, 2048, 4096)),
+      *(Case("jvp", "causal", t) for t in (1024, 4096)),
       Case("fwd", "window", 4096),
       Case("fwd", "documents", 4096),
       Case("fwd", "lengths", 2048),
@@ -232,7 +237,7 @@ def _long() -> list[Case]:
       *(Case("fwdbwd", "causal", t) for t in (8192, 16384)),
       Case("fwdbwd", "causal", 32768, compile_only=True),
       # issue 9's GPU target (bench/gpu.sh): bf16, B=2, T=8192, N=16, H=128, causal
-      *(Case(mode, "causal", 8192, B=2, N=16, K=16, H=128, dtype="bfloat16") for mode in MODES),
+      *(Case(mode, "causal", 8192, B=2, N=16, K=16, H=128, dtype="bfloat16") for mode in ("fwd", "fwdbwd")),
       *gpu_cases(**_gpu_sizes()),
   ]
 
@@ -254,8 +259,8 @@ def gpu_cases(T: int = 8192, **overrides) -> list[Case]:
   shape = dict(GPU_TARGET, **overrides)
   return [
       Case("fwd", "none", T, **shape),
-      *(Case(mode, "causal_documents", T, documents=8, **shape) for mode in MODES),
-      *(Case(mode, "causal", T, soft_cap=30.0, **shape) for mode in MODES),
+      *(Case(mode, "causal_documents", T, documents=8, **shape) for mode in ("fwd", "fwdbwd")),
+      *(Case(mode, "causal", T, soft_cap=30.0, **shape) for mode in ("fwd", "fwdbwd")),
   ]
 
 
