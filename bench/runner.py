@@ -81,6 +81,8 @@ def _status(exc: BaseException) -> str:
   if isinstance(exc, (peers.Unsupported, NotImplementedError)):
     return f"unsupported: {msg}"
   low = str(exc).lower()
+  if isinstance(exc, TypeError) and "forward-mode" in low:  # jvp of a custom-VJP implementation
+    return f"unsupported: custom VJP, no forward mode ({msg})"
   if isinstance(exc, MemoryError) or any(s in low for s in (
       "resource_exhausted", "out of memory", "can't allocate memory", "not enough memory")):
     return f"OOM: {msg}"
