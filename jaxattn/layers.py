@@ -316,7 +316,7 @@ def _qkv_projections(params: MultiHeadParams, x, context, dtype, qk_norm_type: s
   return p, q, k, v
 
 
-def _check_attention_options(fn, batched, lead, N, T, S, *, bias, mask, scale, is_causal,
+def _check_attention_options(fn, batched, lead, N, T, S, H, *, bias, mask, scale, is_causal,
                              query_seq_lengths, key_value_seq_lengths, local_window_size,
                              query_segment_ids, key_value_segment_ids, logits_soft_cap,
                              causal_alignment, dropout_rate, dropout_key, implementation,
@@ -369,7 +369,7 @@ def _check_attention_options(fn, batched, lead, N, T, S, *, bias, mask, scale, i
   # The scalar options: dot_product_attention's own canonicalizers, in the layer's name.
   _attention.canonical_window(fn, local_window_size)
   _attention.canonical_causal(fn, is_causal, causal_alignment, T, S)
-  _attention.canonical_scale_and_cap(fn, scale, logits_soft_cap, 1)
+  _attention.canonical_scale_and_cap(fn, scale, logits_soft_cap, H)
   _attention.canonical_dropout_rate(fn, dropout_rate, dropout_key)
   names = _attention.implementations()
   if implementation is not None and implementation not in names:
@@ -508,7 +508,7 @@ def multi_head_attention(
                      f"or leave positions=None.")
 
   _check_attention_options(
-      fn, batched, x.shape[:-2], N, T, S, bias=bias, mask=mask, scale=scale,
+      fn, batched, x.shape[:-2], N, T, S, H, bias=bias, mask=mask, scale=scale,
       is_causal=is_causal, query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
       query_segment_ids=query_segment_ids, key_value_segment_ids=key_value_segment_ids,

@@ -136,20 +136,25 @@ class _Prepared(NamedTuple):
   dropout_key: jax.Array | None
 
 
-def _prepare(inputs: common.AttentionInputs, st: _Static) -> _Prepared:
-  B, T, N, H = inputs.query.shape
+def _layout(st: _Static, query, key, value, bias=None, mask=None):
+  """The arrays in the kernels' layout: q (B, K, Tp * G, H) rows ordered (t, g),
+  k and v (B, K, Sp, H), bias and mask padded to (Tp, Sp) where not broadcast."""
+  B, T, N, H = query.shape
   K = N // st.G
   Tp, Sp = st.Tp, st.Sp
-  q = _pad_to(inputs.query, 1, Tp).reshape(B, Tp, K, st.G, H).transpose(0, 2, 1, 3, 4)
+  q = _pad_to(query, 1, Tp).reshape(B, Tp, K, st.G, H).transpose(0, 2, 1, 3, 4)
   q = q.reshape(B, K, Tp * st.G, H)
-  k = _pad_to(inputs.key, 1, Sp).transpose(0, 2, 1, 3)
-  v = _pad_to(inputs.value, 1, Sp).transpose(0, 2, 1, 3)
-  bias = inputs.bias
+  k = _pad_to(key, 1, Sp).transpose(0, 2, 1, 3)
+  v = _pad_to(value, 1, Sp).transpose(0, 2, 1, 3)
   if bias is not None:
     bias = _pad_to(_pad_to(bias, 2, Tp), 3, Sp)
-  mask = inputs.mask
   if mask is not None:
     mask = _pad_to(_pad_to(mask, 2, Tp), 3, Sp)
+  return q, k, v, bias, mask
+
+
+def _prepare(inputs: common.AttentionInputs, st: _Static) -> _Prepared:
+  q, k, v, bias, mask = _layout(st, inputs.query, inputs.key, inputs.value, inputs.bias, inputs.mask)
   mask_fn = common.combined_mask(inputs, st.config)
   summary = None if mask_fn is None else mask_fn.summary(st)
   return _Prepared(q, k, v, bias, mask, mask_fn, summary,
@@ -537,12 +542,19 @@ def _static(inputs: common.AttentionInputs, config: common.AttentionConfig, bloc
   return _Static(B=B, N=N, T=T, S=S, bq=min(bq, T), bk=min(bk, S), config=config, G=N // K)
 
 
-def _forward_with_lo(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
-  """(output, lse, lse_lo): lse + lse_lo is the logsumexp to twice the precision."""
+def _forward_rows(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
+  """(static plan, prepared inputs, out rows, lse rows, lse_lo rows) of the forward,
+  in the kernels' row layout (see `_prepare`)."""
   st = _static(inputs, config, block_sizes)
   p = _prepare(inputs, st)
   band = _band(st, p.k.shape[2])
   out_rows, lse_rows, lo_rows = _forward(p, st) if band is None else _forward_band(p, st, *band)
+  return st, p, out_rows, lse_rows, lo_rows
+
+
+def _forward_with_lo(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
+  """(output, lse, lse_lo): lse + lse_lo is the logsumexp to twice the precision."""
+  st, _, out_rows, lse_rows, lo_rows = _forward_rows(inputs, config, block_sizes)
   out, lse = _finish(inputs, st, out_rows, lse_rows)
   _, lse_lo = _finish(inputs, st, out_rows, lo_rows)
   return out, lse, lse_lo
