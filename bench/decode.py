@@ -78,6 +78,8 @@ def main(argv=None) -> int:
   ap.add_argument("--kv-heads", type=int, default=8, help="key/value heads K")
   ap.add_argument("--head-dim", type=int, default=128)
   ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--fill", type=float, default=1.0,
+                  help="share of the cache holding keys (the longest row; the others 7 fewer each)")
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--splits", type=int, default=4, help="also time split-KV with this many chunks")
   ap.add_argument("--paged", type=int, default=0, metavar="PAGE_SIZE",
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
   B, S, N, K, H = a.batch, a.length, a.heads, a.kv_heads, a.head_dim
   dtype = jnp.dtype(a.dtype)
   kv_bytes = 2 * B * S * K * H * dtype.itemsize
-  print(f"decode 1 token: B={B} S={S} N={N} K={K} H={H} {dtype.name}; K+V = "
+  print(f"decode 1 token: B={B} S={S} (filled {a.fill:.0%}) N={N} K={K} H={H} {dtype.name}; K+V = "
         f"{kv_bytes / 2**30:.2f} GiB; {jax.default_backend()} x{jax.device_count()}, "
         f"jax {jax.__version__}")
 
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
   draw = jax.jit(lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype),
                  static_argnums=1)
   # A nearly full cache with ragged lengths.
-  lengths = jnp.asarray(S - 7 * np.arange(B), jnp.int32)
+  filled = max(1, min(S, round(a.fill * S)))
+  lengths = jnp.asarray(np.maximum(filled - 7 * np.arange(B), 1), jnp.int32)
   cache = dec.KVCache(draw(kk, (B, K, S, H)), draw(kv, (B, K, S, H)), lengths)
   query = draw(kq, (B, 1, N, H))
   auto = dec.default_num_splits(1, N, S)
@@ -105,8 +108,13 @@ def main(argv=None) -> int:
   rows = [Row("read K+V once (jnp.sum)",
               lambda c: jnp.sum(c.key, dtype=jnp.float32) + jnp.sum(c.value, dtype=jnp.float32),
               (cache,))]
-  rows.append(Row(f"jaxattn decode_attention (auto: P={auto}, block {block})",
+  one_pass = auto == 1 and dec.one_pass_fits(B, 1, N, S, kv_bytes)
+  rows.append(Row(f"jaxattn decode_attention (auto: P={auto}, "
+                  f"{'one pass when 70% full, else ' if one_pass else ''}block {block})",
                   lambda q, c: dec.decode_attention(q, c), (query, cache)))
+  if one_pass:
+    rows.append(Row(f"jaxattn decode_attention, blocked (block_size={block})",
+                    lambda q, c: dec.decode_attention(q, c, block_size=block), (query, cache)))
   if a.splits != auto:
     rows.append(Row(f"jaxattn decode_attention, split-KV P={a.splits}",
                     lambda q, c: dec.decode_attention(q, c, num_splits=a.splits), (query, cache)))

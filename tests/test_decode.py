@@ -225,6 +225,48 @@ def test_layer_decode_matches_full_forward():
   np.testing.assert_array_equal(cache.lengths, pos)
 
 
+@pytest.mark.parametrize("kwargs, ref_kwargs", [
+    (dict(), dict()),
+    (dict(local_window_size=14), dict(local_window_size=(14, 0))),   # still 100% visible
+    (dict(logits_soft_cap=2.0), dict(logits_soft_cap=2.0)),
+])
+def test_one_pass_kernel_matches_reference_and_blocked(kwargs, ref_kwargs):
+  # A cache whose visible keys fill at least 70% of it: on CPU the automatic
+  # path reads it in one pass, guarded by the blocked kernel.
+  q, k, v = _problem(3)
+  full = lambda x: np.concatenate([x, x[:, :L - TOTAL]], axis=1)          # (B, L, ...)
+  lengths = np.array([20, 16, 14])
+  clean = dec.update_kv_cache(dec.init_kv_cache(B, L, K, H), full(k), full(v),
+                              seq_lengths=lengths)
+  rows = np.stack([lengths - 2, lengths - 1], 1)                         # the last two tokens
+  query = jnp.asarray(np.take_along_axis(full(q), rows[:, :, None, None], 1))
+  decode = jax.jit(lambda q, c: dec.decode_attention(q, c, return_residual=True, **kwargs))
+  assert "custom_jvp_call" in str(jax.make_jaxpr(decode)(query, clean))
+  out, lse = decode(query, clean)
+  ref_out, ref_lse = testing.reference_attention(full(q), full(k), full(v), is_causal=True,
+                                                 return_residual=True, **ref_kwargs)
+  for b in range(B):
+    np.testing.assert_allclose(out[b], ref_out[b, rows[b]], atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(lse[b], ref_lse[b, rows[b]], atol=ATOL, rtol=RTOL)
+  blocked = lambda q, c: dec.decode_attention(q, c, block_size=6, **kwargs)
+  loss = lambda f: lambda q, c: jnp.sum(jnp.sin(f(q, c)))
+  auto = lambda q, c: decode(q, c)[0]
+  grads = lambda f: jax.grad(lambda q, kc, vc: loss(f)(q, clean._replace(key=kc, value=vc)),
+                             (0, 1, 2))(query, clean.key, clean.value)
+  chex.assert_trees_all_close(grads(auto), grads(blocked), atol=1e-5)
+  chex.assert_trees_all_close(jax.jvp(lambda q: auto(q, clean), (query,), (query,)),
+                              jax.jvp(lambda q: blocked(q, clean), (query,), (query,)), atol=1e-5)
+  # NaN keys and inf values in the stale slots: the one-pass output is not
+  # finite, so the blocked kernel reruns; nothing reaches the output or gradient.
+  stale = (np.arange(L)[None, :] >= lengths[:, None])[:, None, :, None]
+  dirty = clean._replace(key=jnp.where(stale, jnp.nan, clean.key),
+                         value=jnp.where(stale, jnp.inf, clean.value))
+  chex.assert_trees_all_close(decode(query, dirty), (out, lse), atol=1e-6)
+  g = jax.grad(loss(auto))(query, dirty)
+  chex.assert_tree_all_finite(g)
+  chex.assert_trees_all_close(g, jax.grad(loss(auto))(query, clean), atol=1e-6)
+
+
 def test_automatic_choices():
   assert dec.default_num_splits(1, 32, 32768, backend="gpu") == 16    # few queries, long cache
   assert dec.default_num_splits(1, 32, 3000, backend="gpu") == 1      # short cache
@@ -236,6 +278,11 @@ def test_automatic_choices():
   cache = dec.init_kv_cache(1, 64, 1, 4)
   jaxpr = lambda T: str(jax.make_jaxpr(dec.decode_attention)(jnp.zeros((1, T, 8, 4)), cache))
   assert "_split_kv" in jaxpr(4) and "_split_kv" not in jaxpr(40)
+  # The one-pass kernel: on CPU, with its logits within an eighth of the cache.
+  kv = 2 * 8 * 8 * 32768 * 128 * 4                                    # B=8, K=8, H=128 f32
+  assert dec.one_pass_fits(8, 1, 32, 32768, kv, backend="cpu")
+  assert not dec.one_pass_fits(8, 1, 32, 32768, kv, backend="gpu")
+  assert not dec.one_pass_fits(8, 64, 32, 32768, kv, backend="cpu")   # 2 GiB of logits
 
 
 def test_errors_name_the_argument():

@@ -163,10 +163,8 @@ def default_num_splits(T: int, N: int, L: int, backend: str | None = None) -> in
   return 1
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "window_left", "num_splits",
-                                             "block_size"))
-def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_left,
-              num_splits, block_size):
+def _blocked(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_left,
+             num_splits, block_size):
   """Decode kernel over a contiguous (B, K, L, H) cache: P chunks, merged by logsumexp.
 
   The P chunks are an independent (batch) axis of every step (flash-decoding);
@@ -213,6 +211,115 @@ def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
   out, lse = _finish(state)
   out, lse = _from_rows(out, lse, T, G)
   return out.astype(query.dtype), lse
+
+
+def _visible_span(lengths, q_lengths, T, G, L, window_left):
+  """Keys [first, end) that some real query row can see (device scalars)."""
+  row_pos, row_real = _row_positions(lengths, q_lengths, T, G, L)
+  end = jnp.minimum(jnp.max(jnp.where(row_real, row_pos + 1, 0)), L)
+  return _first_key(row_pos, row_real, window_left), end
+
+
+def _one_pass(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_left):
+  """Every cached key's logit at once, one softmax, one weighted sum of values.
+
+  No loop and no copy of the cache: on XLA:CPU a loop step's dynamic slices
+  are copies and its (B, K, T * G, block) matmuls are small, so reading the
+  cache in one matmul is about 1.5x as fast (bench/decode.py). Stale slots
+  are masked in the logits only, so a NaN or inf stored there makes this
+  output non-finite (0 * inf); `_guarded` detects that and reruns the
+  blocked kernel, which zeroes them. Its logits are (B, K, T * G, L) float32
+  temporaries, which the caller bounds.
+  """
+  B, T, N, H = query.shape
+  _, K, L, _ = key.shape
+  G = N // K
+  q = _query_rows(query, K)                                          # (B, K, R, H)
+  row_pos, row_real = _row_positions(lengths, q_lengths, T, G, L)   # (B, R)
+  kv_pos = jnp.arange(L, dtype=jnp.int32)
+  stored = kv_pos[None, :] < jnp.clip(lengths, 0, L)[:, None]        # (B, L)
+  ok = _allowed(kv_pos[None, None, :], row_pos[:, :, None], row_real[:, :, None],
+                window_left) & stored[:, None, :]                    # (B, R, L)
+  s = jnp.einsum("bkrh,bklh->bkrl", q, key,
+                 preferred_element_type=jnp.float32) * jnp.float32(scale)
+  s = jnp.where(ok[:, None], _soft_cap(s, soft_cap), -jnp.inf)
+  R = q.shape[2]
+  init = softmax_state.init(jnp.zeros((B, K, R), jnp.float32),
+                            jnp.zeros((B, K, R, H), jnp.float32))
+  state = softmax_state.update(init, s, lambda e: jnp.einsum(
+      "bkrl,bklh->bkrh", e.astype(value.dtype), value, preferred_element_type=jnp.float32))
+  out, lse = _finish(state)
+  out, lse = _from_rows(out, lse, T, G)
+  return out.astype(query.dtype), lse
+
+
+def one_pass_fits(B: int, T: int, N: int, L: int, kv_bytes: int, backend: str | None = None
+                  ) -> bool:
+  """Whether `_split_kv` may take the one-pass kernel for this problem.
+
+  On CPU only (measured there), when its float32 logits (B, N, T, L) stay
+  within an eighth of the cache's key and value bytes (or 16 MiB).
+  """
+  logits = 4 * B * N * T * L
+  return common.platform(backend) == "cpu" and logits <= max(kv_bytes // 8, 16 << 20)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _guarded(query, key, value, lengths, q_lengths, options):
+  """`_one_pass`, or `_blocked` where its output is not finite.
+
+  A non-finite one-pass output comes from a NaN or inf in a stale slot or in
+  the visible keys and values; the blocked kernel gives the right answer in
+  both cases. Derivatives always come from the blocked kernel (its JVP, and
+  the transpose of that for gradients), which never multiplies a stale slot.
+  """
+  one, blocked = options
+  out, lse = _one_pass(query, key, value, lengths, q_lengths, **one)
+  return lax.cond(jnp.all(jnp.isfinite(out)), lambda: (out, lse),
+                  lambda: _blocked(query, key, value, lengths, q_lengths, **blocked))
+
+
+@_guarded.defjvp
+def _guarded_jvp(options, primals, tangents):
+  return jax.jvp(functools.partial(_blocked, **options[1]), primals, tangents)
+
+
+# The one-pass kernel runs when the visible span covers at least this share of
+# the cache: it reads all of it, the blocked kernel only the span, at about
+# 1.5x the cost per key on 2-core x86 (bench/decode.py --fill: the two
+# cross near 70%).
+_ONE_PASS_MIN_SPAN = 0.7
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "window_left", "num_splits",
+                                             "block_size", "one_pass"))
+def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_left,
+              num_splits, block_size, one_pass=False):
+  """The contiguous-cache decode kernel.
+
+  With `one_pass` (chosen by the caller from the backend and the logits'
+  size), a run-time choice by the visible span: `_one_pass` (guarded) when
+  it covers at least `_ONE_PASS_MIN_SPAN` of the cache, else `_blocked`.
+  """
+  blocked = dict(scale=scale, soft_cap=soft_cap, window_left=window_left,
+                 num_splits=num_splits, block_size=block_size)
+  args = (query, key, value, lengths, q_lengths)
+  if not one_pass:
+    return _blocked(*args, **blocked)
+  B, T, N, _ = query.shape
+  _, K, L, _ = key.shape
+  first, end = _visible_span(lengths, q_lengths, T, N // K, L, window_left)
+  options = (_Frozen(scale=scale, soft_cap=soft_cap, window_left=window_left), _Frozen(blocked))
+  wide = (end - first).astype(jnp.float32) >= _ONE_PASS_MIN_SPAN * L
+  return lax.cond(wide, lambda a: _guarded(*a, options),
+                  lambda a: _blocked(*a, **blocked), args)
+
+
+class _Frozen(dict):
+  """A hashable dict of static keyword arguments (custom_jvp's nondiff_argnums)."""
+
+  def __hash__(self):
+    return hash(tuple(sorted(self.items())))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "window_left",
