@@ -69,9 +69,11 @@ never corrupt the cache or reach an output:
   padding does;
 - a page id outside [0, num_pages) is never written (no wrap-around to
   another page) and never read: the tokens it should hold are missing;
-- slots at or past `lengths` (stale data, anything: NaN, inf) are replaced by
-  0 with a `where` before any arithmetic, in every implementation, so they
-  reach neither outputs nor gradients.
+- slots at or past `lengths` (stale data, anything: NaN, inf) reach neither
+  outputs nor gradients: every kernel replaces them by 0 with a `where`
+  before any arithmetic, except the CPU one-pass kernel, which masks stale
+  keys in its logits and hands the step to the blocked kernel when a stale
+  value makes its output non-finite.
 """
 
 from __future__ import annotations

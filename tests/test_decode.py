@@ -16,6 +16,7 @@ import pytest
 
 from jaxattn import decode as dec
 from jaxattn import testing
+from jaxattn._impl import decode_kernels as dk
 from jaxattn.layers import init_multi_head_attention, multi_head_attention, multi_head_attention_decode
 from jaxattn.rope import RopeConfig
 
@@ -225,6 +226,7 @@ def test_layer_decode_matches_full_forward():
   np.testing.assert_array_equal(cache.lengths, pos)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the one-pass kernel is CPU-only")
 @pytest.mark.parametrize("kwargs, ref_kwargs", [
     (dict(), dict()),
     (dict(local_window_size=14), dict(local_window_size=(14, 0))),   # still 100% visible
@@ -248,23 +250,62 @@ def test_one_pass_kernel_matches_reference_and_blocked(kwargs, ref_kwargs):
   for b in range(B):
     np.testing.assert_allclose(out[b], ref_out[b, rows[b]], atol=ATOL, rtol=RTOL)
     np.testing.assert_allclose(lse[b], ref_lse[b, rows[b]], atol=ATOL, rtol=RTOL)
+  # The one-pass kernel ran: its bits, not the blocked kernel's.
+  one = jax.jit(lambda q, c: dk._one_pass(
+      q, c.key, c.value, c.lengths, jnp.full(B, 2), scale=H ** -0.5,
+      soft_cap=kwargs.get("logits_soft_cap"), window_left=kwargs.get("local_window_size")))
   blocked = lambda q, c: dec.decode_attention(q, c, block_size=6, **kwargs)
-  loss = lambda f: lambda q, c: jnp.sum(jnp.sin(f(q, c)))
+  np.testing.assert_array_equal(out, one(query, clean)[0])
+  assert not np.array_equal(out, blocked(query, clean)), "the test cannot tell the kernels apart"
+  loss = lambda f: lambda q, kc, vc, c: jnp.sum(jnp.sin(f(q, c._replace(key=kc, value=vc))))
   auto = lambda q, c: decode(q, c)[0]
-  grads = lambda f: jax.grad(lambda q, kc, vc: loss(f)(q, clean._replace(key=kc, value=vc)),
-                             (0, 1, 2))(query, clean.key, clean.value)
-  chex.assert_trees_all_close(grads(auto), grads(blocked), atol=1e-5)
+  grads = lambda f, c: jax.grad(loss(f), (0, 1, 2))(query, c.key, c.value, c)
+  chex.assert_trees_all_close(grads(auto, clean), grads(blocked, clean), atol=1e-5)
   chex.assert_trees_all_close(jax.jvp(lambda q: auto(q, clean), (query,), (query,)),
                               jax.jvp(lambda q: blocked(q, clean), (query,), (query,)), atol=1e-5)
   # NaN keys and inf values in the stale slots: the one-pass output is not
-  # finite, so the blocked kernel reruns; nothing reaches the output or gradient.
+  # finite, so the blocked kernel reruns; nothing reaches the output or gradients.
   stale = (np.arange(L)[None, :] >= lengths[:, None])[:, None, :, None]
   dirty = clean._replace(key=jnp.where(stale, jnp.nan, clean.key),
                          value=jnp.where(stale, jnp.inf, clean.value))
   chex.assert_trees_all_close(decode(query, dirty), (out, lse), atol=1e-6)
-  g = jax.grad(loss(auto))(query, dirty)
+  g = grads(auto, dirty)
   chex.assert_tree_all_finite(g)
-  chex.assert_trees_all_close(g, jax.grad(loss(auto))(query, clean), atol=1e-6)
+  chex.assert_trees_all_close(g, grads(auto, clean), atol=1e-6)
+  # vmap over queries: the choice is made for the whole batch.
+  many = jnp.stack([query, query[::-1]])
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *[decode(x, clean) for x in many])
+  chex.assert_trees_all_close(jax.vmap(decode, (0, None))(many, clean), stacked, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["gqa_padded_queries", "empty_row", "empty_cache", "bfloat16"])
+def test_one_pass_kernel_equals_blocked(case):
+  # `_one_pass` alone (no guard) against `_blocked` on the edge cases.
+  Bc, Lc, Nc, Kc, Hc, T = 3, 24, 6, 2, 8, 3
+  dtype = jnp.bfloat16 if case == "bfloat16" else jnp.float32
+  lengths = {"empty_row": [24, 0, 9], "empty_cache": [0, 0, 0]}.get(case, [24, 17, 9])
+  q_lengths = [3, 1, 2] if case == "gqa_padded_queries" else [3, 3, 3]
+  lengths, q_lengths = jnp.array(lengths, jnp.int32), jnp.array(q_lengths, jnp.int32)
+  key = jnp.asarray(_normal(80, (Bc, Kc, Lc, Hc)), dtype)
+  value = jnp.asarray(_normal(81, (Bc, Kc, Lc, Hc)), dtype)
+  query = jnp.asarray(_normal(82, (Bc, T, Nc, Hc)), dtype)
+  opts = dict(scale=0.3, soft_cap=None, window_left=None)
+  one = dk._one_pass(query, key, value, lengths, q_lengths, **opts)
+  blocked = dk._blocked(query, key, value, lengths, q_lengths, num_splits=1, block_size=5, **opts)
+  tol = 2e-2 if dtype == jnp.bfloat16 else 1e-6
+  chex.assert_trees_all_close(one, blocked, atol=tol, rtol=tol)
+  real = (np.arange(T)[None, :] < np.asarray(q_lengths)[:, None]) & (np.asarray(lengths)[:, None] > 0)
+  np.testing.assert_array_equal(np.asarray(one[0], np.float32)[~real], 0.0)
+  assert np.all(np.asarray(one[1])[~real] == -np.inf)
+
+
+def test_batch_wide_choice_stays_a_branch_under_vmap():
+  pick = lambda x: jax.lax.cond(dk._everywhere(jnp.all(x > 0)), lambda: x + 1, lambda: x - 1)
+  x = jnp.array([[1.0, 2.0], [3.0, -4.0]])
+  np.testing.assert_array_equal(jax.vmap(pick)(x), x - 1)         # one example fails: all do
+  np.testing.assert_array_equal(jax.vmap(pick)(jnp.abs(x)), jnp.abs(x) + 1)
+  jaxpr = str(jax.make_jaxpr(jax.vmap(pick))(x))
+  assert "cond" in jaxpr and "select_n" not in jaxpr
 
 
 def test_automatic_choices():

@@ -226,10 +226,12 @@ def _one_pass(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
   No loop and no copy of the cache: on XLA:CPU a loop step's dynamic slices
   are copies and its (B, K, T * G, block) matmuls are small, so reading the
   cache in one matmul is about 1.5x as fast (bench/decode.py). Stale slots
-  are masked in the logits only, so a NaN or inf stored there makes this
-  output non-finite (0 * inf); `_guarded` detects that and reruns the
-  blocked kernel, which zeroes them. Its logits are (B, K, T * G, L) float32
-  temporaries, which the caller bounds.
+  are masked in the logits only: a stale key never counts, but NaN or inf in
+  a stale value makes this output non-finite (its weight 0 times inf), and
+  `_one_pass_or_blocked` then reruns the blocked kernel, which zeroes them.
+  Its temporaries are the (B, K, T * G, L) float32 logits, their
+  exponentials and a (B, T * G, L) mask, which the caller bounds
+  (`one_pass_fits`).
   """
   B, T, N, H = query.shape
   _, K, L, _ = key.shape
@@ -258,29 +260,57 @@ def one_pass_fits(B: int, T: int, N: int, L: int, kv_bytes: int, backend: str | 
   """Whether `_split_kv` may take the one-pass kernel for this problem.
 
   On CPU only (measured there), when its float32 logits (B, N, T, L) stay
-  within an eighth of the cache's key and value bytes (or 16 MiB).
+  within an eighth of the cache's key and value bytes, or 16 MiB (its
+  temporaries are about three times the logits: with their exponentials and
+  the mask).
   """
   logits = 4 * B * N * T * L
   return common.platform(backend) == "cpu" and logits <= max(kv_bytes // 8, 16 << 20)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
-def _guarded(query, key, value, lengths, q_lengths, options):
-  """`_one_pass`, or `_blocked` where its output is not finite.
+@jax.custom_batching.custom_vmap
+def _everywhere(pred):
+  """`pred` (a bool scalar); under `vmap`, whether it holds for every example.
 
-  A non-finite one-pass output comes from a NaN or inf in a stale slot or in
-  the visible keys and values; the blocked kernel gives the right answer in
-  both cases. Derivatives always come from the blocked kernel (its JVP, and
-  the transpose of that for gradients), which never multiplies a stale slot.
+  A `lax.cond` on a batched predicate becomes a select that runs both
+  branches; on this one it stays a cond, taken for the whole batch.
+  """
+  return pred
+
+
+@_everywhere.def_vmap
+def _everywhere_vmap(axis_size, in_batched, pred):
+  del axis_size, in_batched
+  return jnp.all(pred), False
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _one_pass_or_blocked(query, key, value, lengths, q_lengths, options):
+  """`_one_pass` when the visible keys span at least `_ONE_PASS_MIN_SPAN` of
+  the cache and its output is finite, else `_blocked`.
+
+  A non-finite one-pass output comes from NaN or inf in a stale value slot
+  (its weight 0 times inf; stale keys are masked in the logits) or in the
+  visible keys and values (where the blocked kernel gives NaN as well). The
+  blocked kernel is traced once. Derivatives always come from it (its JVP,
+  and the transpose of that for gradients), which never multiplies a stale
+  slot.
   """
   one, blocked = options
-  out, lse = _one_pass(query, key, value, lengths, q_lengths, **one)
-  return lax.cond(jnp.all(jnp.isfinite(out)), lambda: (out, lse),
-                  lambda: _blocked(query, key, value, lengths, q_lengths, **blocked))
+  args = (query, key, value, lengths, q_lengths)
+  B, T, N, _ = query.shape
+  _, K, L, _ = key.shape
+  first, end = _visible_span(lengths, q_lengths, T, N // K, L, one["window_left"])
+  wide = _everywhere((end - first).astype(jnp.float32) >= _ONE_PASS_MIN_SPAN * L)
+  skipped = lambda: (jnp.full(query.shape, jnp.nan, query.dtype),
+                     jnp.full((B, T, N), jnp.nan, jnp.float32))
+  out, lse = lax.cond(wide, lambda: _one_pass(*args, **one), skipped)
+  use = _everywhere(wide & jnp.all(jnp.isfinite(out)))
+  return lax.cond(use, lambda: (out, lse), lambda: _blocked(*args, **blocked))
 
 
-@_guarded.defjvp
-def _guarded_jvp(options, primals, tangents):
+@_one_pass_or_blocked.defjvp
+def _one_pass_or_blocked_jvp(options, primals, tangents):
   return jax.jvp(functools.partial(_blocked, **options[1]), primals, tangents)
 
 
@@ -295,24 +325,16 @@ _ONE_PASS_MIN_SPAN = 0.7
                                              "block_size", "one_pass"))
 def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_left,
               num_splits, block_size, one_pass=False):
-  """The contiguous-cache decode kernel.
-
-  With `one_pass` (chosen by the caller from the backend and the logits'
-  size), a run-time choice by the visible span: `_one_pass` (guarded) when
-  it covers at least `_ONE_PASS_MIN_SPAN` of the cache, else `_blocked`.
-  """
+  """The contiguous-cache decode kernel: `_blocked`, or with `one_pass`
+  (chosen by the caller from the backend and the logits' size)
+  `_one_pass_or_blocked`."""
   blocked = dict(scale=scale, soft_cap=soft_cap, window_left=window_left,
                  num_splits=num_splits, block_size=block_size)
   args = (query, key, value, lengths, q_lengths)
   if not one_pass:
     return _blocked(*args, **blocked)
-  B, T, N, _ = query.shape
-  _, K, L, _ = key.shape
-  first, end = _visible_span(lengths, q_lengths, T, N // K, L, window_left)
   options = (_Frozen(scale=scale, soft_cap=soft_cap, window_left=window_left), _Frozen(blocked))
-  wide = (end - first).astype(jnp.float32) >= _ONE_PASS_MIN_SPAN * L
-  return lax.cond(wide, lambda a: _guarded(*a, options),
-                  lambda a: _blocked(*a, **blocked), args)
+  return _one_pass_or_blocked(*args, options)
 
 
 class _Frozen(dict):
