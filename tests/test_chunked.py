@@ -1,5 +1,8 @@
 """The chunked implementation: O(T) memory, the block map, and dispatch."""
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +94,36 @@ def test_block_map_is_sound_and_exact(T, S, bq, bk, causal, bottom_right, left, 
 
 def _static(config):
   return chunked._Static(B=1, N=1, T=64, S=64, bq=8, bk=8, config=config, G=1)
+
+
+def _big_copies(hlo: str, min_elems: int, *, bodies: bool) -> list[str]:
+  """Shapes of copies of at least `min_elems` elements in the branches of
+  conditionals (and, with `bodies`, in loop bodies) of compiled HLO text."""
+  names = set(re.findall(r"body=(%[\w.\-]+)", hlo)) if bodies else set()
+  for group in re.findall(r"branch_computations=\{([^}]*)\}", hlo):
+    names |= {n.strip() for n in group.split(",")}
+  found = []
+  for comp in re.split(r"\n(?=\S)", hlo):
+    if comp.split(" ", 1)[0] in names:
+      found += [shape for shape in re.findall(r"= \w+\[([\d,]*)\]\S* copy\(", comp)
+                if math.prod(int(d) for d in shape.split(",") if d) >= min_elems]
+  return found
+
+
+@pytest.mark.parametrize("name", ["chunked", "chunked_jvp"])
+def test_backward_never_copies_a_full_size_array_per_block(name):
+  # dQ and dbias (and, transposed, chunked_jvp's dK/dV) once passed through the
+  # per-block switch, whose branches XLA gives buffers of their own: a full
+  # copy on every block, cubic time in T.
+  T, N, H = 256, 2, 16
+  q = jax.ShapeDtypeStruct((1, T, N, H), jnp.float32)
+  bias = jax.ShapeDtypeStruct((1, N, T, T), jnp.float32)
+  loss = lambda q, k, v, b: jnp.sum(jaxattn.dot_product_attention(
+      q, k, v, bias=b, is_causal=True, implementation=name, block_sizes=(64, 64)))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(q, q, q, bias).compile().as_text()
+  assert "branch_computations" in hlo  # the switch is there to be checked
+  # chunked_jvp's transposed loops copy dK/dV once per query block, outside the switch.
+  assert not _big_copies(hlo, T * N * H, bodies=name == "chunked")
 
 
 def test_causal_block_skipping_does_about_half_the_work():

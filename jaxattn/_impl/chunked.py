@@ -67,10 +67,15 @@ def _kinds(p: "_Prepared", st: _Static, qb, kb):
   return _masks.block_kinds(p.mask_fn, st, qb, kb, summary=p.summary, dense_mask=p.mask is not None)
 
 
-def _by_kind(kind, step, state):
-  """One block of a loop: `state` unchanged for an empty block, else `step(state,
-  masked)` with the mask applied for a partial block and skipped for a full one."""
-  return lax.switch(kind, [lambda s: s, lambda s: step(s, True), lambda s: step(s, False)], state)
+def _by_kind(kind, step, state, empty=lambda s: s):
+  """One block of a loop: `empty(state)` (by default `state` unchanged) for an
+  empty block, else `step(state, masked)` with the mask applied for a partial
+  block and skipped for a full one.
+
+  Keep full-size arrays out of `state`: every branch of the switch returns its
+  own buffers, so XLA copies whatever passes through it, on every step.
+  """
+  return lax.switch(kind, [empty, lambda s: step(s, True), lambda s: step(s, False)], state)
 
 
 def block_map(inputs: common.AttentionInputs, st: _Static):
@@ -303,8 +308,11 @@ def _split_float_leaves(tree):
 
 
 def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta_i, masked: bool,
-                score, dbias, lo_i):
-  """Gradients from one tile: (dq_tile, dk_tile, dv_tile, dbias, d_score_leaves).
+                score, bias_shape, lo_i):
+  """Gradients from one tile: (dq_tile, dk_tile, dv_tile, dbias_tile, d_score_leaves).
+
+  With a bias (its shape `bias_shape`, else None), the tile's bias gradient
+  (`_bias_tile`) is returned for the caller to add (`_add_bias_tile`).
 
   P is recomputed as exp((S - lse) - lse_lo); dS = P (dP - D); `score` is
   (leaves, rebuild) of the score modifier's float leaves, whose gradients come
@@ -329,15 +337,14 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   if drop is not None:
     dp = dp * drop
   ds = prob * (dp - delta_i[..., None])
-  if dbias is not None:
-    dbias = _accumulate_bias(dbias, ds, st, q0, k0, p.k.shape[1])
+  dbias_tile = None if bias_shape is None else _bias_tile(bias_shape, ds, st)
   d_leaves = []
   if p.score_fn is not None:
     ds, d_leaves = pull(ds)
   ds = (ds * jnp.asarray(st.config.scale, ds.dtype)).astype(dt)
   dk = jnp.einsum("bkrc,bkrh->bkch", ds, qi, preferred_element_type=acc)
   dq = jnp.einsum("bkrc,bkch->bkrh", ds, kj, preferred_element_type=acc)
-  return dq, dk, dv, dbias, d_leaves
+  return dq, dk, dv, dbias_tile, d_leaves
 
 
 def _backward_prologue(out, lse, lse_lo, d_out, d_lse):
@@ -366,6 +373,7 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
   delta = _backward_prologue(out, lse, lse_lo, d_out, d_lse)
   score = _split_float_leaves(p.score_fn)
   score_leaves = score[0]
+  bias_shape = None if p.bias is None else p.bias.shape
 
   def kv_block(j, carry):
     dq, dbias, dscore = carry
@@ -374,17 +382,31 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
     kinds = _kinds(p, st, jnp.arange(st.nq), j)
     lo, hi = _ranges(kinds > 0)
 
-    def q_step(i, state, masked):
-      dk, dv, dq, dbias, dscore = state
+    # The switch carries only this key block's dK/dV and the score leaves'
+    # gradients; it returns the query block's dQ (and dbias) tile, which is
+    # added into the full carries outside it, in place.
+    def q_step(i, small, masked):
+      dk, dv, dscore = small
       lse_i, lo_i = _row_lse(lse, lse_lo, i, rows)
-      dqi, dkj, dvj, dbias, d_leaves = _tile_grads(
+      dqi, dkj, dvj, dbias_tile, d_leaves = _tile_grads(
           p, st, i * st.bq, j * st.bk, _row_slice(p.q, i, rows), kj, vj, _row_slice(d_out, i, rows),
-          lse_i, _row_slice(delta, i, rows), masked, score, dbias, lo_i)
-      dq = lax.dynamic_update_slice_in_dim(dq, _row_slice(dq, i, rows) + dqi, i * rows, axis=2)
-      return dk + dkj, dv + dvj, dq, dbias, [a + b for a, b in zip(dscore, d_leaves)]
+          lse_i, _row_slice(delta, i, rows), masked, score, bias_shape, lo_i)
+      return (dk + dkj, dv + dvj, [a + b for a, b in zip(dscore, d_leaves)]), (dqi, dbias_tile)
+
+    def empty(small):
+      dq_tile = _zeros_like(_row_slice(p.q, 0, rows))
+      dbias_tile = None if bias_shape is None else jnp.zeros(
+          _bias_tile_shape(bias_shape, st), dq_tile.dtype)
+      return small, (dq_tile, dbias_tile)
 
     def body(i, state):
-      return _by_kind(kinds[i], functools.partial(q_step, i), state)
+      dk, dv, dq, dbias, dscore = state
+      (dk, dv, dscore), (dqi, dbias_tile) = _by_kind(
+          kinds[i], functools.partial(q_step, i), (dk, dv, dscore), empty)
+      dq = lax.dynamic_update_slice_in_dim(dq, _row_slice(dq, i, rows) + dqi, i * rows, axis=2)
+      if dbias is not None:
+        dbias = _add_bias_tile(dbias, dbias_tile, st, i * st.bq, j * st.bk)
+      return dk, dv, dq, dbias, dscore
 
     dk0, dv0 = _zeros_like(kj), _zeros_like(vj)
     dk, dv, dq, dbias, dscore = lax.fori_loop(lo, hi, body, (dk0, dv0, dq, dbias, dscore))
@@ -482,9 +504,12 @@ def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_l
     kj = lax.dynamic_slice_in_dim(p.k, k0, w, axis=2)
     vj = lax.dynamic_slice_in_dim(p.v, k0, w, axis=2)
     lse_i, lo_i = _row_lse(lse, lse_lo, i, rows)
-    dqi, dkj, dvj, dbias, d_leaves = _tile_grads(
+    dqi, dkj, dvj, dbias_tile, d_leaves = _tile_grads(
         p, st, q0, k0, _row_slice(p.q, i, rows), kj, vj, _row_slice(d_out, i, rows),
-        lse_i, _row_slice(delta, i, rows), True, score, dbias, lo_i)
+        lse_i, _row_slice(delta, i, rows), True, score,
+        None if dbias is None else dbias.shape, lo_i)
+    if dbias is not None:
+      dbias = _add_bias_tile(dbias, dbias_tile, st, q0, k0)
     dq = lax.dynamic_update_slice_in_dim(dq, dqi, i * rows, axis=2)  # complete: the band is one tile
     dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, k0, w, axis=2) + dkj, k0, axis=2)
     dv = lax.dynamic_update_slice_in_dim(dv, lax.dynamic_slice_in_dim(dv, k0, w, axis=2) + dvj, k0, axis=2)
@@ -497,15 +522,25 @@ def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_l
   return dq, dk, dv, dbias, d_score_fn
 
 
-def _accumulate_bias(dbias, ds, st: _Static, q0, k0, K):
-  """Adds tile gradient ds (B, K, bq*G, w) into dbias (B|1, N|1, Tp|1, Sp|1)."""
-  B, w = ds.shape[0], ds.shape[-1]
+def _bias_tile(dbias_shape, ds, st: _Static):
+  """Tile gradient ds (B, K, bq*G, w) as a bias tile: (B, N, bq, w), summed
+  over the axes where the bias (B|1, N|1, Tp|1, Sp|1) broadcasts."""
+  B, K, _, w = ds.shape
   g = ds.reshape(B, K, st.bq, st.G, w).transpose(0, 1, 3, 2, 4).reshape(B, K * st.G, st.bq, w)
-  b1, n1, t1, s1 = (d == 1 for d in dbias.shape)
-  axes = tuple(a for a, one in enumerate((b1, n1, t1, s1)) if one)
-  g = jnp.sum(g, axis=axes, keepdims=True)
-  q_start = 0 if t1 else q0
-  k_start = 0 if s1 else k0
+  axes = tuple(a for a, d in enumerate(dbias_shape) if d == 1)
+  return jnp.sum(g, axis=axes, keepdims=True)
+
+
+def _bias_tile_shape(dbias_shape, st: _Static):
+  """The shape `_bias_tile` gives for an aligned (bq x bk) tile."""
+  full = (dbias_shape[0], dbias_shape[1], st.bq, st.bk)
+  return tuple(1 if d == 1 else f for d, f in zip(dbias_shape, full))
+
+
+def _add_bias_tile(dbias, g, st: _Static, q0, k0):
+  """Adds a bias tile from `_bias_tile` into dbias at query q0, key k0."""
+  q_start = 0 if dbias.shape[2] == 1 else q0
+  k_start = 0 if dbias.shape[3] == 1 else k0
   cur = lax.dynamic_slice(dbias, (0, 0, q_start, k_start), g.shape)
   return lax.dynamic_update_slice(dbias, cur + g, (0, 0, q_start, k_start))
 

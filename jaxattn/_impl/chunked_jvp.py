@@ -62,13 +62,10 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_rows, lse_rows, lo_rows
     lse_i, lo_i = chunked._row_lse(lse_rows, lo_rows, i, rows)  # rows with no key: P = 0
     kinds = chunked._kinds(p, st, i, jnp.arange(st.nk))
 
-    def tile(j, state, masked):
+    def tile(j, blocks, state, masked):
       a, m = state
       k0 = j * st.bk
-      kj = lax.dynamic_slice_in_dim(p.k, k0, st.bk, axis=2)
-      vj = lax.dynamic_slice_in_dim(p.v, k0, st.bk, axis=2)
-      tkj = lax.dynamic_slice_in_dim(tk, k0, st.bk, axis=2)
-      tvj = lax.dynamic_slice_in_dim(tv, k0, st.bk, axis=2)
+      kj, vj, tkj, tvj = blocks
       s, ts = jax.jvp(functools.partial(logits, q0, k0, masked),
                       (qi, kj, p.bias, score_leaves), (tqi, tkj, tbias, t_score))
       prob = jnp.exp((s - lse_i[..., None]) - lo_i[..., None])
@@ -81,9 +78,13 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_rows, lse_rows, lo_rows
 
     # Rematerialized: transposing this loop (reverse mode) recomputes each tile
     # from loop-invariant inputs instead of storing every tile's probabilities.
+    # The key block's slices are taken outside the switch: transposed, a
+    # slice inside it would send a full-size cotangent through every branch,
+    # which XLA copies on every step.
     @jax.checkpoint
     def body(j, state):
-      return chunked._by_kind(kinds[j], lambda s, masked: tile(j, s, masked), state)
+      blocks = tuple(lax.dynamic_slice_in_dim(x, j * st.bk, st.bk, axis=2) for x in (p.k, p.v, tk, tv))
+      return chunked._by_kind(kinds[j], lambda s, masked: tile(j, blocks, s, masked), state)
 
     zero_rows = chunked._zeros_like(qi[..., 0])
     init = (zero_rows[..., None] + chunked._zeros_like(p.v[:, :, :1, :]), zero_rows)
