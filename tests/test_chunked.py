@@ -96,6 +96,19 @@ def _static(config):
   return chunked._Static(B=1, N=1, T=64, S=64, bq=8, bk=8, config=config, G=1)
 
 
+def test_no_full_size_relayout_of_inputs_or_outputs():
+  # Blocks are put in the matmuls' layout when sliced: no full-size transposed
+  # copy of q, k, v, the output or the cotangent, with several heads (with
+  # one head such transposes are free reshapes). The temporaries are then
+  # blocks plus, for the gradient, the saved output (the residual).
+  q = jax.ShapeDtypeStruct((1, 32768, 8, 64), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, 32768, 2, 64), jnp.float32)       # GQA
+  size = 32768 * 8 * 64 * 4
+  vjp = lambda q, k, v: jax.vjp(_fwd, q, k, v)[1](q)
+  assert _temp_bytes(_fwd, q, kv, kv) <= 0.5 * size
+  assert _temp_bytes(vjp, q, kv, kv) <= 1.5 * size
+
+
 def _big_copies(hlo: str, min_elems: int, *, bodies: bool) -> list[str]:
   """Shapes of copies of at least `min_elems` elements in the branches of
   conditionals (and, with `bodies`, in loop bodies) of compiled HLO text."""

@@ -130,9 +130,9 @@ def _to_rows(x, K, G, bq):
 
 
 class _Prepared(NamedTuple):
-  q: jax.Array  # (B, K, Tp * G, H), rows ordered (t, g)
-  k: jax.Array  # (B, K, Sp, H)
-  v: jax.Array  # (B, K, Sp, Hv)
+  q: jax.Array  # (B, Tp, N, H), the caller's layout, padded
+  k: jax.Array  # (B, Sp, K, H)
+  v: jax.Array  # (B, Sp, K, Hv)
   bias: jax.Array | None  # padded (B|1, N|1, Tp|1, Sp|1)
   mask: jax.Array | None  # the dense user mask, padded like bias
   mask_fn: Any  # every other mask, as one jaxattn.masks.Mask (or None)
@@ -142,15 +142,15 @@ class _Prepared(NamedTuple):
 
 
 def _layout(st: _Static, query, key, value, bias=None, mask=None):
-  """The arrays in the kernels' layout: q (B, K, Tp * G, H) rows ordered (t, g),
-  k and v (B, K, Sp, H), bias and mask padded to (Tp, Sp) where not broadcast."""
-  B, T, N, H = query.shape
-  K = N // st.G
+  """The arrays padded to whole blocks, in the caller's layout: q (B, Tp, N, H),
+  k and v (B, Sp, K, H), bias and mask to (Tp, Sp) where not broadcast. No
+  full-size relayout: each block is put in the matmuls' layout when sliced
+  (`_rows`, `_keys`), where the slice is a copy anyway. Without padding
+  (T and S multiples of the blocks) nothing is copied here."""
   Tp, Sp = st.Tp, st.Sp
-  q = _pad_to(query, 1, Tp).reshape(B, Tp, K, st.G, H).transpose(0, 2, 1, 3, 4)
-  q = q.reshape(B, K, Tp * st.G, H)
-  k = _pad_to(key, 1, Sp).transpose(0, 2, 1, 3)
-  v = _pad_to(value, 1, Sp).transpose(0, 2, 1, 3)
+  q = _pad_to(query, 1, Tp)
+  k = _pad_to(key, 1, Sp)
+  v = _pad_to(value, 1, Sp)
   if bias is not None:
     bias = _pad_to(_pad_to(bias, 2, Tp), 3, Sp)
   if mask is not None:
@@ -169,7 +169,7 @@ def _prepare(inputs: common.AttentionInputs, st: _Static) -> _Prepared:
 def _tile_index(p: _Prepared, st: _Static, q0, k0, w):
   """(b, h, q_idx, kv_idx) index arrays of the tile of queries [q0, q0 + bq)
   and keys [k0, k0 + w), in the (B, K, rows, w) layout."""
-  B, K = p.q.shape[:2]
+  B, K = p.q.shape[0], p.k.shape[2]
   r = jnp.arange(st.bq * st.G)
   b = jnp.arange(B).reshape(B, 1, 1, 1)
   if st.G == 1:
@@ -189,7 +189,7 @@ def _raw_logits(st: _Static, qi, kj):
 
 def _post(p: _Prepared, st: _Static, q0, k0, raw, score_fn, masked: bool):
   """Score modifiers, bias and (for partial blocks) the mask: raw -> logits."""
-  K, w = p.k.shape[1], raw.shape[-1]
+  K, w = p.k.shape[2], raw.shape[-1]
   idx = _tile_index(p, st, q0, k0, w)
   s = raw if score_fn is None else score_fn(raw, *idx)
   if p.bias is not None:
@@ -200,7 +200,7 @@ def _post(p: _Prepared, st: _Static, q0, k0, raw, score_fn, masked: bool):
       user = _tile(p.mask, q0, st.bq, k0, w)
       user = _to_rows(jnp.broadcast_to(user, user.shape[:2] + (st.bq, w)), K, st.G, st.bq)
       mask = user if mask is None else mask & user
-    if p.k.shape[2] > st.S:  # padded key columns
+    if p.k.shape[1] > st.S:  # padded key columns
       pad_ok = idx[3] < st.S
       mask = pad_ok if mask is None else mask & pad_ok
     if mask is not None:  # None: this branch is traced but nothing masks
@@ -228,8 +228,38 @@ def _zeros_like(x):
   return jnp.where(False, x.astype(dtype), jnp.zeros((), dtype))
 
 
-def _row_slice(x, i, rows):
-  return lax.dynamic_slice_in_dim(x, i * rows, rows, axis=2)
+def _rows(x, st: _Static, i):
+  """Query block i of x (B, Tp, N, ...) in the matmuls' row layout (B, K, bq * G,
+  ...): the G query heads of each K/V head folded into its rows, ordered (t, g)."""
+  x = lax.dynamic_slice_in_dim(x, i * st.bq, st.bq, axis=1)
+  B, _, N = x.shape[:3]
+  rest = x.shape[3:]
+  K = N // st.G
+  x = jnp.moveaxis(x.reshape((B, st.bq, K, st.G) + rest), 1, 2)
+  return x.reshape((B, K, st.bq * st.G) + rest)
+
+
+def _unrows(x, st: _Static):
+  """One block from the row layout (B, K, bq * G, ...) back to (B, bq, N, ...)."""
+  B, K = x.shape[:2]
+  rest = x.shape[3:]
+  x = jnp.moveaxis(x.reshape((B, K, st.bq, st.G) + rest), 2, 1)
+  return x.reshape((B, st.bq, K * st.G) + rest)
+
+
+def _put_rows(x, block, st: _Static, i):
+  """Writes query block i (row layout) into x (B, Tp, N, ...)."""
+  return lax.dynamic_update_slice_in_dim(x, _unrows(block, st).astype(x.dtype), i * st.bq, axis=1)
+
+
+def _keys(x, start, w):
+  """Keys [start, start + w) of x (B, Sp, K, ...) as (B, K, w, ...)."""
+  return jnp.moveaxis(lax.dynamic_slice_in_dim(x, start, w, axis=1), 1, 2)
+
+
+def _value_row(p: _Prepared):
+  """Zeros (B, K, 1, Hv) shaped and sharded like the values (for carries)."""
+  return jnp.moveaxis(_zeros_like(p.v[:, :1]), 1, 2)
 
 
 # ---------------------------------------------------------------------------
@@ -237,37 +267,31 @@ def _row_slice(x, i, rows):
 
 
 def _output_init(p: _Prepared):
-  """Zero output (B, K, R, Hv), lse and lse_lo (B, K, R) carries shaped and sharded like q and v."""
-  out = (_zeros_like(p.q[..., :1]) + _zeros_like(p.v[:, :, :1, :])).astype(p.q.dtype)
+  """Zero output (B, Tp, N, Hv), lse and lse_lo (B, Tp, N) carries shaped and sharded like q and v."""
+  # (Slicing a head axis would trip an explicitly sharded one.)
+  out = (_zeros_like(p.q[..., :1]) + jnp.zeros((1, 1, 1) + p.v.shape[-1:], p.q.dtype)).astype(p.q.dtype)
   return out, _zeros_like(p.q[..., 0]), _zeros_like(p.q[..., 0])
 
 
-def _write_rows(carry, i, rows, state: softmax_state.State):
+def _write_rows(carry, st: _Static, i, state: softmax_state.State):
   """Normalizes a query block's online-softmax state (`softmax_state.finalize`:
   rows with nothing to attend give 0 and lse -inf) and writes it into the
-  output carries."""
+  output carries, in the caller's layout."""
   out, lse, lse_lo = carry
   o, lse_i, lo_i = softmax_state.finalize(state)
-  out = lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), i * rows, axis=2)
-  lse = lax.dynamic_update_slice_in_dim(lse, lse_i, i * rows, axis=2)
-  lse_lo = lax.dynamic_update_slice_in_dim(lse_lo, lo_i, i * rows, axis=2)
-  return out, lse, lse_lo
+  return _put_rows(out, o, st, i), _put_rows(lse, lse_i, st, i), _put_rows(lse_lo, lo_i, st, i)
 
 
 def _forward(p: _Prepared, st: _Static):
-  R = p.q.shape[2]
-  rows = st.bq * st.G
-  nq = R // rows
   vdt = p.v.dtype
 
   def q_block(i, carry):
-    qi = _row_slice(p.q, i, rows)
+    qi = _rows(p.q, st, i)
     kinds = _kinds(p, st, i, jnp.arange(st.nk))
     lo, hi = _ranges(kinds > 0)
 
     def kv_step(j, state, masked):
-      kj = lax.dynamic_slice_in_dim(p.k, j * st.bk, st.bk, axis=2)
-      vj = lax.dynamic_slice_in_dim(p.v, j * st.bk, st.bk, axis=2)
+      kj, vj = _keys(p.k, j * st.bk, st.bk), _keys(p.v, j * st.bk, st.bk)
       s = _post(p, st, i * st.bq, j * st.bk, _raw_logits(st, qi, kj), p.score_fn, masked)
       drop = _dropout_scale(p, st, i * st.bq, j * st.bk, st.bk)
 
@@ -282,11 +306,10 @@ def _forward(p: _Prepared, st: _Static):
     def body(j, acc_state):
       return _by_kind(kinds[j], functools.partial(kv_step, j), acc_state)
 
-    init = softmax_state.init(_zeros_like(qi[..., 0]),
-                              _zeros_like(qi[..., :1]) + _zeros_like(p.v[:, :, :1, :]))
-    return _write_rows(carry, i, rows, lax.fori_loop(lo, hi, body, init))
+    init = softmax_state.init(_zeros_like(qi[..., 0]), _zeros_like(qi[..., :1]) + _value_row(p))
+    return _write_rows(carry, st, i, lax.fori_loop(lo, hi, body, init))
 
-  return lax.fori_loop(0, nq, q_block, _output_init(p))
+  return lax.fori_loop(0, st.nq, q_block, _output_init(p))
 
 
 # ---------------------------------------------------------------------------
@@ -356,20 +379,19 @@ def _backward_prologue(out, lse, lse_lo, d_out, d_lse):
   return delta
 
 
-def _row_lse(lse, lse_lo, i, rows):
+def _row_lse(lse, lse_lo, st: _Static, i):
   """Query block i's (lse, lse_lo) for recomputing P = exp((S - lse) - lse_lo):
   rows that attended nothing (and padding rows) have lse -inf and get +inf, so
   their P is exp(-inf) = 0. Per block, so no full-size copy is made."""
-  lse_i, lo_i = _row_slice(lse, i, rows), _row_slice(lse_lo, i, rows)
+  lse_i, lo_i = _rows(lse, st, i), _rows(lse_lo, st, i)
   dead = lse_i == -jnp.inf
   return jnp.where(dead, jnp.inf, lse_i), jnp.where(dead, 0.0, lo_i)
 
 
 def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
-  B, K, R, H = p.q.shape
-  Hv = p.v.shape[-1]
-  rows = st.bq * st.G
-  nk = p.k.shape[2] // st.bk
+  B, K = p.q.shape[0], p.k.shape[2]
+  H, Hv = p.q.shape[-1], p.v.shape[-1]
+  nk = p.k.shape[1] // st.bk
   delta = _backward_prologue(out, lse, lse_lo, d_out, d_lse)
   score = _split_float_leaves(p.score_fn)
   score_leaves = score[0]
@@ -377,8 +399,7 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
 
   def kv_block(j, carry):
     dq, dbias, dscore = carry
-    kj = lax.dynamic_slice_in_dim(p.k, j * st.bk, st.bk, axis=2)
-    vj = lax.dynamic_slice_in_dim(p.v, j * st.bk, st.bk, axis=2)
+    kj, vj = _keys(p.k, j * st.bk, st.bk), _keys(p.v, j * st.bk, st.bk)
     kinds = _kinds(p, st, jnp.arange(st.nq), j)
     lo, hi = _ranges(kinds > 0)
 
@@ -387,14 +408,14 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
     # added into the full carries outside it, in place.
     def q_step(i, small, masked):
       dk, dv, dscore = small
-      lse_i, lo_i = _row_lse(lse, lse_lo, i, rows)
+      lse_i, lo_i = _row_lse(lse, lse_lo, st, i)
       dqi, dkj, dvj, dbias_tile, d_leaves = _tile_grads(
-          p, st, i * st.bq, j * st.bk, _row_slice(p.q, i, rows), kj, vj, _row_slice(d_out, i, rows),
-          lse_i, _row_slice(delta, i, rows), masked, score, bias_shape, lo_i)
+          p, st, i * st.bq, j * st.bk, _rows(p.q, st, i), kj, vj, _rows(d_out, st, i),
+          lse_i, _rows(delta, st, i), masked, score, bias_shape, lo_i)
       return (dk + dkj, dv + dvj, [a + b for a, b in zip(dscore, d_leaves)]), (dqi, dbias_tile)
 
     def empty(small):
-      dq_tile = _zeros_like(_row_slice(p.q, 0, rows))
+      dq_tile = _zeros_like(_rows(p.q, st, 0))
       dbias_tile = None if bias_shape is None else jnp.zeros(
           _bias_tile_shape(bias_shape, st), dq_tile.dtype)
       return small, (dq_tile, dbias_tile)
@@ -403,14 +424,15 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
       dk, dv, dq, dbias, dscore = state
       (dk, dv, dscore), (dqi, dbias_tile) = _by_kind(
           kinds[i], functools.partial(q_step, i), (dk, dv, dscore), empty)
-      dq = lax.dynamic_update_slice_in_dim(dq, _row_slice(dq, i, rows) + dqi, i * rows, axis=2)
+      dq_block = lax.dynamic_slice_in_dim(dq, i * st.bq, st.bq, axis=1) + _unrows(dqi, st)
+      dq = lax.dynamic_update_slice_in_dim(dq, dq_block, i * st.bq, axis=1)
       if dbias is not None:
         dbias = _add_bias_tile(dbias, dbias_tile, st, i * st.bq, j * st.bk)
       return dk, dv, dq, dbias, dscore
 
     dk0, dv0 = _zeros_like(kj), _zeros_like(vj)
     dk, dv, dq, dbias, dscore = lax.fori_loop(lo, hi, body, (dk0, dv0, dq, dbias, dscore))
-    return (dq, dbias, dscore), (dk, dv)
+    return (dq, dbias, dscore), (jnp.moveaxis(dk, 1, 2), jnp.moveaxis(dv, 1, 2))
 
   dq0 = _zeros_like(p.q)
   dbias0 = None if p.bias is None else _zeros_like(p.bias)
@@ -419,9 +441,10 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
   # read-modify-write of a full dK/dV carry is needed.
   (dq, dbias, dscore), (dk, dv) = lax.scan(lambda c_, j: kv_block(j, c_), (dq0, dbias0, dscore0),
                                            jnp.arange(nk))
-  # (nk, B, K, bk, H) -> (B, K, Sp, H)
-  dk = dk.transpose(1, 2, 0, 3, 4).reshape(B, K, nk * st.bk, H)
-  dv = dv.transpose(1, 2, 0, 3, 4).reshape(B, K, nk * st.bk, Hv)
+  # (nk, B, bk, K, H) -> (B, Sp, K, H); a reshape alone for B = 1.
+  blocks = lambda x: x if B == 1 else jnp.moveaxis(x, 0, 1)
+  dk = blocks(dk).reshape(B, nk * st.bk, K, H)
+  dv = blocks(dv).reshape(B, nk * st.bk, K, Hv)
   d_score_fn = None if p.score_fn is None else _score_cotangent(p.score_fn, dscore)
   return dq, dk, dv, dbias, d_score_fn
 
@@ -463,17 +486,14 @@ def _band_start(st: _Static, q0, w, left, Sp):
 
 
 def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
-  R = p.q.shape[2]
-  rows = st.bq * st.G
-  Sp = p.k.shape[2]
+  Sp = p.k.shape[1]
   vdt = p.v.dtype
 
   def q_block(i, carry):
     q0 = i * st.bq
     k0 = _band_start(st, q0, w, left, Sp)
-    qi = _row_slice(p.q, i, rows)
-    kj = lax.dynamic_slice_in_dim(p.k, k0, w, axis=2)
-    vj = lax.dynamic_slice_in_dim(p.v, k0, w, axis=2)
+    qi = _rows(p.q, st, i)
+    kj, vj = _keys(p.k, k0, w), _keys(p.v, k0, w)
     s = _post(p, st, q0, k0, _raw_logits(st, qi, kj), p.score_fn, True)
     # One tile holds every key of the block: the softmax needs no running state.
     m = jnp.max(s, axis=-1)
@@ -484,15 +504,13 @@ def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
       e = e * drop
     pv = jnp.einsum("bkrc,bkch->bkrh", e.astype(vdt), vj,
                     preferred_element_type=common.stat_dtype(vdt))
-    return _write_rows(carry, i, rows, softmax_state.State(m, l, pv))
+    return _write_rows(carry, st, i, softmax_state.State(m, l, pv))
 
-  return lax.fori_loop(0, R // rows, q_block, _output_init(p))
+  return lax.fori_loop(0, st.nq, q_block, _output_init(p))
 
 
 def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_lo, d_out, d_lse):
-  R = p.q.shape[2]
-  rows = st.bq * st.G
-  Sp = p.k.shape[2]
+  Sp = p.k.shape[1]
   delta = _backward_prologue(out, lse, lse_lo, d_out, d_lse)
   score = _split_float_leaves(p.score_fn)
   score_leaves = score[0]
@@ -501,23 +519,23 @@ def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_l
     dq, dk, dv, dbias, dscore = carry
     q0 = i * st.bq
     k0 = _band_start(st, q0, w, left, Sp)
-    kj = lax.dynamic_slice_in_dim(p.k, k0, w, axis=2)
-    vj = lax.dynamic_slice_in_dim(p.v, k0, w, axis=2)
-    lse_i, lo_i = _row_lse(lse, lse_lo, i, rows)
+    kj, vj = _keys(p.k, k0, w), _keys(p.v, k0, w)
+    lse_i, lo_i = _row_lse(lse, lse_lo, st, i)
     dqi, dkj, dvj, dbias_tile, d_leaves = _tile_grads(
-        p, st, q0, k0, _row_slice(p.q, i, rows), kj, vj, _row_slice(d_out, i, rows),
-        lse_i, _row_slice(delta, i, rows), True, score,
+        p, st, q0, k0, _rows(p.q, st, i), kj, vj, _rows(d_out, st, i),
+        lse_i, _rows(delta, st, i), True, score,
         None if dbias is None else dbias.shape, lo_i)
     if dbias is not None:
       dbias = _add_bias_tile(dbias, dbias_tile, st, q0, k0)
-    dq = lax.dynamic_update_slice_in_dim(dq, dqi, i * rows, axis=2)  # complete: the band is one tile
-    dk = lax.dynamic_update_slice_in_dim(dk, lax.dynamic_slice_in_dim(dk, k0, w, axis=2) + dkj, k0, axis=2)
-    dv = lax.dynamic_update_slice_in_dim(dv, lax.dynamic_slice_in_dim(dv, k0, w, axis=2) + dvj, k0, axis=2)
+    dq = _put_rows(dq, dqi, st, i)  # complete: the band is one tile
+    add = lambda x, t: lax.dynamic_update_slice_in_dim(
+        x, lax.dynamic_slice_in_dim(x, k0, w, axis=1) + jnp.moveaxis(t, 1, 2), k0, axis=1)
+    dk, dv = add(dk, dkj), add(dv, dvj)
     return dq, dk, dv, dbias, [a + b for a, b in zip(dscore, d_leaves)]
 
   init = (_zeros_like(p.q), _zeros_like(p.k), _zeros_like(p.v),
           None if p.bias is None else _zeros_like(p.bias), [jnp.zeros_like(x) for x in score_leaves])
-  dq, dk, dv, dbias, dscore = lax.fori_loop(0, R // rows, q_block, init)
+  dq, dk, dv, dbias, dscore = lax.fori_loop(0, st.nq, q_block, init)
   d_score_fn = None if p.score_fn is None else _score_cotangent(p.score_fn, dscore)
   return dq, dk, dv, dbias, d_score_fn
 
@@ -550,24 +568,9 @@ def _add_bias_tile(dbias, g, st: _Static, q0, k0):
 
 
 def _finish(inputs, st: _Static, out_rows, lse_rows):
-  """(B, K, Tp*G, H) rows -> (B, T, N, H); lse rows -> (B, T, N)."""
-  B, T, N = inputs.query.shape[:3]
-  H = out_rows.shape[-1]
-  K = N // st.G
-  Tp = out_rows.shape[2] // st.G
-  out = out_rows.reshape(B, K, Tp, st.G, H).transpose(0, 2, 1, 3, 4).reshape(B, Tp, N, H)[:, :T]
-  lse = lse_rows.reshape(B, K, Tp, st.G).transpose(0, 2, 1, 3).reshape(B, Tp, N)[:, :T]
-  return out, lse
-
-
-def _to_row_layout(x, st: _Static, Tp, value=0):
-  """(B, T, N, ...) -> (B, K, Tp*G, ...), padding T to Tp with `value`."""
-  B, T, N = x.shape[:3]
-  K = N // st.G
-  rest = x.shape[3:]
-  x = _pad_to(x, 1, Tp, value).reshape((B, Tp, K, st.G) + rest)
-  x = jnp.moveaxis(x, 1, 2)
-  return x.reshape((B, K, Tp * st.G) + rest)
+  """Output (B, Tp, N, H) and lse (B, Tp, N) without the padding rows."""
+  T = inputs.query.shape[1]
+  return out_rows[:, :T], lse_rows[:, :T]
 
 
 def _static(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
@@ -578,11 +581,11 @@ def _static(inputs: common.AttentionInputs, config: common.AttentionConfig, bloc
 
 
 def _forward_rows(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
-  """(static plan, prepared inputs, out rows, lse rows, lse_lo rows) of the forward,
-  in the kernels' row layout (see `_prepare`)."""
+  """(static plan, prepared inputs, out, lse, lse_lo) of the forward, padded to
+  whole query blocks (see `_prepare`): (B, Tp, N, Hv), (B, Tp, N) twice."""
   st = _static(inputs, config, block_sizes)
   p = _prepare(inputs, st)
-  band = _band(st, p.k.shape[2])
+  band = _band(st, p.k.shape[1])
   out_rows, lse_rows, lo_rows = _forward(p, st) if band is None else _forward_band(p, st, *band)
   return st, p, out_rows, lse_rows, lo_rows
 
@@ -646,22 +649,21 @@ def _backward_once(config, block_sizes, inputs, out, lse, lse_lo, d_out, d_lse):
   p = _prepare(inputs, st)
   acc = common.stat_dtype(inputs.query.dtype)
   Tp = st.Tp
-  out_rows = _to_row_layout(out, st, Tp)
+  out_rows = _pad_to(out, 1, Tp)
   # Padding rows get lse -inf, hence P = 0: they contribute exactly nothing,
   # whatever their logits (a large bias or ALiBi would overflow exp(s - 0)).
-  lse_rows = _to_row_layout(lse.astype(acc), st, Tp, -jnp.inf)
-  lo_rows = _zeros_like(lse_rows) if lse_lo is None else _to_row_layout(lse_lo.astype(acc), st, Tp)
-  do_rows = _to_row_layout(d_out.astype(inputs.query.dtype), st, Tp)
-  dl_rows = None if d_lse is None else _to_row_layout(d_lse.astype(acc), st, Tp)
-  band = _band(st, p.k.shape[2])
+  lse_rows = _pad_to(lse.astype(acc), 1, Tp, -jnp.inf)
+  lo_rows = _zeros_like(lse_rows) if lse_lo is None else _pad_to(lse_lo.astype(acc), 1, Tp)
+  do_rows = _pad_to(d_out.astype(inputs.query.dtype), 1, Tp)
+  dl_rows = None if d_lse is None else _pad_to(d_lse.astype(acc), 1, Tp)
+  band = _band(st, p.k.shape[1])
   if band is None:
     dq, dk, dv, dbias, dscore = _backward(p, st, out_rows, lse_rows, lo_rows, do_rows, dl_rows)
   else:
     dq, dk, dv, dbias, dscore = _backward_band(p, st, *band, out_rows, lse_rows, lo_rows, do_rows,
                                                dl_rows)
   dq, _ = _finish(inputs, st, dq, lse_rows)
-  dk = dk.transpose(0, 2, 1, 3)[:, :st.S]
-  dv = dv.transpose(0, 2, 1, 3)[:, :st.S]
+  dk, dv = dk[:, :st.S], dv[:, :st.S]
   if dbias is not None:
     dbias = dbias[:, :, :inputs.bias.shape[2], :inputs.bias.shape[3]]
   return dq, dk, dv, dbias, dscore

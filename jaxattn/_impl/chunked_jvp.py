@@ -44,9 +44,8 @@ def _tangent_leaves(primal_tree, tangent_tree):
 
 
 def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_rows, lse_rows, lo_rows):
-  """(dO rows (B, K, R, Hv), d lse rows (B, K, R)) of the blocked forward, in the
-  statistics dtype, for tangents in the kernel layout (see `chunked._prepare`)."""
-  rows = st.bq * st.G
+  """(dO (B, Tp, N, Hv), d lse (B, Tp, N)) of the blocked forward, in the
+  statistics dtype, for tangents padded like the inputs (see `chunked._prepare`)."""
   acc = common.stat_dtype(p.q.dtype)
   vdt = p.v.dtype
   score_leaves, rebuild = chunked._split_float_leaves(p.score_fn)
@@ -58,8 +57,8 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_rows, lse_rows, lo_rows
   def q_block(i, carry):
     d_out, d_lse = carry
     q0 = i * st.bq
-    qi, tqi = chunked._row_slice(p.q, i, rows), chunked._row_slice(tq, i, rows)
-    lse_i, lo_i = chunked._row_lse(lse_rows, lo_rows, i, rows)  # rows with no key: P = 0
+    qi, tqi = chunked._rows(p.q, st, i), chunked._rows(tq, st, i)
+    lse_i, lo_i = chunked._row_lse(lse_rows, lo_rows, st, i)  # rows with no key: P = 0
     kinds = chunked._kinds(p, st, i, jnp.arange(st.nk))
 
     def tile(j, blocks, state, masked):
@@ -83,15 +82,15 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_rows, lse_rows, lo_rows
     # which XLA copies on every step.
     @jax.checkpoint
     def body(j, state):
-      blocks = tuple(lax.dynamic_slice_in_dim(x, j * st.bk, st.bk, axis=2) for x in (p.k, p.v, tk, tv))
+      blocks = tuple(chunked._keys(x, j * st.bk, st.bk) for x in (p.k, p.v, tk, tv))
       return chunked._by_kind(kinds[j], lambda s, masked: tile(j, blocks, s, masked), state)
 
     zero_rows = chunked._zeros_like(qi[..., 0])
-    init = (zero_rows[..., None] + chunked._zeros_like(p.v[:, :, :1, :]), zero_rows)
+    init = (zero_rows[..., None] + chunked._value_row(p), zero_rows)
     a, m = lax.fori_loop(0, st.nk, body, init)  # static trip count: transposable
-    o_i = chunked._row_slice(out_rows, i, rows).astype(acc)
-    d_out = lax.dynamic_update_slice_in_dim(d_out, a - m[..., None] * o_i, i * rows, axis=2)
-    d_lse = lax.dynamic_update_slice_in_dim(d_lse, m, i * rows, axis=2)
+    o_i = chunked._rows(out_rows, st, i).astype(acc)
+    d_out = chunked._put_rows(d_out, a - m[..., None] * o_i, st, i)
+    d_lse = chunked._put_rows(d_lse, m, st, i)
     return d_out, d_lse
 
   init = (chunked._zeros_like(out_rows), chunked._zeros_like(lse_rows))
