@@ -18,7 +18,7 @@ The tangent is linear in (dQ, dK, dV, dbias, d score parameters) and written
 with loops of static trip count and rematerialized tiles, so JAX can transpose
 it: reverse mode (`jax.grad`) works too, in O(T) memory, and so do
 forward-over-reverse Hessian-vector products. That transposed backward took
-0.87-1.29x the time and 1.3-1.5x the temp memory of `"chunked"`'s hand-written
+1.18-1.50x the time and 1.4-2.4x the temp memory of `"chunked"`'s hand-written
 one (`python -m bench`, CPU); `"chunked"` stays the default, and this one is
 there where forward mode is needed. (With public JAX APIs one function cannot
 carry both a custom JVP and a custom VJP.)
