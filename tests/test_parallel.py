@@ -308,6 +308,24 @@ def test_sharded_attention_with_segment_ids_moves_no_qkv(implementation, sharded
   _check_results(compiled, args, want, sh)
 
 
+@pytest.mark.parametrize("bias_batch", [4, 1])
+def test_explicitly_sharded_bias_gradient_inside_a_mesh_context(bias_batch):
+  """The chunked backward with a bias under explicit mesh axes and `jax.set_mesh`:
+  the per-block switch's branches must give bias tiles of one sharding type."""
+  mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:4])
+  sh = NamedSharding(mesh, PartitionSpec("d"))
+  q, k, v = testing.random_qkv(jax.random.key(6), B=4, T=40, S=40, N=2, K=2, H=5)
+  bias = testing.random_normal(jax.random.key(3), (bias_batch, 2, 40, 40))
+  args = [jax.device_put(x, sh) for x in (q, k, v)] + [
+      jax.device_put(bias, sh) if bias_batch == 4 else bias]
+  loss = lambda impl: lambda q, k, v, b: jnp.sum(jaxattn.dot_product_attention(
+      q, k, v, b, is_causal=True, implementation=impl, block_sizes=(8, 8)) ** 2)
+  with jax.set_mesh(mesh):
+    got = jax.jit(jax.grad(loss("chunked"), argnums=(0, 3)))(*args)
+  want = jax.grad(loss("xla"), argnums=(0, 3))(q, k, v, bias)
+  chex.assert_trees_all_close(got, want, atol=ATOL, rtol=ATOL)
+
+
 # ---------------------------------------------------------------------------
 # Errors.
 

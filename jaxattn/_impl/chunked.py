@@ -215,7 +215,8 @@ def _dropout_scale(p: _Prepared, st: _Static, q0, k0, w):
     return None
   b, h, q_idx, kv_idx = _tile_index(p, st, q0, k0, w)
   keep = common.dropout_keep(p.dropout_key, c.dropout_rate, b, h, q_idx, kv_idx)
-  return jnp.where(keep, jnp.float32(1.0 / (1.0 - c.dropout_rate)), jnp.float32(0.0))
+  dt = common.stat_dtype(p.q.dtype)  # float64 inputs keep 1/(1-rate) to float64
+  return jnp.where(keep, jnp.asarray(1.0 / (1.0 - c.dropout_rate), dt), jnp.asarray(0.0, dt))
 
 
 def _zeros_like(x):
@@ -360,7 +361,10 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   if drop is not None:
     dp = dp * drop
   ds = prob * (dp - delta_i[..., None])
-  dbias_tile = None if bias_shape is None else _bias_tile(bias_shape, ds, st)
+  # (+ zeros like the bias tile: the tile keeps the bias's sharding, as the
+  # empty branch's tile does, so the switch's branches agree under explicit mesh axes.)
+  dbias_tile = None if bias_shape is None else (
+      _bias_tile(bias_shape, ds, st) + _zeros_like(_tile(p.bias, q0, st.bq, k0, w)))
   d_leaves = []
   if p.score_fn is not None:
     ds, d_leaves = pull(ds)
@@ -416,8 +420,7 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
 
     def empty(small):
       dq_tile = _zeros_like(_rows(p.q, st, 0))
-      dbias_tile = None if bias_shape is None else jnp.zeros(
-          _bias_tile_shape(bias_shape, st), dq_tile.dtype)
+      dbias_tile = None if bias_shape is None else _zeros_like(_tile(p.bias, 0, st.bq, 0, st.bk))
       return small, (dq_tile, dbias_tile)
 
     def body(i, state):
@@ -549,12 +552,6 @@ def _bias_tile(dbias_shape, ds, st: _Static):
   return jnp.sum(g, axis=axes, keepdims=True)
 
 
-def _bias_tile_shape(dbias_shape, st: _Static):
-  """The shape `_bias_tile` gives for an aligned (bq x bk) tile."""
-  full = (dbias_shape[0], dbias_shape[1], st.bq, st.bk)
-  return tuple(1 if d == 1 else f for d, f in zip(dbias_shape, full))
-
-
 def _add_bias_tile(dbias, g, st: _Static, q0, k0):
   """Adds a bias tile from `_bias_tile` into dbias at query q0, key k0."""
   q_start = 0 if dbias.shape[2] == 1 else q0
@@ -567,10 +564,10 @@ def _add_bias_tile(dbias, g, st: _Static, q0, k0):
 # custom_vjp wiring.
 
 
-def _finish(inputs, st: _Static, out_rows, lse_rows):
-  """Output (B, Tp, N, H) and lse (B, Tp, N) without the padding rows."""
+def _finish(inputs, st: _Static, out, lse):
+  """Output (B, Tp, N, Hv) and lse (B, Tp, N) without the padding rows."""
   T = inputs.query.shape[1]
-  return out_rows[:, :T], lse_rows[:, :T]
+  return out[:, :T], lse[:, :T]
 
 
 def _static(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
@@ -580,21 +577,21 @@ def _static(inputs: common.AttentionInputs, config: common.AttentionConfig, bloc
   return _Static(B=B, N=N, T=T, S=S, bq=min(bq, T), bk=min(bk, S), config=config, G=N // K)
 
 
-def _forward_rows(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
+def _forward_padded(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
   """(static plan, prepared inputs, out, lse, lse_lo) of the forward, padded to
   whole query blocks (see `_prepare`): (B, Tp, N, Hv), (B, Tp, N) twice."""
   st = _static(inputs, config, block_sizes)
   p = _prepare(inputs, st)
   band = _band(st, p.k.shape[1])
-  out_rows, lse_rows, lo_rows = _forward(p, st) if band is None else _forward_band(p, st, *band)
-  return st, p, out_rows, lse_rows, lo_rows
+  out_p, lse_p, lo_p = _forward(p, st) if band is None else _forward_band(p, st, *band)
+  return st, p, out_p, lse_p, lo_p
 
 
 def _forward_with_lo(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
   """(output, lse, lse_lo): lse + lse_lo is the logsumexp to twice the precision."""
-  st, _, out_rows, lse_rows, lo_rows = _forward_rows(inputs, config, block_sizes)
-  out, lse = _finish(inputs, st, out_rows, lse_rows)
-  _, lse_lo = _finish(inputs, st, out_rows, lo_rows)
+  st, _, out_p, lse_p, lo_p = _forward_padded(inputs, config, block_sizes)
+  out, lse = _finish(inputs, st, out_p, lse_p)
+  _, lse_lo = _finish(inputs, st, out_p, lo_p)
   return out, lse, lse_lo
 
 
@@ -649,20 +646,20 @@ def _backward_once(config, block_sizes, inputs, out, lse, lse_lo, d_out, d_lse):
   p = _prepare(inputs, st)
   acc = common.stat_dtype(inputs.query.dtype)
   Tp = st.Tp
-  out_rows = _pad_to(out, 1, Tp)
+  out_p = _pad_to(out, 1, Tp)
   # Padding rows get lse -inf, hence P = 0: they contribute exactly nothing,
   # whatever their logits (a large bias or ALiBi would overflow exp(s - 0)).
-  lse_rows = _pad_to(lse.astype(acc), 1, Tp, -jnp.inf)
-  lo_rows = _zeros_like(lse_rows) if lse_lo is None else _pad_to(lse_lo.astype(acc), 1, Tp)
-  do_rows = _pad_to(d_out.astype(inputs.query.dtype), 1, Tp)
-  dl_rows = None if d_lse is None else _pad_to(d_lse.astype(acc), 1, Tp)
+  lse_p = _pad_to(lse.astype(acc), 1, Tp, -jnp.inf)
+  lo_p = _zeros_like(lse_p) if lse_lo is None else _pad_to(lse_lo.astype(acc), 1, Tp)
+  do_p = _pad_to(d_out.astype(inputs.query.dtype), 1, Tp)
+  dl_p = None if d_lse is None else _pad_to(d_lse.astype(acc), 1, Tp)
   band = _band(st, p.k.shape[1])
   if band is None:
-    dq, dk, dv, dbias, dscore = _backward(p, st, out_rows, lse_rows, lo_rows, do_rows, dl_rows)
+    dq, dk, dv, dbias, dscore = _backward(p, st, out_p, lse_p, lo_p, do_p, dl_p)
   else:
-    dq, dk, dv, dbias, dscore = _backward_band(p, st, *band, out_rows, lse_rows, lo_rows, do_rows,
-                                               dl_rows)
-  dq, _ = _finish(inputs, st, dq, lse_rows)
+    dq, dk, dv, dbias, dscore = _backward_band(p, st, *band, out_p, lse_p, lo_p, do_p,
+                                               dl_p)
+  dq, _ = _finish(inputs, st, dq, lse_p)
   dk, dv = dk[:, :st.S], dv[:, :st.S]
   if dbias is not None:
     dbias = dbias[:, :, :inputs.bias.shape[2], :inputs.bias.shape[3]]
@@ -710,5 +707,5 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def chunked_attention(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
                       block_sizes: tuple[int, int] | None = None):
-  """Returns (output (B, T, N, H) in query dtype, lse (B, T, N) float32 or wider)."""
+  """Returns (output (B, T, N, Hv) in query dtype, lse (B, T, N) float32 or wider)."""
   return _flash(config, block_sizes, inputs)

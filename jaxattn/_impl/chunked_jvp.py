@@ -43,7 +43,7 @@ def _tangent_leaves(primal_tree, tangent_tree):
   return [t_leaves[i] for i in common.inexact_leaves(primal_tree)]
 
 
-def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_rows, lse_rows, lo_rows):
+def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p):
   """(dO (B, Tp, N, Hv), d lse (B, Tp, N)) of the blocked forward, in the
   statistics dtype, for tangents padded like the inputs (see `chunked._prepare`)."""
   acc = common.stat_dtype(p.q.dtype)
@@ -58,7 +58,7 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_rows, lse_rows, lo_rows
     d_out, d_lse = carry
     q0 = i * st.bq
     qi, tqi = chunked._rows(p.q, st, i), chunked._rows(tq, st, i)
-    lse_i, lo_i = chunked._row_lse(lse_rows, lo_rows, st, i)  # rows with no key: P = 0
+    lse_i, lo_i = chunked._row_lse(lse_p, lo_p, st, i)  # rows with no key: P = 0
     kinds = chunked._kinds(p, st, i, jnp.arange(st.nk))
 
     def tile(j, blocks, state, masked):
@@ -88,12 +88,12 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_rows, lse_rows, lo_rows
     zero_rows = chunked._zeros_like(qi[..., 0])
     init = (zero_rows[..., None] + chunked._value_row(p), zero_rows)
     a, m = lax.fori_loop(0, st.nk, body, init)  # static trip count: transposable
-    o_i = chunked._rows(out_rows, st, i).astype(acc)
+    o_i = chunked._rows(out_p, st, i).astype(acc)
     d_out = chunked._put_rows(d_out, a - m[..., None] * o_i, st, i)
     d_lse = chunked._put_rows(d_lse, m, st, i)
     return d_out, d_lse
 
-  init = (chunked._zeros_like(out_rows), chunked._zeros_like(lse_rows))
+  init = (chunked._zeros_like(out_p), chunked._zeros_like(lse_p))
   return lax.fori_loop(0, st.nq, q_block, init)
 
 
@@ -106,15 +106,15 @@ def _attend(config, block_sizes, inputs: common.AttentionInputs):
 def _attend_jvp(config, block_sizes, primals, tangents):
   (inputs,), (t_inputs,) = primals, tangents
   # The forward's own rows (output, lse and its low part): no second pass, no relayout.
-  st, p, out_rows, lse_rows, lo_rows = chunked._forward_rows(inputs, config, block_sizes)
-  out, lse = chunked._finish(inputs, st, out_rows, lse_rows)
+  st, p, out_p, lse_p, lo_p = chunked._forward_padded(inputs, config, block_sizes)
+  out, lse = chunked._finish(inputs, st, out_p, lse_p)
   zero = lambda x: jnp.zeros(x.shape, x.dtype)
   t_q, t_k, t_v = (zero(x) if t is None else t for x, t in (
       (inputs.query, t_inputs.query), (inputs.key, t_inputs.key), (inputs.value, t_inputs.value)))
   tq, tk, tv, tbias, _ = chunked._layout(st, t_q, t_k, t_v, t_inputs.bias)
   t_score = _tangent_leaves(p.score_fn, common.combined_score(t_inputs, config)
                             if inputs.score_fn is not None else None)
-  d_out, d_lse = _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_rows, lse_rows, lo_rows)
+  d_out, d_lse = _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p)
   d_out, d_lse = chunked._finish(inputs, st, d_out, d_lse)
   return (out, lse), (d_out.astype(out.dtype), d_lse.astype(lse.dtype))
 
