@@ -145,3 +145,23 @@ class TestChunkedJvp(AttentionTestBase):
   @pytest.mark.parametrize("name,layout", jax_nn_cases(JAX_NN_NAMES, all_slow=True))
   def test_matches_jax_nn(self, name, layout):
     super().test_matches_jax_nn(name, layout)
+
+
+def test_grad_and_jvp_of_vmap_with_per_example_lengths():
+  # Batched lengths make the block kinds differ per example; the tangent's
+  # switch must stay a switch (a select is not transposable), one kind for all.
+  q, k, v = testing.random_qkv(jax.random.key(11), B=3, T=40, S=40, N=2, K=1, H=8)
+  lengths = jnp.array([40, 25, 9])
+
+  def loss(impl):
+    def one(q, k, v, n):
+      return jaxattn.dot_product_attention(
+          q[None], k[None], v[None], key_value_seq_lengths=n[None], is_causal=True,
+          implementation=impl, block_sizes=(8, 8))[0]
+    return lambda q, k, v: jnp.sum(jnp.sin(jax.vmap(one)(q, k, v, lengths)))
+
+  chex.assert_trees_all_close(jax.grad(loss("chunked_jvp"), (0, 1, 2))(q, k, v),
+                              jax.grad(loss("xla"), (0, 1, 2))(q, k, v), atol=2e-5, rtol=2e-5)
+  tangents = (jnp.cos(q), v, k)
+  chex.assert_trees_all_close(jax.jvp(loss("chunked_jvp"), (q, k, v), tangents),
+                              jax.jvp(loss("xla"), (q, k, v), tangents), atol=1e-4, rtol=2e-5)

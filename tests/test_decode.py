@@ -16,7 +16,7 @@ import pytest
 
 from jaxattn import decode as dec
 from jaxattn import testing
-from jaxattn._impl import decode_kernels as dk
+from jaxattn._impl import common, decode_kernels as dk
 from jaxattn.layers import init_multi_head_attention, multi_head_attention, multi_head_attention_decode
 from jaxattn.rope import RopeConfig
 
@@ -300,7 +300,7 @@ def test_one_pass_kernel_equals_blocked(case):
 
 
 def test_batch_wide_choice_stays_a_branch_under_vmap():
-  pick = lambda x: jax.lax.cond(dk._everywhere(jnp.all(x > 0)), lambda: x + 1, lambda: x - 1)
+  pick = lambda x: jax.lax.cond(common.everywhere(jnp.all(x > 0)), lambda: x + 1, lambda: x - 1)
   x = jnp.array([[1.0, 2.0], [3.0, -4.0]])
   np.testing.assert_array_equal(jax.vmap(pick)(x), x - 1)         # one example fails: all do
   np.testing.assert_array_equal(jax.vmap(pick)(jnp.abs(x)), jnp.abs(x) + 1)

@@ -83,7 +83,10 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p):
     @jax.checkpoint
     def body(j, state):
       blocks = tuple(chunked._keys(x, j * st.bk, st.bk) for x in (p.k, p.v, tk, tv))
-      return chunked._by_kind(kinds[j], lambda s, masked: tile(j, blocks, s, masked), state)
+      # One kind for a vmapped batch: a batched switch index would become a
+      # select, which JAX cannot transpose through this linear tangent.
+      kind = common.uniform_kind(kinds[j])
+      return chunked._by_kind(kind, lambda s, masked: tile(j, blocks, s, masked), state)
 
     zero_rows = chunked._zeros_like(qi[..., 0])
     init = (zero_rows[..., None] + chunked._value_row(p), zero_rows)

@@ -249,3 +249,35 @@ def cuda_gpu() -> tuple[bool, str | None, str]:
   if "cuda" not in platform_version:
     return False, None, "gpu (" + platform_version.split()[0] + ")"
   return True, getattr(jax.devices()[0], "compute_capability", None), backend
+
+
+# ---------------------------------------------------------------------------
+# Choices made once for a whole vmapped batch. A `lax.cond` / `lax.switch` on a
+# batched predicate or index becomes a select that runs every branch (and that
+# JAX cannot transpose through a linear function); on these it stays a branch.
+
+
+@jax.custom_batching.custom_vmap
+def everywhere(pred):
+  """`pred` (a bool scalar); under `vmap`, whether it holds for every example."""
+  return pred
+
+
+@everywhere.def_vmap
+def _everywhere_vmap(axis_size, in_batched, pred):
+  del axis_size, in_batched
+  return jnp.all(pred), False
+
+
+@jax.custom_batching.custom_vmap
+def uniform_kind(kind):
+  """A block kind (0 empty, 1 partial, 2 full); under `vmap`, one kind for the
+  whole batch: 0 if empty everywhere, 2 if full everywhere, else 1 (the masked
+  branch, exact for empty and full blocks too)."""
+  return kind
+
+
+@uniform_kind.def_vmap
+def _uniform_kind_vmap(axis_size, in_batched, kind):
+  del axis_size, in_batched
+  return jnp.where(jnp.all(kind == 0), 0, jnp.where(jnp.all(kind == 2), 2, 1)).astype(kind.dtype), False

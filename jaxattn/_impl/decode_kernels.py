@@ -268,22 +268,6 @@ def one_pass_fits(B: int, T: int, N: int, L: int, kv_bytes: int, backend: str | 
   return common.platform(backend) == "cpu" and logits <= max(kv_bytes // 8, 16 << 20)
 
 
-@jax.custom_batching.custom_vmap
-def _everywhere(pred):
-  """`pred` (a bool scalar); under `vmap`, whether it holds for every example.
-
-  A `lax.cond` on a batched predicate becomes a select that runs both
-  branches; on this one it stays a cond, taken for the whole batch.
-  """
-  return pred
-
-
-@_everywhere.def_vmap
-def _everywhere_vmap(axis_size, in_batched, pred):
-  del axis_size, in_batched
-  return jnp.all(pred), False
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _one_pass_or_blocked(query, key, value, lengths, q_lengths, options):
   """`_one_pass` when the visible keys span at least `_ONE_PASS_MIN_SPAN` of
@@ -301,11 +285,11 @@ def _one_pass_or_blocked(query, key, value, lengths, q_lengths, options):
   B, T, N, _ = query.shape
   _, K, L, _ = key.shape
   first, end = _visible_span(lengths, q_lengths, T, N // K, L, one["window_left"])
-  wide = _everywhere((end - first).astype(jnp.float32) >= _ONE_PASS_MIN_SPAN * L)
+  wide = common.everywhere((end - first).astype(jnp.float32) >= _ONE_PASS_MIN_SPAN * L)
   skipped = lambda: (jnp.full(query.shape, jnp.nan, query.dtype),
                      jnp.full((B, T, N), jnp.nan, jnp.float32))
   out, lse = lax.cond(wide, lambda: _one_pass(*args, **one), skipped)
-  use = _everywhere(wide & jnp.all(jnp.isfinite(out)))
+  use = common.everywhere(wide & jnp.all(jnp.isfinite(out)))
   return lax.cond(use, lambda: (out, lse), lambda: _blocked(*args, **blocked))
 
 
