@@ -332,11 +332,11 @@ def _split_float_leaves(tree):
 
 
 def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta_i, masked: bool,
-                score, bias_shape, lo_i):
+                score, lo_i):
   """Gradients from one tile: (dq_tile, dk_tile, dv_tile, dbias_tile, d_score_leaves).
 
-  With a bias (its shape `bias_shape`, else None), the tile's bias gradient
-  (`_bias_tile`) is returned for the caller to add (`_add_bias_tile`).
+  With a bias, the tile's bias gradient (`_bias_tile`) is returned for the
+  caller to add (`_add_bias_tile`); else None.
 
   P is recomputed as exp((S - lse) - lse_lo); dS = P (dP - D); `score` is
   (leaves, rebuild) of the score modifier's float leaves, whose gradients come
@@ -363,8 +363,8 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   ds = prob * (dp - delta_i[..., None])
   # (+ zeros like the bias tile: the tile keeps the bias's sharding, as the
   # empty branch's tile does, so the switch's branches agree under explicit mesh axes.)
-  dbias_tile = None if bias_shape is None else (
-      _bias_tile(bias_shape, ds, st) + _zeros_like(_tile(p.bias, q0, st.bq, k0, w)))
+  dbias_tile = None if p.bias is None else (
+      _bias_tile(p.bias.shape, ds, st) + _zeros_like(_tile(p.bias, q0, st.bq, k0, w)))
   d_leaves = []
   if p.score_fn is not None:
     ds, d_leaves = pull(ds)
@@ -399,7 +399,6 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
   delta = _backward_prologue(out, lse, lse_lo, d_out, d_lse)
   score = _split_float_leaves(p.score_fn)
   score_leaves = score[0]
-  bias_shape = None if p.bias is None else p.bias.shape
 
   def kv_block(j, carry):
     dq, dbias, dscore = carry
@@ -415,12 +414,12 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
       lse_i, lo_i = _row_lse(lse, lse_lo, st, i)
       dqi, dkj, dvj, dbias_tile, d_leaves = _tile_grads(
           p, st, i * st.bq, j * st.bk, _rows(p.q, st, i), kj, vj, _rows(d_out, st, i),
-          lse_i, _rows(delta, st, i), masked, score, bias_shape, lo_i)
+          lse_i, _rows(delta, st, i), masked, score, lo_i)
       return (dk + dkj, dv + dvj, [a + b for a, b in zip(dscore, d_leaves)]), (dqi, dbias_tile)
 
     def empty(small):
       dq_tile = _zeros_like(_rows(p.q, st, 0))
-      dbias_tile = None if bias_shape is None else _zeros_like(_tile(p.bias, 0, st.bq, 0, st.bk))
+      dbias_tile = None if p.bias is None else _zeros_like(_tile(p.bias, 0, st.bq, 0, st.bk))
       return small, (dq_tile, dbias_tile)
 
     def body(i, state):
@@ -526,8 +525,7 @@ def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_l
     lse_i, lo_i = _row_lse(lse, lse_lo, st, i)
     dqi, dkj, dvj, dbias_tile, d_leaves = _tile_grads(
         p, st, q0, k0, _rows(p.q, st, i), kj, vj, _rows(d_out, st, i),
-        lse_i, _rows(delta, st, i), True, score,
-        None if dbias is None else dbias.shape, lo_i)
+        lse_i, _rows(delta, st, i), True, score, lo_i)
     if dbias is not None:
       dbias = _add_bias_tile(dbias, dbias_tile, st, q0, k0)
     dq = _put_rows(dq, dqi, st, i)  # complete: the band is one tile

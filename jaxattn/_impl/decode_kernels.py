@@ -126,12 +126,14 @@ def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, kv_lengths, 
   return lax.fori_loop(0, num_blocks, maybe, init)
 
 
-def _first_key(row_pos, row_real, window_left):
-  """Smallest key position any real row can see (0 without a window)."""
+def _visible_span(row_pos, row_real, window_left):
+  """Keys [first, end) that some real query row can see: first is 0 without
+  a window; end is 0 when no row is real."""
+  end = jnp.max(jnp.where(row_real, row_pos + 1, 0))
   if window_left is None:
-    return jnp.int32(0)
+    return jnp.int32(0), end
   big = jnp.iinfo(jnp.int32).max
-  return jnp.maximum(jnp.min(jnp.where(row_real, row_pos - window_left, big)), 0)
+  return jnp.maximum(jnp.min(jnp.where(row_real, row_pos - window_left, big)), 0), end
 
 
 def default_block_size(batch: int, num_kv_heads: int, head_dim: int, dtype) -> int:
@@ -197,11 +199,11 @@ def _blocked(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_l
 
   # Chunk p's block j holds keys p * Lp + [j * Cb, (j + 1) * Cb): chunk 0 needs
   # the most blocks, the last chunk the earliest (with a window).
-  end = jnp.max(jnp.where(row_real, row_pos + 1, 0))
+  first, end = _visible_span(row_pos, row_real, window_left)
   hi = jnp.clip((jnp.minimum(end, Lp) + Cb - 1) // Cb, 0, nb)
   lo = 0
   if window_left is not None:
-    lo = jnp.clip((_first_key(row_pos, row_real, window_left) - (P - 1) * Lp) // Cb, 0, hi)
+    lo = jnp.clip((first - (P - 1) * Lp) // Cb, 0, hi)
   state = _online_softmax(q, read, nb, lo, hi, row_pos, row_real,
                           jnp.clip(lengths, 0, L), scale=scale,
                           soft_cap=soft_cap, window_left=window_left,
@@ -211,13 +213,6 @@ def _blocked(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_l
   out, lse = _finish(state)
   out, lse = _from_rows(out, lse, T, G)
   return out.astype(query.dtype), lse
-
-
-def _visible_span(lengths, q_lengths, T, G, L, window_left):
-  """Keys [first, end) that some real query row can see (device scalars)."""
-  row_pos, row_real = _row_positions(lengths, q_lengths, T, G, L)
-  end = jnp.minimum(jnp.max(jnp.where(row_real, row_pos + 1, 0)), L)
-  return _first_key(row_pos, row_real, window_left), end
 
 
 def _one_pass(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_left):
@@ -284,7 +279,8 @@ def _one_pass_or_blocked(query, key, value, lengths, q_lengths, options):
   args = (query, key, value, lengths, q_lengths)
   B, T, N, _ = query.shape
   _, K, L, _ = key.shape
-  first, end = _visible_span(lengths, q_lengths, T, N // K, L, one["window_left"])
+  # Real rows sit before L (`_row_positions`), so end <= L.
+  first, end = _visible_span(*_row_positions(lengths, q_lengths, T, N // K, L), one["window_left"])
   wide = common.everywhere((end - first).astype(jnp.float32) >= _ONE_PASS_MIN_SPAN * L)
   skipped = lambda: (jnp.full(query.shape, jnp.nan, query.dtype),
                      jnp.full((B, T, N), jnp.nan, jnp.float32))
@@ -305,6 +301,13 @@ def _one_pass_or_blocked_jvp(options, primals, tangents):
 _ONE_PASS_MIN_SPAN = 0.7
 
 
+class _Frozen(dict):
+  """A hashable dict of static keyword arguments (custom_jvp's nondiff_argnums)."""
+
+  def __hash__(self):
+    return hash(tuple(sorted(self.items())))
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "window_left", "num_splits",
                                              "block_size", "one_pass"))
 def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_left,
@@ -319,13 +322,6 @@ def _split_kv(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
     return _blocked(*args, **blocked)
   options = (_Frozen(scale=scale, soft_cap=soft_cap, window_left=window_left), _Frozen(blocked))
   return _one_pass_or_blocked(*args, options)
-
-
-class _Frozen(dict):
-  """A hashable dict of static keyword arguments (custom_jvp's nondiff_argnums)."""
-
-  def __hash__(self):
-    return hash(tuple(sorted(self.items())))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "window_left",
@@ -346,11 +342,11 @@ def _paged(query, key_pages, value_pages, page_table, lengths, q_lengths, *, sca
   num_pages = key_pages.shape[0]
   row_pos, row_real = _row_positions(lengths, q_lengths, T, G, M * S)
   nb = -(-M // W)
-  end = jnp.max(jnp.where(row_real, row_pos + 1, 0))
+  first, end = _visible_span(row_pos, row_real, window_left)
   hi = jnp.clip((end + W * S - 1) // (W * S), 0, nb)
   lo = 0
   if window_left is not None:
-    lo = jnp.clip(_first_key(row_pos, row_real, window_left) // (W * S), 0, hi)
+    lo = jnp.clip(first // (W * S), 0, hi)
 
   def read(j):
     cols = j * W + jnp.arange(W, dtype=jnp.int32)
