@@ -193,12 +193,16 @@ def reference_attention_vjp(query, key, value, bias=None, mask=None, *,
   B, T, N, H = do.shape
   K, G = r["K"], r["G"]
   p, pd = r["p"], r["pd"]
+  # A row that attends nothing has output 0 whatever the inputs: its
+  # cotangent contributes nothing, even when it holds NaN or inf.
+  dead = np.transpose(p.sum(-1) == 0, (0, 2, 1))  # (B, T, N)
+  do = np.where(dead[..., None], 0.0, do)
   dvv = np.einsum("bnts,btnh->bsnh", pd, do)
   dp = np.einsum("btnh,bsnh->bnts", do, r["vv"]) * r["keep_scale"]
   ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
   if d_lse is not None:
     dl = np.asarray(d_lse, np.float64)
-    dl = dl[None] if rank3 else dl
+    dl = np.where(dead, 0.0, dl[None] if rank3 else dl)
     ds = ds + p * np.transpose(dl, (0, 2, 1))[..., None]
   grads = {}
   if bias is not None:

@@ -190,6 +190,28 @@ def test_nan_in_padding_never_reaches_outputs_or_gradients(impl, block_sizes):
   testing.assert_attention_close(results[2][0], testing.reference_attention(q, k, v, **kw))
 
 
+@pytest.mark.parametrize("impl,block_sizes", RUN_PARAMS + [pytest.param("chunked_jvp", (2, 3), id="chunked_jvp")])
+def test_garbage_cotangent_of_rows_that_attend_nothing_stays_there(impl, block_sizes):
+  """Padding rows and a row whose mask keeps no key output 0 whatever the
+  inputs, so NaN or inf in their cotangents (a loss taking log of them, say)
+  changes no gradient; P = 0 there, but 0 * NaN would have reached dV."""
+  q, k, v, kw = _padding_case(0.5)
+  mask = jnp.ones((2, 1, 5, 7), bool).at[0, :, 1].set(False)  # batch 0, query 1: no key
+  dead = (jnp.arange(5)[None, :] >= kw["query_seq_lengths"][:, None]).at[0, 1].set(True)
+  f = lambda q, k, v: _attend(impl, block_sizes, q, k, v, mask=mask, return_residual=True, **kw)
+  (out, lse), vjp = jax.vjp(f, q, k, v)
+  do = testing.random_normal(jax.random.key(7), out.shape)
+  dl = testing.random_normal(jax.random.key(8), lse.shape)
+  results = []
+  for fill in (jnp.nan, jnp.inf, 0.5):
+    grads = vjp((jnp.where(dead[:, :, None, None], fill, do), jnp.where(dead[:, :, None], fill, dl)))
+    chex.assert_tree_all_finite(grads)
+    results.append(grads)
+  chex.assert_trees_all_equal(results[0], results[1], results[2])
+  expected = testing.reference_attention_vjp(q, k, v, mask=mask, d_out=do, d_lse=dl, **kw)
+  testing.assert_attention_close(results[0], (expected["query"], expected["key"], expected["value"]))
+
+
 # ---------------------------------------------------------------------------
 # 17.5 and 17.6: non-finite options and wide integers.
 

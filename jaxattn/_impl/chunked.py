@@ -374,13 +374,27 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   return dq, dk, dv, dbias_tile, d_leaves
 
 
-def _backward_prologue(out, lse, lse_lo, d_out, d_lse):
-  """D = rowsum(dO * O) - dlse (the lse cotangent adds P * dlse to dS)."""
+def _backward_prologue(out, lse, d_out, d_lse):
+  """(D, dO) for the backward loop: D = rowsum(dO * O) - dlse (the lse
+  cotangent adds P * dlse to dS), and dO with the rows that attended nothing
+  (lse -inf, padding rows included) zeroed in both. Their P is 0, but 0 * NaN:
+  garbage in such a row's cotangent would reach dV, and through D, dQ and dK.
+
+  The zeroed dO is a copy computed from D (the comparison `D > inf` is always
+  false), so XLA schedules it after D has read the output O for the last
+  time: the copy reuses O's memory rather than living beside it. Otherwise a
+  cotangent that is a broadcast, as jax.grad of a sum gives, is materialized
+  before the forward runs and lives beside O throughout (T = 2^20 grad temp
+  524 MiB, not 272; `test_grad_of_sum_keeps_one_full_size_temporary`).
+  """
   acc = lse.dtype
+  dead = lse == -jnp.inf
   delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1)
   if d_lse is not None:
     delta = delta - d_lse
-  return delta
+  delta = jnp.where(dead, jnp.zeros((), acc), delta)
+  d_out = jnp.where((dead | (delta > jnp.inf))[..., None], jnp.zeros((), d_out.dtype), d_out)
+  return delta, d_out
 
 
 def _row_lse(lse, lse_lo, st: _Static, i):
@@ -393,15 +407,13 @@ def _row_lse(lse, lse_lo, st: _Static, i):
 
 
 def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
-  B, K = p.q.shape[0], p.k.shape[2]
-  H, Hv = p.q.shape[-1], p.v.shape[-1]
   nk = p.k.shape[1] // st.bk
-  delta = _backward_prologue(out, lse, lse_lo, d_out, d_lse)
+  delta, d_out = _backward_prologue(out, lse, d_out, d_lse)
   score = _split_float_leaves(p.score_fn)
   score_leaves = score[0]
 
   def kv_block(j, carry):
-    dq, dbias, dscore = carry
+    dq, dk_all, dv_all, dbias, dscore = carry
     kj, vj = _keys(p.k, j * st.bk, st.bk), _keys(p.v, j * st.bk, st.bk)
     kinds = _kinds(p, st, jnp.arange(st.nq), j)
     lo, hi = _ranges(kinds > 0)
@@ -434,19 +446,16 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
 
     dk0, dv0 = _zeros_like(kj), _zeros_like(vj)
     dk, dv, dq, dbias, dscore = lax.fori_loop(lo, hi, body, (dk0, dv0, dq, dbias, dscore))
-    return (dq, dbias, dscore), (jnp.moveaxis(dk, 1, 2), jnp.moveaxis(dv, 1, 2))
+    # Key block j's dK/dV are final: written in place into the full arrays,
+    # which are the results themselves (stacked scan outputs would need a
+    # relayout copy of the whole (B, Sp, K, H) array afterwards).
+    put = lambda full, blk: lax.dynamic_update_slice_in_dim(full, jnp.moveaxis(blk, 1, 2), j * st.bk, axis=1)
+    return dq, put(dk_all, dk), put(dv_all, dv), dbias, dscore
 
-  dq0 = _zeros_like(p.q)
+  dq0, dk0, dv0 = _zeros_like(p.q), _zeros_like(p.k), _zeros_like(p.v)
   dbias0 = None if p.bias is None else _zeros_like(p.bias)
   dscore0 = [jnp.zeros_like(x) for x in score_leaves]
-  # A scan over key blocks: each step emits its (dK, dV) block, so no
-  # read-modify-write of a full dK/dV carry is needed.
-  (dq, dbias, dscore), (dk, dv) = lax.scan(lambda c_, j: kv_block(j, c_), (dq0, dbias0, dscore0),
-                                           jnp.arange(nk))
-  # (nk, B, bk, K, H) -> (B, Sp, K, H); a reshape alone for B = 1.
-  blocks = lambda x: x if B == 1 else jnp.moveaxis(x, 0, 1)
-  dk = blocks(dk).reshape(B, nk * st.bk, K, H)
-  dv = blocks(dv).reshape(B, nk * st.bk, K, Hv)
+  dq, dk, dv, dbias, dscore = lax.fori_loop(0, nk, kv_block, (dq0, dk0, dv0, dbias0, dscore0))
   d_score_fn = None if p.score_fn is None else _score_cotangent(p.score_fn, dscore)
   return dq, dk, dv, dbias, d_score_fn
 
@@ -513,7 +522,7 @@ def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
 
 def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_lo, d_out, d_lse):
   Sp = p.k.shape[1]
-  delta = _backward_prologue(out, lse, lse_lo, d_out, d_lse)
+  delta, d_out = _backward_prologue(out, lse, d_out, d_lse)
   score = _split_float_leaves(p.score_fn)
   score_leaves = score[0]
 

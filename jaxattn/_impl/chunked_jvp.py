@@ -92,8 +92,12 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p):
     init = (zero_rows[..., None] + chunked._value_row(p), zero_rows)
     a, m = lax.fori_loop(0, st.nk, body, init)  # static trip count: transposable
     o_i = chunked._rows(out_p, st, i).astype(acc)
-    d_out = chunked._put_rows(d_out, a - m[..., None] * o_i, st, i)
-    d_lse = chunked._put_rows(d_lse, m, st, i)
+    # Rows that attended nothing have tangent 0 already (P = 0); the selects
+    # also zero their cotangents in reverse mode, where 0 * NaN garbage in
+    # such a row would otherwise reach dV.
+    dead = chunked._rows(lse_p, st, i) == -jnp.inf
+    d_out = chunked._put_rows(d_out, jnp.where(dead[..., None], 0.0, a - m[..., None] * o_i), st, i)
+    d_lse = chunked._put_rows(d_lse, jnp.where(dead, 0.0, m), st, i)
     return d_out, d_lse
 
   init = (chunked._zeros_like(out_p), chunked._zeros_like(lse_p))

@@ -376,11 +376,16 @@ def _dq_kernel(refs, p: _Plan, prep: _Prepared):
 def _backward(p: _Plan, inputs: common.AttentionInputs, out_rows, lse_rows, lo_rows, d_out, d_lse):
   """Gradients (dq, dk, dv, dbias, d score leaves) in the inputs' own layouts."""
   prep = _prepare(inputs, p)
+  # Rows that attended nothing (lse -inf) get dO = 0 and D = 0: their P is 0,
+  # but 0 * NaN garbage in their cotangents would otherwise reach dV (and dQ, dK).
+  dead = lse_rows == -jnp.inf
   do_rows = _to_rows(d_out.astype(inputs.query.dtype), p, p.Hvp)
+  do_rows = jnp.where(dead[..., None], jnp.zeros((), do_rows.dtype), do_rows)
   # dS = P * (dP - D) with D = rowsum(dO * O) - dlse (the lse cotangent adds P * dlse).
   delta = jnp.sum(do_rows.astype(jnp.float32) * out_rows.astype(jnp.float32), axis=-1)
   if d_lse is not None:
     delta = delta - _to_rows(d_lse.astype(jnp.float32), p, 0)
+  delta = jnp.where(dead, 0.0, delta)
   q_rows = _to_rows(inputs.query, p, p.Hp)
   R = p.Tp * p.Gp
   shared = dict(prep.arrays, q=q_rows, do=do_rows, lse=lse_rows, lse_lo=lo_rows, delta=delta)

@@ -71,6 +71,9 @@ def xla_attention(inputs: common.AttentionInputs, config: common.AttentionConfig
 
   out = jnp.einsum("bkrs,bskh->bkrh", probs.astype(v.dtype).reshape(B, K, G * T, S), v,
                    preferred_element_type=acc)
-  out = out.reshape(B, K, G, T, Hv).transpose(0, 3, 1, 2, 4).reshape(B, T, N, Hv).astype(q.dtype)
+  # Rows that attended nothing are already 0; the select zeroes their
+  # cotangent too, since 0 * NaN garbage there would otherwise reach dV.
+  out = jnp.where(live, out.reshape(B, K, G, T, Hv), 0.0)
+  out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, Hv).astype(q.dtype)
   lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, N)
   return out, lse
