@@ -299,6 +299,27 @@ def test_one_pass_kernel_equals_blocked(case):
   assert np.all(np.asarray(one[1])[~real] == -np.inf)
 
 
+@pytest.mark.parametrize("one_pass", [False, True], ids=["blocked", "one_pass"])
+def test_garbage_cotangent_of_empty_rows_stays_there(one_pass):
+  # Padded query rows and a row with an empty cache output 0 whatever the
+  # inputs: NaN or inf in their cotangents changes no gradient (P = 0 there,
+  # but 0 * NaN once reached dV through the normalization's division).
+  Bc, Lc, Nc, Kc, Hc, T = 3, 24, 6, 2, 8, 3
+  lengths, q_lengths = jnp.array([24, 0, 9], jnp.int32), jnp.array([3, 1, 2], jnp.int32)
+  query, key, value = (jnp.asarray(_normal(s, shape)) for s, shape in (
+      (82, (Bc, T, Nc, Hc)), (80, (Bc, Kc, Lc, Hc)), (81, (Bc, Kc, Lc, Hc))))
+  f = functools.partial(dk._split_kv, lengths=lengths, q_lengths=q_lengths, scale=0.3,
+                        soft_cap=None, window_left=None, num_splits=1, block_size=5,
+                        one_pass=one_pass)
+  (out, lse), vjp = jax.vjp(lambda q, k, v: f(q, k, v), query, key, value)
+  real = (jnp.arange(T)[None, :] < q_lengths[:, None]) & (lengths[:, None] > 0)
+  do, dl = jnp.asarray(_normal(83, out.shape)), jnp.asarray(_normal(84, lse.shape))
+  grads = [vjp((jnp.where(real[..., None, None], do, fill), jnp.where(real[..., None], dl, fill)))
+           for fill in (jnp.nan, jnp.inf, 0.5)]
+  chex.assert_tree_all_finite(grads)
+  chex.assert_trees_all_equal(grads[0], grads[1], grads[2])
+
+
 def test_batch_wide_choice_stays_a_branch_under_vmap():
   pick = lambda x: jax.lax.cond(common.everywhere(jnp.all(x > 0)), lambda: x + 1, lambda: x - 1)
   x = jnp.array([[1.0, 2.0], [3.0, -4.0]])

@@ -85,11 +85,13 @@ def finalize(state: State):
   of two floats (`common.two_sum`): the blocked backward recomputes
   probabilities as exp((s - lse) - lse_lo), accurate at logits ~ 1e4 where
   lse alone is rounded by ~1e-3. Rows that saw no key (l = 0) give out 0,
-  lse -inf and lse_lo 0; rows whose l is NaN give lse -inf too.
+  lse -inf and lse_lo 0; rows whose l is NaN give lse -inf too (and keep
+  their NaN output). The select on out also zeroes an empty row's cotangent:
+  0 * NaN garbage there would otherwise reach the values' gradient.
   """
   live = state.l > 0
   l_safe = jnp.where(live, state.l, 1.0)
-  out = state.acc / l_safe[..., None]
+  out = jnp.where((state.l == 0)[..., None], 0.0, state.acc / l_safe[..., None])
   hi, lo = common.two_sum(_safe(state.m), jnp.log(l_safe))
   return out, jnp.where(live, hi, -jnp.inf), jnp.where(live, lo, 0.0)
 
