@@ -224,8 +224,8 @@ def _one_pass(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
   are masked in the logits only: a stale key never counts, but NaN or inf in
   a stale value makes this output non-finite (its weight 0 times inf), and
   `_one_pass_or_blocked` then reruns the blocked kernel, which zeroes them.
-  Its temporaries are the (B, K, T * G, L) float32 logits, their
-  exponentials and a (B, T * G, L) mask, which the caller bounds
+  Its temporaries are the (B, K, L, T * G) float32 logits, their
+  exponentials and a (B, L, T * G) mask, which the caller bounds
   (`one_pass_fits`).
   """
   B, T, N, H = query.shape
@@ -235,16 +235,19 @@ def _one_pass(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
   row_pos, row_real = _row_positions(lengths, q_lengths, T, G, L)   # (B, R)
   kv_pos = jnp.arange(L, dtype=jnp.int32)
   stored = kv_pos[None, :] < jnp.clip(lengths, 0, L)[:, None]        # (B, L)
-  ok = _allowed(kv_pos[None, None, :], row_pos[:, :, None], row_real[:, :, None],
-                window_left) & stored[:, None, :]                    # (B, R, L)
-  s = jnp.einsum("bkrh,bklh->bkrl", q, key,
+  ok = _allowed(kv_pos[None, :, None], row_pos[:, None, :], row_real[:, None, :],
+                window_left) & stored[:, :, None]                    # (B, L, R)
+  # Logits (B, K, L, R), keys before rows: XLA:CPU reads the cache at about
+  # 1.3x the speed for this output layout than for (B, K, R, L) (few rows).
+  s = jnp.einsum("bkrh,bklh->bklr", q, key,
                  preferred_element_type=jnp.float32) * jnp.float32(scale)
   s = jnp.where(ok[:, None], _soft_cap(s, soft_cap), -jnp.inf)
   R = q.shape[2]
   init = softmax_state.init(jnp.zeros((B, K, R), jnp.float32),
                             jnp.zeros((B, K, R, H), jnp.float32))
   state = softmax_state.update(init, s, lambda e: jnp.einsum(
-      "bkrl,bklh->bkrh", e.astype(value.dtype), value, preferred_element_type=jnp.float32))
+      "bklr,bklh->bkrh", e.astype(value.dtype), value, preferred_element_type=jnp.float32),
+      key_axis=-2)
   out, lse = _finish(state)
   out, lse = _from_rows(out, lse, T, G)
   return out.astype(query.dtype), lse

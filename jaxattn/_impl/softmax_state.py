@@ -47,7 +47,8 @@ def init(row_zeros, acc_zeros) -> State:
   return State(row_zeros - jnp.inf, row_zeros, acc_zeros)
 
 
-def update(state: State, logits, weighted_values: Callable[[jax.Array], jax.Array]) -> State:
+def update(state: State, logits, weighted_values: Callable[[jax.Array], jax.Array],
+           key_axis: int = -1) -> State:
   """Folds one block of logits (..., C) into the state.
 
   m' = max(m, max_j s_j), l' = l e^(m - m') + sum_j e^(s_j - m'),
@@ -58,12 +59,15 @@ def update(state: State, logits, weighted_values: Callable[[jax.Array], jax.Arra
     logits: (..., C) in the statistics dtype; -inf for masked keys.
     weighted_values: e (..., C) -> (..., Hv), the block's values weighted by
       e (where dropout scales e, it does so here: l counts every key).
+    key_axis: the keys' axis of logits and e: -1, or -2 for logits laid out
+      (..., C, rows_last) where the rows' last axis is minor (a layout some
+      matmuls write faster; `decode_kernels._one_pass`).
   """
-  m_new = jnp.maximum(state.m, jnp.max(logits, axis=-1))
+  m_new = jnp.maximum(state.m, jnp.max(logits, axis=key_axis))
   m_safe = _safe(m_new)
-  e = jnp.exp(logits - m_safe[..., None])
+  e = jnp.exp(logits - jnp.expand_dims(m_safe, key_axis))
   alpha = jnp.exp(state.m - m_safe)
-  l = state.l * alpha + jnp.sum(e, axis=-1)  # noqa: E741
+  l = state.l * alpha + jnp.sum(e, axis=key_axis)  # noqa: E741
   return State(m_new, l, state.acc * alpha[..., None] + weighted_values(e))
 
 
