@@ -109,19 +109,6 @@ def test_no_full_size_relayout_of_inputs_or_outputs():
   assert _temp_bytes(vjp, q, kv, kv) <= 1.5 * size
 
 
-def test_grad_of_a_sum_keeps_one_full_size_temporary():
-  # jax.grad of a sum hands the backward a broadcast cotangent, which XLA once
-  # materialized before the forward ran, beside the saved output for the whole
-  # forward: two full-size temporaries (35.5 MiB here). The backward's copy of
-  # dO is now made after D has read the output, in the output's memory; and
-  # dK/dV go straight into the results (stacked per-block outputs were relaid
-  # out whole afterwards). Measured 20.5 MiB, blocks and (B, T) statistics included.
-  size = 65536 * 64 * 4
-  assert _temp_bytes(_grad, *_shapes(65536)) <= 1.5 * size
-  vjp = lambda q, k, v, do: jax.vjp(_fwd, q, k, v)[1](do)
-  assert _temp_bytes(vjp, *_shapes(65536), _shapes(65536)[0]) <= 1.5 * size
-
-
 def _big_copies(hlo: str, min_elems: int, *, bodies: bool) -> list[str]:
   """Shapes of copies of at least `min_elems` elements in the branches of
   conditionals (and, with `bodies`, in loop bodies) of compiled HLO text."""

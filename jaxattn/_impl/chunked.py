@@ -375,26 +375,24 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
 
 
 def _backward_prologue(out, lse, d_out, d_lse):
-  """(D, dO) for the backward loop: D = rowsum(dO * O) - dlse (the lse
-  cotangent adds P * dlse to dS), and dO with the rows that attended nothing
-  (lse -inf, padding rows included) zeroed in both. Their P is 0, but 0 * NaN:
-  garbage in such a row's cotangent would reach dV, and through D, dQ and dK.
-
-  The zeroed dO is a copy computed from D (the comparison `D > inf` is always
-  false), so XLA schedules it after D has read the output O for the last
-  time: the copy reuses O's memory rather than living beside it. Otherwise a
-  cotangent that is a broadcast, as jax.grad of a sum gives, is materialized
-  before the forward runs and lives beside O throughout (T = 2^20 grad temp
-  524 MiB, not 272; `test_grad_of_sum_keeps_one_full_size_temporary`).
-  """
+  """D = rowsum(dO * O) - dlse (the lse cotangent adds P * dlse to dS), 0 for
+  rows that attended nothing (lse -inf, padding rows included): their P is 0,
+  but NaN or inf in their cotangents would reach dQ and dK through D."""
   acc = lse.dtype
-  dead = lse == -jnp.inf
   delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1)
   if d_lse is not None:
     delta = delta - d_lse
-  delta = jnp.where(dead, jnp.zeros((), acc), delta)
-  d_out = jnp.where((dead | (delta > jnp.inf))[..., None], jnp.zeros((), d_out.dtype), d_out)
-  return delta, d_out
+  return jnp.where(lse == -jnp.inf, jnp.zeros((), acc), delta)
+
+
+def _row_cotangent(d_out, lse, st: _Static, i):
+  """Query block i of dO (row layout) with the rows that attended nothing
+  zeroed: their P is 0, but 0 * NaN would reach dV. Per block, fused into the
+  block's slice: a zeroed full-size copy of dO would be one more (B, T, N, Hv)
+  temporary whenever the cotangent is a jit argument and the output is kept."""
+  dead = _rows(lse, st, i) == -jnp.inf
+  doi = _rows(d_out, st, i)
+  return jnp.where(dead[..., None], jnp.zeros((), doi.dtype), doi)
 
 
 def _row_lse(lse, lse_lo, st: _Static, i):
@@ -408,7 +406,7 @@ def _row_lse(lse, lse_lo, st: _Static, i):
 
 def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
   nk = p.k.shape[1] // st.bk
-  delta, d_out = _backward_prologue(out, lse, d_out, d_lse)
+  delta = _backward_prologue(out, lse, d_out, d_lse)
   score = _split_float_leaves(p.score_fn)
   score_leaves = score[0]
 
@@ -425,7 +423,7 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
       dk, dv, dscore = small
       lse_i, lo_i = _row_lse(lse, lse_lo, st, i)
       dqi, dkj, dvj, dbias_tile, d_leaves = _tile_grads(
-          p, st, i * st.bq, j * st.bk, _rows(p.q, st, i), kj, vj, _rows(d_out, st, i),
+          p, st, i * st.bq, j * st.bk, _rows(p.q, st, i), kj, vj, _row_cotangent(d_out, lse, st, i),
           lse_i, _rows(delta, st, i), masked, score, lo_i)
       return (dk + dkj, dv + dvj, [a + b for a, b in zip(dscore, d_leaves)]), (dqi, dbias_tile)
 
@@ -522,7 +520,7 @@ def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
 
 def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_lo, d_out, d_lse):
   Sp = p.k.shape[1]
-  delta, d_out = _backward_prologue(out, lse, d_out, d_lse)
+  delta = _backward_prologue(out, lse, d_out, d_lse)
   score = _split_float_leaves(p.score_fn)
   score_leaves = score[0]
 
@@ -533,7 +531,7 @@ def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_l
     kj, vj = _keys(p.k, k0, w), _keys(p.v, k0, w)
     lse_i, lo_i = _row_lse(lse, lse_lo, st, i)
     dqi, dkj, dvj, dbias_tile, d_leaves = _tile_grads(
-        p, st, q0, k0, _rows(p.q, st, i), kj, vj, _rows(d_out, st, i),
+        p, st, q0, k0, _rows(p.q, st, i), kj, vj, _row_cotangent(d_out, lse, st, i),
         lse_i, _rows(delta, st, i), True, score, lo_i)
     if dbias is not None:
       dbias = _add_bias_tile(dbias, dbias_tile, st, q0, k0)
