@@ -444,9 +444,9 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
 
     dk0, dv0 = _zeros_like(kj), _zeros_like(vj)
     dk, dv, dq, dbias, dscore = lax.fori_loop(lo, hi, body, (dk0, dv0, dq, dbias, dscore))
-    # Key block j's dK/dV are final: written in place into the full arrays,
-    # which are the results themselves (stacked scan outputs would need a
-    # relayout copy of the whole (B, Sp, K, H) array afterwards).
+    # Key block j's dK/dV are final: written in place into the results (stacked
+    # scan outputs were reshaped after the loop, and XLA copied them whole
+    # for some layouts).
     put = lambda full, blk: lax.dynamic_update_slice_in_dim(full, jnp.moveaxis(blk, 1, 2), j * st.bk, axis=1)
     return dq, put(dk_all, dk), put(dv_all, dv), dbias, dscore
 
