@@ -385,23 +385,24 @@ def _backward_prologue(out, lse, d_out, d_lse):
   return jnp.where(lse == -jnp.inf, jnp.zeros((), acc), delta)
 
 
-def _row_cotangent(d_out, lse, st: _Static, i):
+def _row_cotangent(d_out, dead, st: _Static, i):
   """Query block i of dO (row layout) with the rows that attended nothing
-  zeroed: their P is 0, but 0 * NaN would reach dV. Per block, fused into the
-  block's slice: a zeroed full-size copy of dO would be one more (B, T, N, Hv)
-  temporary whenever the cotangent is a jit argument and the output is kept."""
-  dead = _rows(lse, st, i) == -jnp.inf
+  (`dead`, from `_row_lse`) zeroed: their P is 0, but 0 * NaN would reach dV.
+  Per block, fused into the block's slice: a zeroed full-size copy of dO would
+  be one more (B, T, N, Hv) temporary whenever the cotangent is a jit argument
+  and the output is kept."""
   doi = _rows(d_out, st, i)
   return jnp.where(dead[..., None], jnp.zeros((), doi.dtype), doi)
 
 
 def _row_lse(lse, lse_lo, st: _Static, i):
-  """Query block i's (lse, lse_lo) for recomputing P = exp((S - lse) - lse_lo):
-  rows that attended nothing (and padding rows) have lse -inf and get +inf, so
-  their P is exp(-inf) = 0. Per block, so no full-size copy is made."""
+  """Query block i's (lse, lse_lo, dead) for recomputing P = exp((S - lse) -
+  lse_lo): rows that attended nothing (and padding rows) have lse -inf, are
+  `dead`, and get +inf, so their P is exp(-inf) = 0. Per block, so no
+  full-size copy is made."""
   lse_i, lo_i = _rows(lse, st, i), _rows(lse_lo, st, i)
   dead = lse_i == -jnp.inf
-  return jnp.where(dead, jnp.inf, lse_i), jnp.where(dead, 0.0, lo_i)
+  return jnp.where(dead, jnp.inf, lse_i), jnp.where(dead, 0.0, lo_i), dead
 
 
 def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
@@ -421,9 +422,9 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
     # added into the full carries outside it, in place.
     def q_step(i, small, masked):
       dk, dv, dscore = small
-      lse_i, lo_i = _row_lse(lse, lse_lo, st, i)
+      lse_i, lo_i, dead = _row_lse(lse, lse_lo, st, i)
       dqi, dkj, dvj, dbias_tile, d_leaves = _tile_grads(
-          p, st, i * st.bq, j * st.bk, _rows(p.q, st, i), kj, vj, _row_cotangent(d_out, lse, st, i),
+          p, st, i * st.bq, j * st.bk, _rows(p.q, st, i), kj, vj, _row_cotangent(d_out, dead, st, i),
           lse_i, _rows(delta, st, i), masked, score, lo_i)
       return (dk + dkj, dv + dvj, [a + b for a, b in zip(dscore, d_leaves)]), (dqi, dbias_tile)
 
@@ -439,7 +440,7 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
       dq_block = lax.dynamic_slice_in_dim(dq, i * st.bq, st.bq, axis=1) + _unrows(dqi, st)
       dq = lax.dynamic_update_slice_in_dim(dq, dq_block, i * st.bq, axis=1)
       if dbias is not None:
-        dbias = _add_bias_tile(dbias, dbias_tile, st, i * st.bq, j * st.bk)
+        dbias = _add_bias_tile(dbias, dbias_tile, i * st.bq, j * st.bk)
       return dk, dv, dq, dbias, dscore
 
     dk0, dv0 = _zeros_like(kj), _zeros_like(vj)
@@ -529,12 +530,12 @@ def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_l
     q0 = i * st.bq
     k0 = _band_start(st, q0, w, left, Sp)
     kj, vj = _keys(p.k, k0, w), _keys(p.v, k0, w)
-    lse_i, lo_i = _row_lse(lse, lse_lo, st, i)
+    lse_i, lo_i, dead = _row_lse(lse, lse_lo, st, i)
     dqi, dkj, dvj, dbias_tile, d_leaves = _tile_grads(
-        p, st, q0, k0, _rows(p.q, st, i), kj, vj, _row_cotangent(d_out, lse, st, i),
+        p, st, q0, k0, _rows(p.q, st, i), kj, vj, _row_cotangent(d_out, dead, st, i),
         lse_i, _rows(delta, st, i), True, score, lo_i)
     if dbias is not None:
-      dbias = _add_bias_tile(dbias, dbias_tile, st, q0, k0)
+      dbias = _add_bias_tile(dbias, dbias_tile, q0, k0)
     dq = _put_rows(dq, dqi, st, i)  # complete: the band is one tile
     add = lambda x, t: lax.dynamic_update_slice_in_dim(
         x, lax.dynamic_slice_in_dim(x, k0, w, axis=1) + jnp.moveaxis(t, 1, 2), k0, axis=1)
@@ -557,7 +558,7 @@ def _bias_tile(dbias_shape, ds, st: _Static):
   return jnp.sum(g, axis=axes, keepdims=True)
 
 
-def _add_bias_tile(dbias, g, st: _Static, q0, k0):
+def _add_bias_tile(dbias, g, q0, k0):
   """Adds a bias tile from `_bias_tile` into dbias at query q0, key k0."""
   q_start = 0 if dbias.shape[2] == 1 else q0
   k_start = 0 if dbias.shape[3] == 1 else k0
@@ -569,10 +570,10 @@ def _add_bias_tile(dbias, g, st: _Static, q0, k0):
 # custom_vjp wiring.
 
 
-def _finish(inputs, st: _Static, out, lse):
-  """Output (B, Tp, N, Hv) and lse (B, Tp, N) without the padding rows."""
+def _finish(inputs, *padded):
+  """Each of `padded` ((B, Tp, ...): output, lse, gradients) without the padding rows."""
   T = inputs.query.shape[1]
-  return out[:, :T], lse[:, :T]
+  return tuple(x[:, :T] for x in padded)
 
 
 def _static(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
@@ -594,10 +595,8 @@ def _forward_padded(inputs: common.AttentionInputs, config: common.AttentionConf
 
 def _forward_with_lo(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
   """(output, lse, lse_lo): lse + lse_lo is the logsumexp to twice the precision."""
-  st, _, out_p, lse_p, lo_p = _forward_padded(inputs, config, block_sizes)
-  out, lse = _finish(inputs, st, out_p, lse_p)
-  _, lse_lo = _finish(inputs, st, out_p, lo_p)
-  return out, lse, lse_lo
+  _, _, out_p, lse_p, lo_p = _forward_padded(inputs, config, block_sizes)
+  return _finish(inputs, out_p, lse_p, lo_p)
 
 
 def forward(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
@@ -664,7 +663,7 @@ def _backward_once(config, block_sizes, inputs, out, lse, lse_lo, d_out, d_lse):
   else:
     dq, dk, dv, dbias, dscore = _backward_band(p, st, *band, out_p, lse_p, lo_p, do_p,
                                                dl_p)
-  dq, _ = _finish(inputs, st, dq, lse_p)
+  (dq,) = _finish(inputs, dq)
   dk, dv = dk[:, :st.S], dv[:, :st.S]
   if dbias is not None:
     dbias = dbias[:, :, :inputs.bias.shape[2], :inputs.bias.shape[3]]
