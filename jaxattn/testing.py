@@ -126,7 +126,7 @@ def _reference_problem(query, key, value, bias, mask, kwargs):
     qs = np.asarray(inputs.query_segment_ids)
     ks = np.asarray(inputs.key_value_segment_ids)
     allowed &= (qs[:, :, None] == ks[:, None, :])[:, None]
-  allowed &= s > -np.inf
+  allowed &= s != -np.inf  # a NaN logit stays in: its row is NaN, as everywhere else
   with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
     s_masked = np.where(allowed, s, -np.inf)
     m = np.max(s_masked, axis=-1, keepdims=True)

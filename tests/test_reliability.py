@@ -212,6 +212,22 @@ def test_garbage_cotangent_of_rows_that_attend_nothing_stays_there(impl, block_s
   testing.assert_attention_close(results[0], (expected["query"], expected["key"], expected["value"]))
 
 
+@pytest.mark.parametrize("impl,block_sizes", RUN_PARAMS + [pytest.param("chunked_jvp", (2, 3), id="chunked_jvp")])
+def test_nan_in_a_visible_key_gives_nan_rows_like_jax_nn(impl, block_sizes):
+  """A NaN in a key that rows attend makes those rows NaN, as in jax.nn and the
+  float64 reference, not 0 like a row that attends nothing (its lse is -inf
+  either way); rows that never see that key are unaffected."""
+  q, k, v = testing.random_qkv(jax.random.key(9), B=1, T=5, S=5, N=2, K=1, H=8)
+  k = k.at[0, 2, 0, 3].set(jnp.nan)
+  out = _attend(impl, block_sizes, q, k, v, is_causal=True)
+  nan_rows = np.isnan(np.asarray(out)).any(axis=(0, 2, 3))
+  np.testing.assert_array_equal(nan_rows, [False, False, True, True, True])
+  for expected in (jax.nn.dot_product_attention(q, k, v, is_causal=True),
+                   testing.reference_attention(q, k, v, is_causal=True)):
+    np.testing.assert_array_equal(np.isnan(np.asarray(expected)).any(axis=(0, 2, 3)), nan_rows)
+  testing.assert_attention_close(out[:, :2], expected[:, :2])
+
+
 # ---------------------------------------------------------------------------
 # 17.5 and 17.6: non-finite options and wide integers.
 

@@ -49,18 +49,21 @@ def init(row_zeros, acc_zeros) -> State:
 
 def update(state: State, logits, weighted_values: Callable[[jax.Array], jax.Array],
            key_axis: int = -1) -> State:
-  """Folds one block of logits (..., C) into the state.
+  """Folds one block of C keys' logits into the state.
 
   m' = max(m, max_j s_j), l' = l e^(m - m') + sum_j e^(s_j - m'),
-  acc' = acc e^(m - m') + weighted_values(e), with e = e^(s - m') (..., C).
+  acc' = acc e^(m - m') + weighted_values(e), with e = e^(s - m') laid out
+  like the logits.
 
   Args:
     state: the rows' state so far.
-    logits: (..., C) in the statistics dtype; -inf for masked keys.
-    weighted_values: e (..., C) -> (..., Hv), the block's values weighted by
-      e (where dropout scales e, it does so here: l counts every key).
+    logits: (..., C) in the statistics dtype, or (..., C, R) with
+      `key_axis=-2`; -inf for masked keys.
+    weighted_values: e (the logits' layout) -> (..., Hv), the block's values
+      weighted by e (where dropout scales e, it does so here: l counts every
+      key).
     key_axis: the keys' axis of logits and e: -1, or -2 for logits laid out
-      (..., C, rows_last) where the rows' last axis is minor (a layout some
+      (..., C, R) with the last of the rows' axes minor (a layout some
       matmuls write faster; `decode_kernels._one_pass`).
   """
   m_new = jnp.maximum(state.m, jnp.max(logits, axis=key_axis))

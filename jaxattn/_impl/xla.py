@@ -60,6 +60,7 @@ def xla_attention(inputs: common.AttentionInputs, config: common.AttentionConfig
   m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
   e = jnp.exp(logits - m)
   total = jnp.sum(e, axis=-1, keepdims=True)
+  empty = total == 0  # not `~live`: a NaN row keeps its NaN output, as in jax.nn
   live = total > 0
   total = jnp.where(live, total, 1.0)
   probs = e / total
@@ -73,7 +74,7 @@ def xla_attention(inputs: common.AttentionInputs, config: common.AttentionConfig
                    preferred_element_type=acc)
   # Rows that attended nothing are already 0; the select zeroes their
   # cotangent too, since 0 * NaN garbage there would otherwise reach dV.
-  out = jnp.where(live, out.reshape(B, K, G, T, Hv), 0.0)
+  out = jnp.where(empty, 0.0, out.reshape(B, K, G, T, Hv))
   out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, Hv).astype(q.dtype)
   lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, N)
   return out, lse
