@@ -27,12 +27,18 @@ TOLERANCES = {
     jnp.dtype(jnp.float32): (2e-5, 2e-5),
     jnp.dtype(jnp.float16): (4e-3, 4e-3),
     jnp.dtype(jnp.bfloat16): (3e-2, 3e-2),
+    jnp.dtype(jnp.complex64): (2e-5, 2e-5),
+    jnp.dtype(jnp.complex128): (1e-10, 1e-10),
 }
 
 
 def tolerance(dtype) -> tuple[float, float]:
   """(atol, rtol) for results computed from inputs of `dtype`."""
-  return TOLERANCES[jnp.dtype(dtype)]
+  dtype = jnp.dtype(dtype)
+  if dtype not in TOLERANCES:
+    raise ValueError(f"tolerance: no tolerance for dtype {dtype}; expected one of "
+                     f"{', '.join(str(d) for d in TOLERANCES)} (or pass atol= and rtol=).")
+  return TOLERANCES[dtype]
 
 
 def assert_attention_close(actual, expected, *, dtype=None, atol=None, rtol=None,
@@ -48,14 +54,15 @@ def assert_attention_close(actual, expected, *, dtype=None, atol=None, rtol=None
       outputs (e.g. gradients of sums) are judged relative to their size.
   """
   leaves = jax.tree_util.tree_leaves(actual)
-  dtype = jnp.dtype(dtype or leaves[0].dtype)
-  d_atol, d_rtol = tolerance(dtype)
-  atol = d_atol if atol is None else atol
-  rtol = d_rtol if rtol is None else rtol
+  if atol is None or rtol is None:
+    d_atol, d_rtol = tolerance(dtype or leaves[0].dtype)
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
   chex.assert_trees_all_equal_shapes(actual, expected)
+  # Compared in float64 (complex128 for complex values: both parts count).
+  wide = lambda x: np.asarray(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64)
   def check(a, e):
-    a = np.asarray(a).astype(np.float64)
-    e = np.asarray(e).astype(np.float64)
+    a, e = wide(a), wide(e)
     finite = np.isfinite(e)
     np.testing.assert_array_equal(np.isfinite(a), finite, err_msg="non-finite entries differ")
     np.testing.assert_array_equal(a[~finite], e[~finite], err_msg="infinite entries differ")

@@ -90,6 +90,18 @@ def test_implementations_registry():
   assert {"xla", "chunked"} <= set(jaxattn.implementations())
 
 
+def test_testing_assert_attention_close_compares_complex_values_whole():
+  """Both parts of complex values count (a cast to float64 dropped the imaginary part);
+  a dtype without a tolerance is a clear error unless atol and rtol are given."""
+  x = np.array([1 + 1j, 2 - 1j], np.complex64)
+  testing.assert_attention_close(x, x.astype(np.complex128))
+  with pytest.raises(AssertionError):
+    testing.assert_attention_close(x, x + 1e-3j)
+  with pytest.raises(ValueError, match=r"^tolerance: no tolerance for dtype int32; expected one of float64, "):
+    testing.assert_attention_close(np.arange(3, dtype=np.int32), np.arange(3))
+  testing.assert_attention_close(np.arange(3), np.arange(3), atol=0, rtol=0)
+
+
 def test_testing_draws_are_deterministic_and_work_under_jit():
   """jaxattn.testing draws with NumPy from the key's bits; a traced key uses jax.random."""
   a = testing.random_qkv(jax.random.key(3))
