@@ -6,8 +6,12 @@ grid of candidate block sizes for one problem on this machine and records the
 fastest in a JSON cache file; `dot_product_attention(block_sizes=None)` then
 reads that file at trace time and uses the recorded sizes for problems with
 the same key. The key is (implementation, backend, device kind, dtype, head
-dim, mask family, length bucket); a problem whose key is not in the file
-keeps the defaults, so the choice is deterministic given the file.
+dims, query heads per K/V head, mask family, query and key lengths rounded
+up to powers of two); a problem whose key is not in the file keeps the
+defaults, so the choice is deterministic given the file. Writers take a lock
+and replace the file atomically, so concurrent `tune` runs keep each other's
+entries and readers never see a partial file; a file that cannot be read or
+parsed is ignored with a warning.
 
 The file lives at `$JAXATTN_TUNING_CACHE` if set, else
 `$XDG_CACHE_HOME/jaxattn/block_sizes.json` (`~/.cache/...` by default).
@@ -24,13 +28,21 @@ True
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
 import pathlib
 import statistics
+import tempfile
 import time
 import warnings
 from typing import Any, Iterable, NamedTuple
+
+try:  # POSIX: writers serialize their read-modify-write with an advisory lock
+  import fcntl
+except ImportError:  # pragma: no cover - Windows: atomic replace only
+  fcntl = None  # type: ignore[assignment]
 
 import jax
 
@@ -38,7 +50,7 @@ from jaxattn import _checks
 from jaxattn._impl import common
 
 CACHE_ENV = "JAXATTN_TUNING_CACHE"
-_FORMAT = 1
+_FORMAT = 2  # 2: query and key length buckets, value head dim, group size
 # Implementations whose block sizes the cache may set.
 TUNABLE = ("chunked", "pallas")
 
@@ -50,22 +62,27 @@ class TuningKey(NamedTuple):
   device_kind: str
   dtype: str
   head_dim: int
+  value_head_dim: int
+  group: int  # query heads per K/V head
   mask_family: str
-  length_bucket: int
+  query_bucket: int  # query length rounded up to a power of two
+  key_bucket: int  # key length likewise
 
 
 class TuneResult(NamedTuple):
-  """What `tune` measured: the key, the winner and every candidate's time."""
+  """What `tune` measured: the key, the winner, every candidate's time and
+  the candidates the implementation refused for this problem (with why)."""
   key: TuningKey
   block_sizes: tuple[int, int]
   timings_ms: dict[tuple[int, int], float]
+  skipped: dict[tuple[int, int], str]
 
 
 def cache_path() -> pathlib.Path | None:
   """Where the cache file lives (None when disabled by an empty env var)."""
   env = os.environ.get(CACHE_ENV)
   if env is not None:
-    return pathlib.Path(env) if env else None
+    return pathlib.Path(env).expanduser() if env else None
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return pathlib.Path(base) / "jaxattn" / "block_sizes.json"
 
@@ -75,10 +92,11 @@ def mask_family(inputs: common.AttentionInputs, config: common.AttentionConfig) 
   if config.window is not None:
     left, right = config.window
     return f"window-{'inf' if left is None else left}-{'inf' if right is None else right}"
+  causal = "-causal" if config.is_causal else ""
   if inputs.query_segment_ids is not None:
-    return "documents"
+    return "documents" + causal
   if inputs.mask_fn is not None or inputs.mask is not None:
-    return "masked"
+    return "masked" + causal
   return "causal" if config.is_causal else "dense"
 
 
@@ -92,31 +110,47 @@ def key_for(name: str, inputs: common.AttentionInputs, config: common.AttentionC
   backend = backend or jax.default_backend()
   devices = jax.devices(backend) if backend in ("cpu", "gpu", "tpu", "cuda", "rocm") else []
   kind = devices[0].device_kind if devices else backend
-  T, S = inputs.query.shape[1], inputs.key.shape[1]
-  return TuningKey(name, backend, kind, str(inputs.query.dtype), int(inputs.query.shape[3]),
-                   mask_family(inputs, config), _bucket(max(T, S)))
+  _, T, N, H = inputs.query.shape
+  _, S, K, Hv = inputs.value.shape
+  return TuningKey(name, backend, kind, str(inputs.query.dtype), int(H), int(Hv), int(N // K),
+                   mask_family(inputs, config), _bucket(T), _bucket(S))
 
 
 _LOADED: dict[Any, dict[TuningKey, tuple[int, int]]] = {}
 
 
+def _parse(text: str) -> dict[TuningKey, tuple[int, int]]:
+  """The entries of a cache file's text; ValueError for anything malformed."""
+  data = json.loads(text)
+  if not isinstance(data, dict) or data.get("format") != _FORMAT:
+    found = data.get("format") if isinstance(data, dict) else type(data).__name__
+    raise ValueError(f"format {found!r}, expected {_FORMAT}")
+  if not isinstance(data.get("entries"), list):
+    raise ValueError("no list of entries")
+  entries: dict[TuningKey, tuple[int, int]] = {}
+  for entry in data["entries"]:
+    try:
+      key = TuningKey(**entry["key"])
+      sizes = entry["block_sizes"]
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"malformed entry {entry!r}") from e
+    if not (isinstance(sizes, list) and len(sizes) == 2
+            and all(_checks.is_int(b) and b > 0 for b in sizes)):
+      raise ValueError(f"block sizes must be two positive ints; got {sizes!r}")
+    entries[key] = (int(sizes[0]), int(sizes[1]))
+  return entries
+
+
 def _read(path: pathlib.Path) -> dict[TuningKey, tuple[int, int]]:
   try:
-    stamp = (str(path), path.stat().st_mtime_ns)
+    st = path.stat()
   except OSError:
     return {}
+  stamp = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
   if stamp not in _LOADED:
-    entries: dict[TuningKey, tuple[int, int]] = {}
     try:
-      data = json.loads(path.read_text())
-      if data.get("format") != _FORMAT:
-        raise ValueError(f"format {data.get('format')!r}, expected {_FORMAT}")
-      for entry in data["entries"]:
-        bq, bk = (int(b) for b in entry["block_sizes"])
-        if bq <= 0 or bk <= 0:
-          raise ValueError(f"non-positive block sizes {entry['block_sizes']}")
-        entries[TuningKey(**entry["key"])] = (bq, bk)
-    except (ValueError, KeyError, TypeError) as e:
+      entries = _parse(path.read_text())
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeError are ValueErrors
       warnings.warn(f"jaxattn.tuning: ignoring the unreadable cache {path} ({e}); "
                     f"delete it or run jaxattn.tuning.tune again.", stacklevel=3)
       entries = {}
@@ -142,32 +176,61 @@ def block_sizes_for(name: str, inputs: common.AttentionInputs,
   return lookup(key_for(name, inputs, config), path)
 
 
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+  """An exclusive advisory lock on `path` + ".lock" (POSIX), held for a
+  read-modify-write of the cache file."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if fcntl is None:  # pragma: no cover
+    yield
+    return
+  with open(path.with_name(path.name + ".lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def record(key: TuningKey, block_sizes: tuple[int, int],
            timings_ms: dict[tuple[int, int], float] | None = None,
            path: pathlib.Path | None | str = "default") -> pathlib.Path:
-  """Stores `block_sizes` for `key` in the cache file (replacing an older entry)."""
+  """Stores `block_sizes` for `key` in the cache file (replacing an older entry).
+
+  Concurrent writers (several `tune` runs) serialize on a lock file beside it
+  and each replaces the file atomically, so no entry is lost and readers
+  never see a partial file.
+  """
   path = cache_path() if path == "default" else path
   if path is None:
     raise ValueError(f"record: no cache file: {CACHE_ENV} is set to an empty string.")
   path = pathlib.Path(path)
   bq, bk = _checks.block_sizes("record", block_sizes, optional=False)
-  entries = []
-  if path.exists():
-    try:
-      entries = [e for e in json.loads(path.read_text())["entries"]
-                 if TuningKey(**e["key"]) != key]
-    except (ValueError, KeyError, TypeError):
-      entries = []  # an unreadable file is replaced
   entry: dict[str, Any] = {"key": key._asdict(), "block_sizes": [bq, bk],
                            "jax": jax.__version__}
   if timings_ms:
     entry["timings_ms"] = {f"{a}x{b}": round(t, 4) for (a, b), t in sorted(timings_ms.items())}
-  entries.append(entry)
-  entries.sort(key=lambda e: tuple(str(v) for v in e["key"].values()))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps({"format": _FORMAT, "entries": entries}, indent=1))
-  tmp.replace(path)
+  with _locked(path):
+    entries = []
+    if path.exists():
+      try:
+        text = path.read_text()
+        _parse(text)
+        entries = [e for e in json.loads(text)["entries"] if TuningKey(**e["key"]) != key]
+      except (OSError, ValueError) as e:
+        warnings.warn(f"jaxattn.tuning: replacing the unreadable cache {path} ({e}).",
+                      stacklevel=2)
+    entries.append(entry)
+    entries.sort(key=lambda e: tuple(str(v) for v in e["key"].values()))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+      with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"format": _FORMAT, "entries": entries}, indent=1))
+      os.replace(tmp, path)
+    except BaseException:
+      with contextlib.suppress(OSError):
+        os.unlink(tmp)
+      raise
   return path
 
 
@@ -190,6 +253,9 @@ def tune(query, key, value, *, implementation: str = "chunked",
       (random values are fine: the time does not depend on them).
     implementation: a blocked implementation, one of `TUNABLE`.
     candidates: (query block, key block) pairs; default `default_candidates`.
+      A pair the implementation refuses for this problem (NotImplementedError,
+      e.g. a compiled Pallas plan's power-of-two blocks) is skipped and
+      reported in `TuneResult.skipped`; if it refuses them all, ValueError.
     include_backward: time forward + backward (the training step) rather
       than the forward alone.
     repeats: timed calls per candidate after one warm-up; the median counts.
@@ -199,19 +265,31 @@ def tune(query, key, value, *, implementation: str = "chunked",
       (is_causal, local_window_size, segment ids ...); they decide the key.
 
   Returns:
-    A `TuneResult` with the key, the fastest block sizes and all timings.
+    A `TuneResult` with the key, the fastest block sizes, all timings and
+    the skipped pairs.
+
+  Raises:
+    ValueError, TypeError: bad arguments, named, before anything is timed.
   """
   from jaxattn import attention  # local: attention imports this module
 
   if implementation not in TUNABLE:
     raise ValueError(f"tune: implementation must be one of {TUNABLE}; got {implementation!r}.")
-  if not (isinstance(repeats, int) and repeats > 0):
+  if not (_checks.is_int(repeats) and repeats > 0):
     raise ValueError(f"tune: repeats must be a positive int; got {repeats!r}.")
+  if not (path is None or isinstance(path, (str, os.PathLike))):
+    raise TypeError(f"tune: path must be a str, a path, None or 'default'; got "
+                    f"{type(path).__name__}.")
+  allowed = set(inspect.signature(attention.dot_product_attention).parameters)
+  reasons = {"block_sizes": "tune chooses it", "return_residual": "tune times the output"}
+  allowed -= {"query", "key", "value", "implementation", *reasons}
+  for name in attention_kwargs:
+    if name not in allowed:
+      why = reasons.get(name, "not a dot_product_attention argument")
+      raise TypeError(f"tune: unexpected keyword argument {name!r} ({why}).")
   inputs, config, _ = attention.normalize(query, key, value, **attention_kwargs)
   T, S = inputs.query.shape[1], inputs.key.shape[1]
-  pairs = sorted(set(candidates)) if candidates is not None else default_candidates(T, S)
-  if not pairs:
-    raise ValueError("tune: candidates is empty.")
+  pairs = default_candidates(T, S) if candidates is None else _candidates(candidates)
 
   def run(block_sizes):
     def fwd(q, k, v):
@@ -224,18 +302,41 @@ def tune(query, key, value, *, implementation: str = "chunked",
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
   timings: dict[tuple[int, int], float] = {}
+  skipped: dict[tuple[int, int], str] = {}
   for pair in pairs:
-    pair = (int(pair[0]), int(pair[1]))
     fn = run(pair)
-    jax.block_until_ready(fn(query, key, value))
+    try:  # e.g. a compiled Pallas plan that needs power-of-two blocks
+      jax.block_until_ready(fn(query, key, value))
+    except NotImplementedError as e:
+      skipped[pair] = str(e)
+      continue
     times = []
     for _ in range(repeats):
       start = time.perf_counter()
       jax.block_until_ready(fn(query, key, value))
       times.append(1e3 * (time.perf_counter() - start))
     timings[pair] = statistics.median(times)
+  if not timings:
+    raise ValueError(f"tune: {implementation!r} refused every candidate for this problem: "
+                     + "; ".join(f"{p}: {why}" for p, why in skipped.items()))
   best = min(timings, key=lambda p: (timings[p], p))
   tkey = key_for(implementation, inputs, config)
   if path is not None:
     record(tkey, best, timings, path=path)
-  return TuneResult(tkey, best, timings)
+  return TuneResult(tkey, best, timings, skipped)
+
+
+def _candidates(candidates) -> list[tuple[int, int]]:
+  """`tune`'s candidates as sorted distinct pairs of positive ints, or a clear error."""
+  what = "an iterable of (query block, key block) pairs of positive ints"
+  if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Iterable):
+    raise TypeError(f"tune: candidates must be {what}; got {type(candidates).__name__}.")
+  pairs = set()
+  for pair in candidates:
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+            and all(_checks.is_int(b) and b > 0 for b in pair)):
+      raise ValueError(f"tune: candidates must be {what}; got the entry {pair!r}.")
+    pairs.add((int(pair[0]), int(pair[1])))
+  if not pairs:
+    raise ValueError("tune: candidates is empty.")
+  return sorted(pairs)
