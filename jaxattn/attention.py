@@ -465,7 +465,8 @@ def dot_product_attention(
   (jax.nn's output is NaN). float64 inputs are computed in float64 ("xla",
   "chunked"; "pallas" raises NotImplementedError). Second-order reverse mode
   (jax.grad of jax.grad) works on "xla" only; "chunked" and "pallas" raise
-  NotImplementedError naming it, and forward mode (jax.jvp) is "xla" only.
+  NotImplementedError naming it; forward mode (jax.jvp) needs "xla" or
+  "chunked_jvp" (O(T) memory).
 
   >>> import jax, jaxattn
   >>> q = k = v = jax.random.normal(jax.random.key(0), (2, 5, 4, 8))

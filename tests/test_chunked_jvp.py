@@ -112,6 +112,34 @@ def test_hessian_vector_product_matches_xla():
   chex.assert_trees_all_close(ours, theirs, atol=5e-5, rtol=5e-5)
 
 
+@pytest.mark.parametrize("case", ["bias", "alibi"])
+def test_second_order_forward_mode_with_a_bias_or_score_stays_finite(case):
+  """jvp of grad and jvp of jvp differentiate the blocked forward itself: its
+  running max must be a constant to autodiff (jnp.max's derivative divides by a
+  tie count that XLA's fused loop could make 0: NaN where "xla" was finite)."""
+  q, k, v = testing.random_qkv(jax.random.key(11), B=B, T=T, S=S, N=N, K=K, H=H)
+  bias = testing.random_normal(jax.random.key(12), (B, N, T, S))
+  score = scores.alibi(scores.alibi_slopes(N)) if case == "alibi" else None
+
+  def f(impl):
+    opts = {"block_sizes": BLOCKS} if impl == "chunked_jvp" else {}
+    def attend(q, k, v, bias):
+      return jaxattn.dot_product_attention(q, k, v, bias if case == "bias" else None, score_fn=score,
+                                           implementation=impl, **opts)
+    return attend
+
+  args = (q, k, v, bias)
+  t = _tangents(q, k, v, None)[:3] + (testing.random_normal(jax.random.key(13), bias.shape),)
+  results = {}
+  for impl in ("chunked_jvp", "xla"):
+    loss = lambda *a, impl=impl: jnp.sum(jnp.sin(f(impl)(*a)))
+    hvp = jax.jvp(jax.grad(loss, (0, 1, 2, 3)), args, t)[1]
+    fwd2 = jax.jvp(lambda *a: jax.jvp(f(impl), a, t)[1], args, t)[1]
+    results[impl] = (hvp, fwd2)
+  chex.assert_tree_all_finite(results["chunked_jvp"])
+  chex.assert_trees_all_close(results["chunked_jvp"], results["xla"], atol=5e-5, rtol=5e-5)
+
+
 def _temp_mib(fn, *args):
   return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
 

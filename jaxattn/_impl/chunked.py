@@ -506,7 +506,7 @@ def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
     kj, vj = _keys(p.k, k0, w), _keys(p.v, k0, w)
     s = _post(p, st, q0, k0, _raw_logits(st, qi, kj), p.score_fn, True)
     # One tile holds every key of the block: the softmax needs no running state.
-    m = jnp.max(s, axis=-1)
+    m = lax.stop_gradient(jnp.max(s, axis=-1))  # a constant to autodiff, as in softmax_state.update
     e = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[..., None])
     l = jnp.sum(e, axis=-1)
     drop = _dropout_scale(p, st, q0, k0, w)

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxattn._impl import common
 
@@ -66,7 +67,11 @@ def update(state: State, logits, weighted_values: Callable[[jax.Array], jax.Arra
       (..., C, R) with the last of the rows' axes minor (a layout some
       matmuls write faster; `decode_kernels._one_pass`).
   """
-  m_new = jnp.maximum(state.m, jnp.max(logits, axis=key_axis))
+  # The output and lse do not depend on m (it cancels exactly), so it is a
+  # constant to autodiff: differentiating this forward (second-order forward
+  # mode through "chunked_jvp") would otherwise take max's derivative, whose
+  # tie count can be 0 inside XLA's fused loops (0/0 = NaN).
+  m_new = lax.stop_gradient(jnp.maximum(state.m, jnp.max(logits, axis=key_axis)))
   m_safe = _safe(m_new)
   e = jnp.exp(logits - jnp.expand_dims(m_safe, key_axis))
   alpha = jnp.exp(state.m - m_safe)
