@@ -119,26 +119,31 @@ def key_for(name: str, inputs: common.AttentionInputs, config: common.AttentionC
 _LOADED: dict[Any, dict[TuningKey, tuple[int, int]]] = {}
 
 
-def _parse(text: str) -> dict[TuningKey, tuple[int, int]]:
-  """The entries of a cache file's text; ValueError for anything malformed."""
+def _entries(text: str) -> list[dict[str, Any]]:
+  """A cache file's entries (as stored, timings included), each checked: a
+  valid `TuningKey` and two positive int block sizes; ValueError otherwise."""
   data = json.loads(text)
   if not isinstance(data, dict) or data.get("format") != _FORMAT:
     found = data.get("format") if isinstance(data, dict) else type(data).__name__
     raise ValueError(f"format {found!r}, expected {_FORMAT}")
   if not isinstance(data.get("entries"), list):
     raise ValueError("no list of entries")
-  entries: dict[TuningKey, tuple[int, int]] = {}
   for entry in data["entries"]:
     try:
-      key = TuningKey(**entry["key"])
+      TuningKey(**entry["key"])
       sizes = entry["block_sizes"]
     except (KeyError, TypeError) as e:
       raise ValueError(f"malformed entry {entry!r}") from e
     if not (isinstance(sizes, list) and len(sizes) == 2
             and all(_checks.is_int(b) and b > 0 for b in sizes)):
       raise ValueError(f"block sizes must be two positive ints; got {sizes!r}")
-    entries[key] = (int(sizes[0]), int(sizes[1]))
-  return entries
+  return data["entries"]
+
+
+def _parse(text: str) -> dict[TuningKey, tuple[int, int]]:
+  """The block sizes a cache file's text records, by key (`_entries` checks it)."""
+  return {TuningKey(**e["key"]): (int(e["block_sizes"][0]), int(e["block_sizes"][1]))
+          for e in _entries(text)}
 
 
 def _read(path: pathlib.Path) -> dict[TuningKey, tuple[int, int]]:
@@ -214,9 +219,7 @@ def record(key: TuningKey, block_sizes: tuple[int, int],
     entries = []
     if path.exists():
       try:
-        text = path.read_text()
-        _parse(text)
-        entries = [e for e in json.loads(text)["entries"] if TuningKey(**e["key"]) != key]
+        entries = [e for e in _entries(path.read_text()) if TuningKey(**e["key"]) != key]
       except (OSError, ValueError) as e:
         warnings.warn(f"jaxattn.tuning: replacing the unreadable cache {path} ({e}).",
                       stacklevel=2)
