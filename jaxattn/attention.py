@@ -203,6 +203,8 @@ def canonical_scale_and_cap(fn: str, scale, logits_soft_cap, H: int):
   if not math.isfinite(scale):
     raise _err(fn, "scale", f"must be a finite number; got {scale}.")
   if logits_soft_cap is not None:
+    if isinstance(logits_soft_cap, jax.core.Tracer):
+      raise TypeError(f"{fn}: logits_soft_cap must be a static Python number; got a traced value.")
     logits_soft_cap = float(logits_soft_cap)
     if not logits_soft_cap > 0:
       raise _err(fn, "logits_soft_cap", f"must be positive; got {logits_soft_cap}.")

@@ -87,6 +87,7 @@ import numpy as np
 
 from jaxattn import _checks
 from jaxattn import attention as _attention
+from jaxattn._impl import common
 from jaxattn._impl.decode_kernels import (
     _allowed,
     default_block_size,
@@ -170,8 +171,9 @@ def init_kv_cache(batch: int, max_length: int, num_kv_heads: int, head_dim: int,
   K = _checks.positive_int(fn, "num_kv_heads", num_kv_heads)
   H = _checks.positive_int(fn, "head_dim", head_dim)
   dtype = _checks.float_dtype(fn, "dtype", dtype)
-  zeros = jnp.zeros((B, K, L, H), dtype)
-  return KVCache(zeros, zeros, jnp.zeros((B,), jnp.int32))
+  # Two buffers: a jitted step that donates the cache would donate one buffer twice.
+  return KVCache(jnp.zeros((B, K, L, H), dtype), jnp.zeros((B, K, L, H), dtype),
+                 jnp.zeros((B,), jnp.int32))
 
 
 def init_paged_kv_cache(batch: int, num_pages: int, page_size: int, num_kv_heads: int,
@@ -224,8 +226,8 @@ def init_paged_kv_cache(batch: int, num_pages: int, page_size: int, num_kv_heads
       raise ValueError(f"{fn}: page_table must have shape (B, pages_per_sequence) with "
                        f"B = {B}; got {_fmt(page_table.shape)}.")
     page_table = page_table.astype(jnp.int32)
-  zeros = jnp.zeros((P, K, S, H), dtype)
-  return PagedKVCache(zeros, zeros, page_table, jnp.zeros((B,), jnp.int32))
+  return PagedKVCache(jnp.zeros((P, K, S, H), dtype), jnp.zeros((P, K, S, H), dtype), page_table,
+                      jnp.zeros((B,), jnp.int32))
 
 
 # ---------------------------------------------------------------------------
@@ -249,6 +251,9 @@ def cache_sizes(fn: str, cache):
     if cache.page_table.ndim != 2:
       raise ValueError(f"{fn}: cache.page_table must have shape (B, pages_per_sequence); "
                        f"got {_fmt(cache.page_table.shape)}.")
+    if not jnp.issubdtype(cache.page_table.dtype, jnp.integer):
+      raise TypeError(f"{fn}: cache.page_table must be integer page ids; got "
+                      f"{cache.page_table.dtype}.")
     B = cache.page_table.shape[0]
     L = cache.page_table.shape[1] * S
   else:
@@ -257,6 +262,8 @@ def cache_sizes(fn: str, cache):
   if k.dtype != v.dtype:
     raise TypeError(f"{fn}: cache keys and values must share one dtype; got {k.dtype} "
                     f"and {v.dtype}.")
+  if not jnp.issubdtype(k.dtype, jnp.floating):
+    raise TypeError(f"{fn}: cache keys and values must be floating point; got {k.dtype}.")
   if cache.lengths.shape != (B,):
     raise ValueError(f"{fn}: cache.lengths must have shape (B,) = ({B},); got "
                      f"{_fmt(cache.lengths.shape)}.")
@@ -507,8 +514,9 @@ def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | Non
   if query.dtype != dtype:
     raise TypeError(f"{fn}: query must have the cache's dtype {dtype}; got {query.dtype}.")
   n = _seq_lengths(fn, "query_seq_lengths", query_seq_lengths, B, T)
-  _check_values(fn, cache, L, new=None if query_seq_lengths is None else n, T=T,
-                name="query_seq_lengths", reading=True)
+  _check_values(fn, cache, L, new=n, T=T, reading=True,
+                name="query_seq_lengths" if query_seq_lengths is not None
+                else f"query_seq_lengths (default T = {T})")
   scale, logits_soft_cap = _attention.canonical_scale_and_cap(fn, scale, logits_soft_cap, H)
   # Causal by construction: only the window's left side matters here.
   window = _attention.canonical_window(fn, local_window_size)
@@ -589,7 +597,7 @@ def _dense(query, cache: KVCache, lengths, n, *, scale, soft_cap, window_left, i
       query_seq_lengths=jnp.clip(n, 0, T), key_value_seq_lengths=stored,
       implementation=implementation,
       return_residual=True)
-  return out, lse.astype(jnp.float32)
+  return out, lse.astype(common.stat_dtype(query.dtype))
 
 
 # ---------------------------------------------------------------------------

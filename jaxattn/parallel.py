@@ -205,13 +205,49 @@ def _plan(st: _Ring):
                                                (_Piece(0, st.T, 0, st.S, strict),))
 
 
-def _piece_inputs(p: _Piece, q, qseg, kv):
-  k, v, kseg = kv
+def _piece_inputs(p: _Piece, q, qaux, kv):
+  """The chunked kernel's inputs for piece p. qaux = (segment ids, real rows)
+  of the local queries; kv = (k, v, segment ids, real keys) of the visiting
+  block. A block's real tokens are a prefix of it (global positions increase
+  along every layout's local order), so a piece's are its first
+  clip(n - start, 0, size)."""
+  qseg, qn = qaux
+  k, v, kseg, kn = kv
   qs, ks = slice(p.q0, p.q0 + p.tq), slice(p.k0, p.k0 + p.tk)
   return common.AttentionInputs(
       q[:, qs], k[:, ks], v[:, ks],
+      query_seq_lengths=None if qn is None else jnp.clip(qn - p.q0, 0, p.tq),
+      key_value_seq_lengths=None if kn is None else jnp.clip(kn - p.k0, 0, p.tk),
       query_segment_ids=None if qseg is None else qseg[:, qs],
       key_value_segment_ids=None if kseg is None else kseg[:, ks])
+
+
+def _positions(n: int, layout: str, P: int, d):
+  """Global positions (n,) of a device's n local tokens: device d of P in `layout`."""
+  i = jnp.arange(n, dtype=jnp.int32)
+  if layout == "zigzag":
+    c = n // 2
+    return jnp.where(i < c, d, 2 * P - 1 - d) * c + i % c
+  if layout == "striped":
+    return i * P + d
+  return d * n + i
+
+
+def _real_prefix(lengths, n: int, layout: str, axis_name):
+  """How many of this device's n local tokens lie before the global `lengths` (B,):
+  they are a prefix of the local order."""
+  if lengths is None:
+    return None
+  pos = _positions(n, layout, _ring_size(axis_name), lax.axis_index(axis_name))
+  return jnp.sum(pos[None, :] < lengths[:, None], axis=1, dtype=jnp.int32)
+
+
+def _zero_past(x, n):
+  """x (B, L, ...) with rows at or past n (B,) replaced by 0 (garbage in padding stays there)."""
+  if n is None:
+    return x
+  live = (jnp.arange(x.shape[1])[None, :] < n[:, None]).reshape(n.shape + (x.shape[1],) + (1,) * (x.ndim - 2))
+  return jnp.where(live, x, jnp.zeros((), x.dtype))
 
 
 def _vma(*xs) -> frozenset:
@@ -238,6 +274,19 @@ def _rotate(tree, axis_name, P):
   return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
 
 
+def _check_varying(axis_name, inputs):
+  """Refuses an axis_name the local shards do not vary over (shard_map's check_vma
+  on): the sequence is sharded over another axis, and the ring would rotate
+  blocks that are the same on every device of this one."""
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  vma = _vma(inputs.query, inputs.key, inputs.value)
+  if vma and not set(names) <= vma:
+    raise ValueError(
+        f"{_FN}: axis_name {axis_name!r} must be a mesh axis the sequence is sharded over; "
+        f"query, key and value vary over {tuple(sorted(vma, key=str))} only (shard_map's "
+        f"in_specs). Pass the axis their sequence dimension is split over.")
+
+
 def _ring_size(axis_name) -> int:
   try:
     return lax.axis_size(axis_name)
@@ -256,33 +305,33 @@ def _merge(acc, p: _Piece, out, lse):
   """Merges a piece's normalized (out, lse) into the running (out, lse) rows."""
   acc_out, acc_lse = acc
   rows = slice(p.q0, p.q0 + p.tq)
-  out, lse = softmax_state.merge(acc_out[:, rows], acc_lse[:, rows], out.astype(jnp.float32), lse)
+  out, lse = softmax_state.merge(acc_out[:, rows], acc_lse[:, rows], out.astype(acc_out.dtype), lse)
   return acc_out.at[:, rows].set(out), acc_lse.at[:, rows].set(lse)
 
 
-def _forward_step(st: _Ring, pieces, q, qseg, kv, acc):
+def _forward_step(st: _Ring, pieces, q, qaux, kv, acc):
   for p in pieces:
-    out, lse = chunked.forward(_piece_inputs(p, q, qseg, kv), p.config, block_sizes=st.block_sizes)
+    out, lse = chunked.forward(_piece_inputs(p, q, qaux, kv), p.config, block_sizes=st.block_sizes)
     acc = _merge(acc, p, out, lse)
   return acc
 
 
-def _ring_forward(st: _Ring, q, k, v, qseg, kseg):
+def _ring_forward(st: _Ring, q, k, v, qseg, kseg, qn, kn):
   P, d = _ring_size(st.axis_name), lax.axis_index(st.axis_name)
   own, later = _plan(st)
   B, T, N = q.shape[:3]
-  vary = functools.partial(_varying, vma=_vma(q, k, v, qseg, kseg))
-  # Running output and logsumexp of the local queries, in float32.
-  acc = (vary(jnp.zeros((B, T, N, v.shape[-1]), jnp.float32)),
-         vary(jnp.full((B, T, N), -jnp.inf, jnp.float32)))
-  kv = (k, v, kseg)
+  vary = functools.partial(_varying, vma=_vma(q, k, v, qseg, kseg, qn, kn))
+  # Running output and logsumexp of the local queries, in float32 (float64 for float64 inputs).
+  dt = common.stat_dtype(q.dtype)
+  acc = (vary(jnp.zeros((B, T, N, v.shape[-1]), dt)), vary(jnp.full((B, T, N), -jnp.inf, dt)))
+  kv, qaux = (k, v, kseg, kn), (qseg, qn)
   nxt = _rotate(kv, st.axis_name, P) if P > 1 else kv
-  acc = _forward_step(st, own, q, qseg, kv, acc)
+  acc = _forward_step(st, own, q, qaux, kv, acc)
 
   def body(s, carry):
     kv, acc = carry
     nxt = _rotate(kv, st.axis_name, P)  # sent before use: may overlap the compute
-    branches = [functools.partial(_forward_step, st, b, q, qseg, kv) for b in later]
+    branches = [functools.partial(_forward_step, st, b, q, qaux, kv) for b in later]
     if len(branches) == 1:
       return nxt, branches[0](acc)
     return nxt, lax.switch(jnp.where(s <= d, 0, 1), branches, acc)
@@ -293,13 +342,13 @@ def _ring_forward(st: _Ring, q, k, v, qseg, kseg):
   return out.astype(q.dtype), lse
 
 
-def _backward_step(st: _Ring, pieces, q, qseg, out, lse, d_out, d_lse, kv, grads):
+def _backward_step(st: _Ring, pieces, q, qaux, out, lse, d_out, d_lse, kv, grads):
   dq, dk, dv = grads
   for p in pieces:
     rows = slice(p.q0, p.q0 + p.tq)
     cols = slice(p.k0, p.k0 + p.tk)
     gq, gk, gv = chunked.backward(  # (dq, dk, dv, dbias, ...): no bias here
-        _piece_inputs(p, q, qseg, kv), p.config, out[:, rows], lse[:, rows], d_out[:, rows],
+        _piece_inputs(p, q, qaux, kv), p.config, out[:, rows], lse[:, rows], d_out[:, rows],
         d_lse[:, rows], block_sizes=st.block_sizes)[:3]
     dq = dq.at[:, rows].add(gq)
     dk = dk.at[:, cols].add(gk)
@@ -307,15 +356,15 @@ def _backward_step(st: _Ring, pieces, q, qseg, out, lse, d_out, d_lse, kv, grads
   return dq, dk, dv
 
 
-def _ring_backward(st: _Ring, q, k, v, qseg, kseg, out, lse, d_out, d_lse):
+def _ring_backward(st: _Ring, q, k, v, qseg, kseg, qn, kn, out, lse, d_out, d_lse):
   P, d = _ring_size(st.axis_name), lax.axis_index(st.axis_name)
   own, later = _plan(st)
-  vary = functools.partial(_varying, vma=_vma(q, k, v, qseg, kseg, out, lse, d_out, d_lse))
-  zeros = lambda x: vary(jnp.zeros(x.shape, jnp.float32))
+  vary = functools.partial(_varying, vma=_vma(q, k, v, qseg, kseg, qn, kn, out, lse, d_out, d_lse))
+  zeros = lambda x: vary(jnp.zeros(x.shape, common.stat_dtype(x.dtype)))
   step = functools.partial(_backward_step, st)
-  kv = (k, v, kseg)
+  kv, qaux = (k, v, kseg, kn), (qseg, qn)
   nxt = _rotate(kv, st.axis_name, P) if P > 1 else kv
-  dq, dk, dv = step(own, q, qseg, out, lse, d_out, d_lse, kv, (zeros(q), zeros(k), zeros(v)))
+  dq, dk, dv = step(own, q, qaux, out, lse, d_out, d_lse, kv, (zeros(q), zeros(k), zeros(v)))
   if P == 1:
     return dq, dk, dv
   # dK/dV of a block travel with it and are back at its owner after P sends.
@@ -324,7 +373,7 @@ def _ring_backward(st: _Ring, q, k, v, qseg, kseg, out, lse, d_out, d_lse):
   def body(s, carry):
     kv, dkv, dq = carry
     nxt = _rotate(kv, st.axis_name, P)
-    branches = [functools.partial(step, b, q, qseg, out, lse, d_out, d_lse, kv) for b in later]
+    branches = [functools.partial(step, b, q, qaux, out, lse, d_out, d_lse, kv) for b in later]
     grads = (dq,) + dkv
     if len(branches) == 1:
       dq, dk, dv = branches[0](grads)
@@ -337,21 +386,21 @@ def _ring_backward(st: _Ring, q, k, v, qseg, kseg, out, lse, d_out, d_lse):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(st: _Ring, q, k, v, qseg, kseg):
-  return _ring_forward(st, q, k, v, qseg, kseg)
+def _ring(st: _Ring, q, k, v, qseg, kseg, qn, kn):
+  return _ring_forward(st, q, k, v, qseg, kseg, qn, kn)
 
 
-def _ring_fwd(st, q, k, v, qseg, kseg):
-  out, lse = _ring_forward(st, q, k, v, qseg, kseg)
-  return (out, lse), (q, k, v, qseg, kseg, out, lse)
+def _ring_fwd(st, q, k, v, qseg, kseg, qn, kn):
+  out, lse = _ring_forward(st, q, k, v, qseg, kseg, qn, kn)
+  return (out, lse), (q, k, v, qseg, kseg, qn, kn, out, lse)
 
 
 def _ring_bwd(st, res, cts):
-  q, k, v, qseg, kseg, out, lse = res
+  q, k, v, qseg, kseg, qn, kn, out, lse = res
   d_out, d_lse = cts
-  dq, dk, dv = _ring_backward(st, q, k, v, qseg, kseg, out, lse, d_out.astype(q.dtype),
-                              d_lse.astype(jnp.float32))
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+  dq, dk, dv = _ring_backward(st, q, k, v, qseg, kseg, qn, kn, out, lse, d_out.astype(q.dtype),
+                              d_lse.astype(common.stat_dtype(q.dtype)))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -370,6 +419,8 @@ def ring_attention(
     layout: Layout = "contiguous",
     query_segment_ids=None,
     key_value_segment_ids=None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
     scale: float | None = None,
     logits_soft_cap: float | None = None,
     return_residual: bool = False,
@@ -408,6 +459,13 @@ def ring_attention(
       id (packed documents), in the same layout as the query.
     key_value_segment_ids: int (B, S); defaults to query_segment_ids. They
       rotate with K/V.
+    query_seq_lengths: int (B,), the same on every device: real queries of
+      each *global* sequence (positions before it, in the original order);
+      rows past it give 0 and their padding is zeroed, as in
+      `dot_product_attention`.
+    key_value_seq_lengths: int (B,), global: keys at or past it are masked and
+      zeroed (NaN/inf there never reaches an output or gradient). Pad a
+      sequence to a length the mesh divides and pass its real length here.
     scale: logit scale, default 1/sqrt(H).
     logits_soft_cap: `cap * tanh(logits / cap)` on the scaled logits.
     return_residual: also return the logsumexp over all keys, (B, T, N).
@@ -452,12 +510,24 @@ def ring_attention(
   if is_causal and layout == "zigzag" and T % 2:
     raise ValueError(f"{_FN}: the zigzag layout needs an even local length (two chunks "
                      f"per device); got T={T}.")
-  _ring_size(axis_name)  # bound: we are inside shard_map
+  P = _ring_size(axis_name)  # bound: we are inside shard_map
+  _check_varying(axis_name, inputs)
+  B = inputs.query.shape[0]
+  if layout == "zigzag" and (query_seq_lengths is not None or key_value_seq_lengths is not None):
+    for name, n in (("query", T), ("key", S)):
+      if n % 2:
+        raise ValueError(f"{_FN}: the zigzag layout needs an even local {name} length (two "
+                         f"chunks per device) to place sequence lengths; got {n}.")
+  q, k, v = inputs.query, inputs.key, inputs.value
+  qn = _real_prefix(_attention.canonical_lengths(_FN, "query_seq_lengths", query_seq_lengths, B,
+                                                 P * T, rank3), T, layout, axis_name)
+  kn = _real_prefix(_attention.canonical_lengths(_FN, "key_value_seq_lengths", key_value_seq_lengths,
+                                                 B, P * S, rank3), S, layout, axis_name)
+  q, k, v = _zero_past(q, qn), _zero_past(k, kn), _zero_past(v, kn)
   st = _Ring(axis_name=axis_name, layout=layout, is_causal=bool(is_causal),
              config=dataclasses.replace(config, is_causal=False, q_offset=0),
              block_sizes=block_sizes, T=T, S=S)
-  out, lse = _ring(st, inputs.query, inputs.key, inputs.value,
-                   inputs.query_segment_ids, inputs.key_value_segment_ids)
+  out, lse = _ring(st, q, k, v, inputs.query_segment_ids, inputs.key_value_segment_ids, qn, kn)
   if rank3:
     out, lse = out[0], lse[0]
   if return_residual:
@@ -466,18 +536,24 @@ def ring_attention(
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_fn(mesh, axis_name, batch_axis, head_axis, has_segments, options):
+def _sharded_fn(mesh, axis_name, batch_axis, head_axis, given, options):
+  """The jitted shard_map; `given` = whether (segment ids, query lengths, key lengths) are passed."""
   spec = PartitionSpec(batch_axis, axis_name, head_axis, None)
   seg_spec = PartitionSpec(batch_axis, axis_name)
+  len_spec = PartitionSpec(batch_axis)  # global lengths: the same on every device of the ring
   kw = dict(options)
 
-  def local(q, k, v, qseg, kseg):
+  def local(q, k, v, qseg, kseg, qn, kn):
     return ring_attention(q, k, v, axis_name=axis_name, query_segment_ids=qseg,
-                          key_value_segment_ids=kseg, **kw)
+                          key_value_segment_ids=kseg, query_seq_lengths=qn,
+                          key_value_seq_lengths=kn, **kw)
 
+  has_segments, has_q_lengths, has_kv_lengths = given
   seg = seg_spec if has_segments else None
+  in_specs = (spec, spec, spec, seg, seg, len_spec if has_q_lengths else None,
+              len_spec if has_kv_lengths else None)
   out_specs = (spec, PartitionSpec(batch_axis, axis_name, head_axis)) if kw["return_residual"] else spec
-  ring = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg, seg), out_specs=out_specs)
+  ring = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
   explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
 
   def place(x, s):
@@ -487,9 +563,9 @@ def _sharded_fn(mesh, axis_name, batch_axis, head_axis, has_segments, options):
     s = NamedSharding(mesh, s)
     return jax.reshard(x, s) if explicit else lax.with_sharding_constraint(x, s)
 
-  def run(q, k, v, qseg, kseg):
+  def run(q, k, v, qseg, kseg, qn, kn):
     return ring(place(q, spec), place(k, spec), place(v, spec), place(qseg, seg_spec),
-                place(kseg, seg_spec))
+                place(kseg, seg_spec), place(qn, len_spec), place(kn, len_spec))
 
   return jax.jit(run)
 
@@ -504,6 +580,8 @@ def sharded_ring_attention(
     layout: Layout = "contiguous",
     query_segment_ids=None,
     key_value_segment_ids=None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
     scale: float | None = None,
     logits_soft_cap: float | None = None,
     return_residual: bool = False,
@@ -524,9 +602,11 @@ def sharded_ring_attention(
     axis_name: mesh axis of the sequence; T and S must be divisible by its
       size P (by 2P for the zigzag layout).
     batch_axis, head_axis: optional mesh axes for B and for N and K.
-    is_causal, layout, query_segment_ids, key_value_segment_ids, scale,
-    logits_soft_cap, return_residual, block_sizes: as for `ring_attention`
-      (segment ids global (B, T) and (B, S)).
+    is_causal, layout, query_segment_ids, key_value_segment_ids,
+    query_seq_lengths, key_value_seq_lengths, scale, logits_soft_cap,
+    return_residual, block_sizes: as for `ring_attention` (segment ids global
+      (B, T) and (B, S); lengths (B,) count positions in the original order,
+      not the layout's).
 
   Returns:
     The global output (and logsumexp), sharded like query.
@@ -543,7 +623,7 @@ def sharded_ring_attention(
   """
   fn = "sharded_ring_attention"
   _check_layout(fn, layout)
-  _checks.block_sizes(fn, block_sizes)
+  block_sizes = _checks.block_sizes(fn, block_sizes)
   for arg, name in (("axis_name", axis_name), ("batch_axis", batch_axis), ("head_axis", head_axis)):
     names = name if isinstance(name, tuple) else (name,)
     if name is None and arg != "axis_name":
@@ -568,6 +648,8 @@ def sharded_ring_attention(
   _attention.normalize(query, key, value, scale=scale, is_causal=is_causal,
                        query_segment_ids=query_segment_ids,
                        key_value_segment_ids=key_value_segment_ids,
+                       query_seq_lengths=query_seq_lengths,
+                       key_value_seq_lengths=key_value_seq_lengths,
                        logits_soft_cap=logits_soft_cap, fn=fn)
   if is_causal and query.shape[1] != key.shape[1]:
     raise ValueError(f"{fn}: is_causal needs query and key lengths to match "
@@ -592,15 +674,20 @@ def sharded_ring_attention(
                        f"{'2 * ' if parts != P else ''}the size of mesh axis {axis_name!r} "
                        f"= {parts}; got query {tuple(query.shape)}, key {tuple(key.shape)}. "
                        f"Pad the sequences to a multiple of {parts} and pass the real "
-                       f"lengths as segment ids (padding in its own segment).")
+                       f"lengths as query_seq_lengths and key_value_seq_lengths.")
   if key_value_segment_ids is None and query_segment_ids is not None and key.shape[1] == query.shape[1]:
     key_value_segment_ids = query_segment_ids
+  # Python floats (a jax scalar scale is not hashable: the shard_map'd function is cached).
+  scale, logits_soft_cap = _attention.canonical_scale_and_cap(fn, scale, logits_soft_cap, query.shape[3])
   options = (("is_causal", bool(is_causal)), ("layout", layout), ("scale", scale),
              ("logits_soft_cap", logits_soft_cap), ("return_residual", bool(return_residual)),
              ("block_sizes", block_sizes))
-  f = _sharded_fn(mesh, axis_name, batch_axis, head_axis, query_segment_ids is not None, options)
+  given = (query_segment_ids is not None, query_seq_lengths is not None,
+           key_value_seq_lengths is not None)
+  lengths = [None if x is None else jnp.asarray(x) for x in (query_seq_lengths, key_value_seq_lengths)]
+  f = _sharded_fn(mesh, axis_name, batch_axis, head_axis, given, options)
   try:
-    result = f(query, key, value, query_segment_ids, key_value_segment_ids)
+    result = f(query, key, value, query_segment_ids, key_value_segment_ids, *lengths)
   except (ValueError, TypeError) as e:
     if str(e).startswith(f"{_FN}:"):
       raise type(e)(str(e).replace(f"{_FN}:", f"{fn}:", 1)) from None

@@ -348,7 +348,7 @@ def test_automatic_choices():
 
 
 def test_errors_name_the_argument():
-  cache = dec.init_kv_cache(B, L, K, H)
+  cache = dec.init_kv_cache(B, L, K, H)._replace(lengths=jnp.full((B,), 4, jnp.int32))
   with pytest.raises(ValueError, match=r"update_kv_cache: key must have shape \(B, T, K, H\)"):
     dec.update_kv_cache(cache, jnp.zeros((B, 2, K + 1, H)), jnp.zeros((B, 2, K + 1, H)))
   with pytest.raises(TypeError, match="update_kv_cache: key must have the cache's dtype"):
@@ -363,7 +363,8 @@ def test_errors_name_the_argument():
   with pytest.raises(ValueError, match="num_splits must divide the cache length L = 20"):
     dec.decode_attention(jnp.zeros((B, 1, N, H)), cache, num_splits=3)
   with pytest.raises(ValueError, match="implementation"):
-    dec.decode_attention(jnp.zeros((B, 1, N, H)), _caches()["paged"], implementation="xla")
+    dec.decode_attention(jnp.zeros((B, 1, N, H)), _caches()["paged"]._replace(lengths=cache.lengths),
+                         implementation="xla")
   with pytest.raises(ValueError, match=r"query_seq_lengths must have shape \(B,\) = \(3,\)"):
     dec.decode_attention(jnp.zeros((B, 1, N, H)), cache, query_seq_lengths=jnp.ones(2, jnp.int32))
   with pytest.raises(TypeError, match="cache must be a KVCache or PagedKVCache"):
@@ -538,9 +539,72 @@ def test_nan_in_stale_slots_never_reaches_the_output(kind, kwargs):
 
 def test_zero_lengths_and_empty_cache_give_zero():
   cache = dec.init_kv_cache(B, L, K, H)
-  out = dec.decode_attention(jnp.asarray(_normal(70, (B, 2, N, H))), cache)  # nothing stored yet
+  q = jnp.asarray(_normal(70, (B, 2, N, H)))
+  # Nothing stored yet: under jit nothing is checked and every row gives 0; outside
+  # jit the default query_seq_lengths (T) says two new keys are cached, and it is
+  # refused; zero new tokens per row is the way to say a row is idle.
+  out = jax.jit(dec.decode_attention)(q, cache)
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+  with pytest.raises(ValueError, match=r"query_seq_lengths \(default T = 2\) = \[2, 2, 2\] exceeds "
+                     r"cache.lengths = \[0, 0, 0\]"):
+    dec.decode_attention(q, cache)
+  out = dec.decode_attention(q, cache, query_seq_lengths=jnp.zeros(B, jnp.int32))
   np.testing.assert_array_equal(np.asarray(out), 0.0)
   new = dec.update_kv_cache(cache, jnp.ones((B, 2, K, H)), jnp.ones((B, 2, K, H)),
                             seq_lengths=jnp.zeros(B, jnp.int32))
   np.testing.assert_array_equal(new.lengths, 0)
   np.testing.assert_array_equal(np.asarray(new.key), 0.0)
+
+
+def test_float64_caches_decode_in_float64():
+  # Every decode kernel keeps float64 statistics and accumulators for a float64 cache.
+  lengths = np.array([6, 3, 2], np.int32)
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(5)
+    k, v = rng.normal(size=(2, B, 6, K, H))
+    q = rng.normal(size=(B, 1, N, H))
+    contiguous = dec.update_kv_cache(dec.init_kv_cache(B, L, K, H, jnp.float64), k, v,
+                                     seq_lengths=lengths)
+    paged = dec.update_kv_cache(
+        dec.init_paged_kv_cache(B, NUM_PAGES, PAGE, K, H, jnp.float64,
+                                page_table=_shuffled_page_table()), k, v, seq_lengths=lengths)
+    visible = np.arange(6)[None, None, :] < lengths[:, None, None]   # (B, 1, S)
+    want = np.asarray(testing.reference_attention(q, k, v, mask=jnp.asarray(visible)[:, None]))
+    runs = {"one pass": (contiguous, {}), "blocked": (contiguous, dict(block_size=4)),
+            "split": (contiguous, dict(num_splits=2)), "xla": (contiguous, dict(implementation="xla")),
+            "paged": (paged, {})}
+    for name, (cache, kw) in runs.items():
+      out, lse = dec.decode_attention(jnp.asarray(q), cache, return_residual=True, **kw)
+      assert out.dtype == lse.dtype == jnp.float64, name
+      np.testing.assert_allclose(np.asarray(out), want, atol=1e-12, rtol=1e-12, err_msg=name)
+    grads = {name: jax.grad(lambda q, cache=cache, kw=kw: dec.decode_attention(q, cache, **kw).sum())(
+        jnp.asarray(q)) for name, (cache, kw) in runs.items()}
+    for name, g in grads.items():
+      np.testing.assert_allclose(np.asarray(g), np.asarray(grads["xla"]), atol=1e-12, err_msg=name)
+
+
+def test_a_fresh_cache_can_be_donated():
+  # init_*_cache give keys and values their own buffers: a jitted step that donates
+  # the cache (as README shows) would otherwise donate one buffer twice.
+  step = jax.jit(lambda c, k, v: dec.update_kv_cache(c, k, v), donate_argnums=0)
+  kv = jnp.ones((B, 1, K, H))
+  for cache in (dec.init_kv_cache(B, L, K, H), dec.init_paged_kv_cache(B, NUM_PAGES, PAGE, K, H)):
+    assert jax.tree.leaves(cache)[0] is not jax.tree.leaves(cache)[1]
+    new = step(cache, kv, kv)
+    np.testing.assert_array_equal(np.asarray(new.lengths), 1)
+
+
+def test_cache_and_option_types_are_checked():
+  cache, _, _ = _filled(0, [6, 3, 2])
+  q = jnp.zeros((B, 1, N, H))
+  paged = _caches()["paged"]._replace(lengths=cache.lengths)
+  with pytest.raises(TypeError, match="decode_attention: cache.page_table must be integer page ids; got float32"):
+    dec.decode_attention(q, paged._replace(page_table=paged.page_table.astype(jnp.float32)))
+  with pytest.raises(TypeError, match="update_kv_cache: cache.page_table must be integer"):
+    dec.update_kv_cache(paged._replace(page_table=paged.page_table.astype(jnp.float32)),
+                        jnp.zeros((B, 1, K, H)), jnp.zeros((B, 1, K, H)))
+  ints = cache._replace(key=cache.key.astype(jnp.int32), value=cache.value.astype(jnp.int32))
+  with pytest.raises(TypeError, match="decode_attention: cache keys and values must be floating point; got int32"):
+    dec.decode_attention(q.astype(jnp.int32), ints)
+  with pytest.raises(TypeError, match="decode_attention: logits_soft_cap must be a static Python number"):
+    jax.jit(lambda cap: dec.decode_attention(q, cache, logits_soft_cap=cap))(30.0)

@@ -164,6 +164,42 @@ def test_ring_cross_attention_segment_ids_soft_cap(mesh):
   _assert_same(got, want)
 
 
+@pytest.mark.parametrize("layout,is_causal,block_sizes", [
+    ("contiguous", True, None), ("zigzag", True, (2, 2)), ("striped", True, (4, 4)),
+    ("zigzag", False, None)])
+def test_ring_sequence_lengths_keep_garbage_in_padding(mesh, layout, is_causal, block_sizes):
+  """Global lengths (the padding spread over devices by the layout): NaN/inf in padded
+  queries, keys and values never reach an output or gradient, as on one device."""
+  args, d_out, d_lse = _problem(jax.random.key(11))
+  lengths = dict(query_seq_lengths=jnp.array([T - 5, 23]), key_value_seq_lengths=jnp.array([T - 3, 9]))
+  pos = jnp.arange(T)[None, :, None, None]
+  args["query"] = jnp.where(pos >= lengths["query_seq_lengths"][:, None, None, None], jnp.nan, args["query"])
+  past_kv = pos >= lengths["key_value_seq_lengths"][:, None, None, None]
+  args["key"] = jnp.where(past_kv, jnp.inf, args["key"])
+  args["value"] = jnp.where(past_kv, jnp.nan, args["value"])
+  want = _single_device(args, d_out, d_lse, is_causal=is_causal, **lengths)
+  got = _ring(mesh, args, d_out, want[3], layout=layout, is_causal=is_causal, block_sizes=block_sizes,
+              **lengths)
+  chex.assert_tree_all_finite((got[0], got[2]))
+  _assert_same(got, want)
+
+
+def test_ring_float64_inputs_compute_in_float64(mesh):
+  with jax.enable_x64(True):
+    args, d_out, _ = _problem(jax.random.key(12))
+    q, k, v, d_out = (np.asarray(x, np.float64) for x in (args["query"], args["key"], args["value"], d_out))
+    kw = dict(mesh=mesh, axis_name="seq", is_causal=True, layout="striped")
+    to = lambda x: parallel.to_balanced_layout(x, P, layout="striped")
+    back = lambda x: parallel.from_balanced_layout(x, P, layout="striped")
+    out, vjp = jax.vjp(lambda q, k, v: parallel.sharded_ring_attention(q, k, v, **kw), to(q), to(k), to(v))
+    grads = [back(g) for g in vjp(to(d_out))]
+    assert back(out).dtype == grads[0].dtype == jnp.float64
+    np.testing.assert_allclose(back(out), testing.reference_attention(q, k, v, is_causal=True), atol=1e-12)
+    ref = testing.reference_attention_vjp(q, k, v, d_out=d_out, is_causal=True)
+    for g, name in zip(grads, ("query", "key", "value")):
+      np.testing.assert_allclose(g, ref[name], atol=1e-11, err_msg=name)
+
+
 def test_ring_against_float64_reference(mesh):
   args, d_out, _ = _problem(jax.random.key(3))
   q, k, v = args["query"], args["key"], args["value"]
@@ -345,6 +381,22 @@ def test_errors_name_the_function_and_argument(mesh):
     parallel.ring_attention(q, k[:, :4], v[:, :4], axis_name="seq", is_causal=True)
   with pytest.raises(ValueError, match=r"sharded_ring_attention: axis_name 'sp' is not an axis"):
     parallel.sharded_ring_attention(q, k, v, mesh=mesh, axis_name="sp")
+  auto = jax.make_mesh((2, 4), ("data", "seq"), devices=jax.devices()[:P],
+                       axis_types=(AxisType.Auto, AxisType.Auto))
+  f = jax.shard_map(lambda q, k, v: parallel.ring_attention(q, k, v, axis_name="data"), mesh=auto,
+                    in_specs=PartitionSpec(None, "seq"), out_specs=PartitionSpec(None, "seq"))
+  with pytest.raises(ValueError, match=r"ring_attention: axis_name 'data' must be a mesh axis the "
+                                       r"sequence is sharded over; query, key and value vary over \('seq',\)"):
+    jax.jit(f).trace(q, k, v)
+  with pytest.raises(ValueError, match=r"ring_attention: key_value_seq_lengths must have shape \(B,\) = \(2\); got \(3\)"):
+    jax.jit(jax.shard_map(lambda q, k, v: parallel.ring_attention(
+        q, k, v, axis_name="seq", key_value_seq_lengths=jnp.ones(3, jnp.int32)), mesh=auto,
+        in_specs=PartitionSpec(None, "seq"), out_specs=PartitionSpec(None, "seq"))).trace(q, k, v)
+  # A jax scalar scale and cap (unhashable) are taken, as by dot_product_attention.
+  out = parallel.sharded_ring_attention(q, k, v, mesh=mesh, axis_name="seq", scale=1 / jnp.sqrt(5.0),
+                                        logits_soft_cap=jnp.float32(3.0))
+  want = jaxattn.dot_product_attention(q, k, v, scale=float(1 / np.sqrt(5.0)), logits_soft_cap=3.0)
+  np.testing.assert_allclose(out, want, atol=ATOL, rtol=ATOL)
   with pytest.raises(ValueError, match=r"sharded_ring_attention: the query sequence length \(8\) "
                                        r"must be divisible by 2 \* the size .* = 16"):
     parallel.sharded_ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=True,

@@ -86,14 +86,15 @@ def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, kv_lengths, 
   each of P independent chunks and keeps P states. Keys at or past
   `kv_lengths` (B,) (stale slots) and not own are replaced by 0 with a
   `where` before any arithmetic, so NaN or inf there never reaches an output
-  or a gradient. Returns the float32 `softmax_state.State` (max, sum, output
-  sum), (B, K, [P,] R[, H]).
+  or a gradient. Returns the `softmax_state.State` (max, sum, output sum),
+  (B, K, [P,] R[, H]), in float32 (float64 for float64 inputs).
 
   The loop has a static trip count, so reverse-mode differentiation works;
   blocks outside [lo, hi) (beyond every sequence's length, or before every
   query's window) are skipped by a `lax.cond` and never read.
   """
   B, K, R, H = q.shape
+  acc = common.stat_dtype(q.dtype)  # float32, float64 for float64 inputs
   lead = () if chunks is None else (chunks,)
   if chunks is not None:  # (b, k, p) as the batch of both matmuls
     q = jnp.broadcast_to(q[:, :, None], (B, K, chunks, R, H))
@@ -108,21 +109,20 @@ def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, kv_lengths, 
     stored = own & (kv_pos[None] < kv_lengths.reshape((B,) + (1,) * kv_pos.ndim))  # (B, [P,] C)
     keep = stored[:, None, ..., None]                                # (B, 1, [P,] C, 1)
     kb, vb = jnp.where(keep, kb, 0), jnp.where(keep, vb, 0)
-    s = jnp.einsum(spec, q, kb,
-                   preferred_element_type=jnp.float32) * jnp.float32(scale)
+    s = jnp.einsum(spec, q, kb, preferred_element_type=acc) * jnp.asarray(scale, acc)
     s = _soft_cap(s, soft_cap)
     kv_pos = kv_pos[..., None, :][None]                              # (1, [P,] 1, C)
     ok = _allowed(kv_pos, rpos, rreal, window_left) & stored[..., None, :]
     s = jnp.where(ok[:, None], s, -jnp.inf)                          # (B, K, [P,] R, C)
     return softmax_state.update(
         state, s, lambda e: jnp.einsum(pv_spec, e.astype(value_dtype), vb,
-                                       preferred_element_type=jnp.float32))
+                                       preferred_element_type=acc))
 
   def maybe(j, carry):
     return lax.cond((j >= lo) & (j < hi), lambda c: body(j, c), lambda c: c, carry)
 
-  init = softmax_state.init(jnp.zeros((B, K) + lead + (R,), jnp.float32),
-                            jnp.zeros((B, K) + lead + (R, H), jnp.float32))
+  init = softmax_state.init(jnp.zeros((B, K) + lead + (R,), acc),
+                            jnp.zeros((B, K) + lead + (R, H), acc))
   return lax.fori_loop(0, num_blocks, maybe, init)
 
 
@@ -224,7 +224,7 @@ def _one_pass(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
   are masked in the logits only: a stale key never counts, but NaN or inf in
   a stale value makes this output non-finite (its weight 0 times inf), and
   `_one_pass_or_blocked` then reruns the blocked kernel, which zeroes them.
-  Its temporaries are the (B, K, L, T * G) float32 logits, their
+  Its temporaries are the (B, K, L, T * G) float32 (float64) logits, their
   exponentials and a (B, L, T * G) mask, which the caller bounds
   (`one_pass_fits`).
   """
@@ -239,14 +239,13 @@ def _one_pass(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
                 window_left) & stored[:, :, None]                    # (B, L, R)
   # Logits (B, K, L, R), keys before rows: with few rows, XLA:CPU's matmul
   # reads the cache about 1.3x faster writing this layout than (B, K, R, L).
-  s = jnp.einsum("bkrh,bklh->bklr", q, key,
-                 preferred_element_type=jnp.float32) * jnp.float32(scale)
+  acc = common.stat_dtype(query.dtype)
+  s = jnp.einsum("bkrh,bklh->bklr", q, key, preferred_element_type=acc) * jnp.asarray(scale, acc)
   s = jnp.where(ok[:, None], _soft_cap(s, soft_cap), -jnp.inf)
   R = q.shape[2]
-  init = softmax_state.init(jnp.zeros((B, K, R), jnp.float32),
-                            jnp.zeros((B, K, R, H), jnp.float32))
+  init = softmax_state.init(jnp.zeros((B, K, R), acc), jnp.zeros((B, K, R, H), acc))
   state = softmax_state.update(init, s, lambda e: jnp.einsum(
-      "bklr,bklh->bkrh", e.astype(value.dtype), value, preferred_element_type=jnp.float32),
+      "bklr,bklh->bkrh", e.astype(value.dtype), value, preferred_element_type=acc),
       key_axis=-2)
   out, lse = _finish(state)
   out, lse = _from_rows(out, lse, T, G)
@@ -286,7 +285,7 @@ def _one_pass_or_blocked(query, key, value, lengths, q_lengths, options):
   first, end = _visible_span(*_row_positions(lengths, q_lengths, T, N // K, L), one["window_left"])
   wide = common.everywhere((end - first).astype(jnp.float32) >= _ONE_PASS_MIN_SPAN * L)
   skipped = lambda: (jnp.full(query.shape, jnp.nan, query.dtype),
-                     jnp.full((B, T, N), jnp.nan, jnp.float32))
+                     jnp.full((B, T, N), jnp.nan, common.stat_dtype(query.dtype)))
   out, lse = lax.cond(wide, lambda: _one_pass(*args, **one), skipped)
   use = common.everywhere(wide & jnp.all(jnp.isfinite(out)))
   return lax.cond(use, lambda: (out, lse), lambda: _blocked(*args, **blocked))
