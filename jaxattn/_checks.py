@@ -8,9 +8,13 @@ imported, so any module may use this one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -127,3 +131,71 @@ def callable_name(f) -> str:
   """A user function's name for messages: `name`, else its repr."""
   name = getattr(f, "__name__", None)
   return name if isinstance(name, str) else repr(f)
+
+
+def segments_as_int32(q_ids, kv_ids):
+  """int32 ids with the same equalities and order as the caller's.
+
+  Ids that do not fit int32 (int64, uint32, uint64) are replaced by their rank
+  among all ids of the call, which keeps which documents are equal (the mask)
+  and their order (block classification) where a cast would merge
+  documents whose ids differ only above bit 31.
+  """
+  dt = jnp.dtype(q_ids.dtype)
+  fits = lambda d: jnp.iinfo(d).min >= -2**31 and jnp.iinfo(d).max <= 2**31 - 1
+  if fits(dt) and fits(kv_ids.dtype):
+    return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
+  common_dt = jnp.promote_types(dt, kv_ids.dtype)
+  q_ids, kv_ids = q_ids.astype(common_dt), kv_ids.astype(common_dt)
+  table = jnp.sort(jnp.concatenate([q_ids.ravel(), kv_ids.ravel()]))
+  rank = lambda x: jnp.searchsorted(table, x, side="left").astype(jnp.int32)
+  return rank(q_ids), rank(kv_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rebound:
+  """`fn` with the closure cells at `cells` taken from `params` at each call.
+
+  Made by `lift_traced_closure`: calls as `Rebound(params, *args)`, hashable
+  by `fn` and `cells` (a static pytree field), so the traced values a user
+  function closed over travel as data instead of hiding in static metadata.
+  """
+  fn: Callable
+  cells: tuple[int, ...]
+
+  def __call__(self, params, *args):
+    contents = [c.cell_contents for c in self.fn.__closure__]
+    for i, value in zip(self.cells, params):
+      contents[i] = value
+    f = types.FunctionType(self.fn.__code__, self.fn.__globals__, self.fn.__name__,
+                           self.fn.__defaults__, tuple(types.CellType(c) for c in contents))
+    f.__kwdefaults__ = self.fn.__kwdefaults__
+    return f(*args)
+
+
+def lift_traced_closure(fn):
+  """(Rebound, params) when the Python function `fn` closes over traced arrays, else None.
+
+  A mask or score function that closes over a value traced by an enclosing
+  `jax.jit` (per-batch lengths, say) would carry that tracer into a custom
+  VJP's backward as a constant, which JAX cannot lower. Its closure cells
+  that hold arrays (or pytrees of arrays), at least one of them traced, become
+  the params; the other cells stay as they are. Functions reached through
+  other objects are not inspected.
+  """
+  if not isinstance(fn, types.FunctionType) or not fn.__closure__:
+    return None
+  cells, params, traced = [], [], False
+  for i, cell in enumerate(fn.__closure__):
+    try:
+      value = cell.cell_contents
+    except ValueError:  # an empty cell (a name not yet bound)
+      continue
+    leaves = jax.tree_util.tree_leaves(value)
+    if leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves):
+      cells.append(i)
+      params.append(value)
+      traced = traced or any(isinstance(x, jax.core.Tracer) for x in leaves)
+  if not traced:
+    return None
+  return Rebound(fn, tuple(cells)), tuple(params)

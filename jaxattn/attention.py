@@ -156,26 +156,7 @@ def canonical_segments(fn: str, query_segment_ids, key_value_segment_ids, B: int
     kv_ids = q_ids
   else:
     kv_ids = _check_segments(fn, "key_value_segment_ids", key_value_segment_ids, B, S, "S", rank3)
-  return _segments_as_int32(q_ids, kv_ids)
-
-
-def _segments_as_int32(q_ids, kv_ids):
-  """int32 ids with the same equalities and order as the caller's.
-
-  Ids that do not fit int32 (int64, uint32, uint64) are replaced by their rank
-  among all ids of the call, which keeps which documents are equal (the mask)
-  and their order (block classification) where a cast would merge
-  documents whose ids differ only above bit 31.
-  """
-  dt = jnp.dtype(q_ids.dtype)
-  fits = lambda d: jnp.iinfo(d).min >= -2**31 and jnp.iinfo(d).max <= 2**31 - 1
-  if fits(dt) and fits(kv_ids.dtype):
-    return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
-  common_dt = jnp.promote_types(dt, kv_ids.dtype)
-  q_ids, kv_ids = q_ids.astype(common_dt), kv_ids.astype(common_dt)
-  table = jnp.sort(jnp.concatenate([q_ids.ravel(), kv_ids.ravel()]))
-  rank = lambda x: jnp.searchsorted(table, x, side="left").astype(jnp.int32)
-  return rank(q_ids), rank(kv_ids)
+  return _checks.segments_as_int32(q_ids, kv_ids)
 
 
 def canonical_window(fn: str, w):
@@ -258,6 +239,7 @@ def canonical_functions(fn: str, mask_fn, score_fn, B: int, N: int, T: int, S: i
         raise TypeError(f"{fn}: mask_fn must be a jaxattn.masks.Mask or a function "
                         f"(b, h, q_idx, kv_idx) -> bool; got {type(mask_fn).__name__}.")
       mask_fn = _masks.from_function(mask_fn)
+    mask_fn = _masks.lift_traced_closures(mask_fn)
     mask_fn.validate(fn, B, N, T, S)
   if score_fn is not None:
     if not isinstance(score_fn, _scores.ScoreMod):
@@ -265,6 +247,7 @@ def canonical_functions(fn: str, mask_fn, score_fn, B: int, N: int, T: int, S: i
         raise TypeError(f"{fn}: score_fn must be a jaxattn.scores.ScoreMod or a function "
                         f"(score, b, h, q_idx, kv_idx) -> score; got {type(score_fn).__name__}.")
       score_fn = _scores.from_function(score_fn)
+    score_fn = _scores.lift_traced_closures(score_fn)
     score_fn.validate(fn, B, N, T, S)
   return mask_fn, score_fn
 

@@ -145,6 +145,9 @@ def _to_4d(fn, name, x, batch: tuple[int, ...]):
                      f"{tuple(batch)}; got shape {tuple(x.shape)}.")
   x = x.reshape((1,) * (rank - x.ndim) + x.shape)
   xb = x.shape[:len(batch)]
+  if any(d not in (1, want) for d, want in zip(xb, batch)):
+    raise ValueError(f"{fn}: {name} must broadcast to [batch..., N, T, S] with batch "
+                     f"{tuple(batch)}; got shape {tuple(x.shape[rank - len(xb) - 3:])}.")
   if all(d == 1 for d in xb):
     return x.reshape((1,) + x.shape[len(batch):])
   x = jnp.broadcast_to(x, tuple(batch) + x.shape[len(batch):])
@@ -167,7 +170,12 @@ def make_attention_fn(*, implementation: str | None = None,
     implementation: None (automatic) or a name from
       `jaxattn.implementations()`.
     scale, local_window_size, logits_soft_cap, causal_alignment,
-      block_sizes: as for `jaxattn.dot_product_attention`.
+      block_sizes: as for `jaxattn.dot_product_attention`. A window or an
+      alignment places queries by their index in the call: under flax's
+      `decode=True`, one query attends to the whole fixed-size cache and its
+      position is not passed to attention_fn, so a bound window is placed
+      wrongly there (flax's cache mask handles causality; express a window
+      as a mask, or use `jaxattn.layers.multi_head_attention_decode`).
 
   Returns:
     A function with flax's `dot_product_attention` signature (query, key,

@@ -401,7 +401,8 @@ def multi_head_attention(
     positions=None, context_positions=None, rope=None,
     qk_norm_type: str = "layer_norm", qk_norm_epsilon: float = 1e-6,
     dropout_rate: float = 0.0, dropout_key=None, dtype=None,
-    implementation: str | None = None, block_sizes: tuple[int, int] | None = None):
+    implementation: str | None = None, block_sizes: tuple[int, int] | None = None,
+    mask_fn=None, score_fn=None, return_residual: bool = False):
   r"""Multi-head attention on one example: self-attention, or cross-attention to `context`.
 
   .. math::
@@ -457,9 +458,17 @@ def multi_head_attention(
     implementation: None (automatic) or a name from
       `jaxattn.implementations()`.
     block_sizes: (query block, key block) for blocked implementations.
+    mask_fn, score_fn: a `jaxattn.masks.Mask` / `jaxattn.scores.ScoreMod` (or
+      a function), as in dot_product_attention; their b index is 0 for one
+      example (b of the batch for x (B, T, D)).
+    return_residual: also return the attention's logsumexp, (T, N) (or
+      (B, T, N)), -inf for rows that attend nothing.
 
   Returns:
-    (T, O) in the computation dtype.
+    (T, O) in the computation dtype (and the logsumexp with return_residual).
+    Rows past `query_seq_lengths` are b_o. Rows of x and context past the
+    lengths are zeroed before the projections, so NaN/inf there reaches no
+    output or gradient (parameters included).
 
   Raises:
     ValueError: a shape does not fit (x, context, params, positions, the
@@ -515,13 +524,20 @@ def multi_head_attention(
       logits_soft_cap=logits_soft_cap, causal_alignment=causal_alignment,
       dropout_rate=dropout_rate, dropout_key=dropout_key, implementation=implementation,
       block_sizes=block_sizes)
+  B = x.shape[0] if batched else 1
+  mask_fn, score_fn = _attention.canonical_functions(fn, mask_fn, score_fn, B, N, T, S)
   leaves = [l for l in params if l is not None]
   if dtype is None:
     dtype = jnp.result_type(x.dtype, context.dtype, *(l.dtype for l in leaves))
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"{fn}: dtype must be floating point; got {dtype}.")
-  p, q, k, v = _qkv_projections(params, x, context, dtype, qk_norm_type, qk_norm_epsilon)
+  q_len = _lengths(fn, "query_seq_lengths", query_seq_lengths, batched)
+  kv_len = _lengths(fn, "key_value_seq_lengths", key_value_seq_lengths, batched)
+  # Padding rows are zeroed before the projections: dot_product_attention keeps
+  # NaN/inf there out of q, k and v's gradients, but x^T dq would still meet it.
+  p, q, k, v = _qkv_projections(params, _zero_past(x, q_len), _zero_past(context, kv_len), dtype,
+                                qk_norm_type, qk_norm_epsilon)
 
   if rope is not None:
     q = rope.apply(q, positions)
@@ -529,13 +545,26 @@ def multi_head_attention(
 
   out = _attention.dot_product_attention(
       q, k, v, bias, mask, scale=scale, is_causal=is_causal,
-      query_seq_lengths=_lengths(fn, "query_seq_lengths", query_seq_lengths, batched),
-      key_value_seq_lengths=_lengths(fn, "key_value_seq_lengths", key_value_seq_lengths, batched),
+      query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
       local_window_size=local_window_size, implementation=implementation,
       query_segment_ids=query_segment_ids, key_value_segment_ids=key_value_segment_ids,
       logits_soft_cap=logits_soft_cap, causal_alignment=causal_alignment,
-      dropout_rate=dropout_rate, dropout_key=dropout_key, block_sizes=block_sizes)
+      dropout_rate=dropout_rate, dropout_key=dropout_key, block_sizes=block_sizes,
+      mask_fn=mask_fn, score_fn=score_fn, return_residual=return_residual)
+  if return_residual:
+    out, lse = out
+    return _project(out, p.w_out, p.b_out, "...tnh,nho->...to"), lse
   return _project(out, p.w_out, p.b_out, "...tnh,nho->...to")
+
+
+def _zero_past(x, n):
+  """x (..., L, D) with rows at or past the lengths n ((1,) for one example, (B,)) zeroed."""
+  if n is None:
+    return x
+  L = x.shape[-2]
+  live = jnp.arange(L)[None, :] < jnp.asarray(n).reshape(-1, 1)      # (B or 1, L)
+  live = live.reshape(x.shape[:-2] + (L, 1))
+  return jnp.where(live, x, jnp.zeros((), x.dtype))
 
 
 # ---------------------------------------------------------------------------

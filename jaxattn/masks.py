@@ -382,12 +382,14 @@ def documents(q_segment_ids, kv_segment_ids=None) -> Mask:
     if x.ndim != 2:
       raise ValueError(f"{fn}: {name} must have shape (B, {'T' if name[0] == 'q' else 'S'}); "
                        f"got {_checks.fmt(x.shape)}.")
-    ids.append(jnp.asarray(x, jnp.int32))
+    ids.append(jnp.asarray(x))
   q, kv = ids
   if kv is not None and kv.shape[0] != q.shape[0]:
     raise ValueError(f"{fn}: kv_segment_ids must have shape (B, S) with B = {q.shape[0]} "
                      f"from q_segment_ids {_checks.fmt(q.shape)}; got {_checks.fmt(kv.shape)}.")
-  return Documents(q, q if kv is None else kv)
+  # int32, ranked where the ids do not fit (a cast would merge documents), as segment ids are.
+  q, kv = _checks.segments_as_int32(q, q if kv is None else kv)
+  return Documents(q, kv)
 
 
 def _gather(ids, b, idx, fill):
@@ -410,19 +412,25 @@ def _block_min_max(ids, block):
 # User functions and combinators.
 
 
-@_pytree(meta=("fn", "block_fn"))
+@_pytree(data=("params",), meta=("fn", "block_fn", "takes_params"))
 class FunctionMask(Mask):
   """A user mask function, optionally with a block classifier.
 
   Without `block_fn`, blocks are classified by evaluating `fn` on each block
   (a pass over the grid in O(blocks) memory; elementwise work only).
   `block_fn(q_first, q_last, kv_first, kv_last) -> (empty, full)` gets the
-  inclusive position ranges of blocks and must be sound.
+  inclusive position ranges of blocks and must be sound. With
+  `takes_params`, `fn(params, b, h, q_idx, kv_idx)`: `params` is a pytree of
+  arrays (data, traced like any argument).
   """
   fn: Callable
   block_fn: Callable | None = None
+  params: Any = None
+  takes_params: bool = False
 
   def __call__(self, b, h, q_idx, kv_idx):
+    if self.takes_params:
+      return jnp.asarray(self.fn(self.params, b, h, q_idx, kv_idx), bool)
     return jnp.asarray(self.fn(b, h, q_idx, kv_idx), bool)
 
   def summary(self, g):
@@ -441,7 +449,9 @@ class FunctionMask(Mask):
     return ~any_[qb, kb], all_[qb, kb]
 
   def validate(self, fn, B, N, T, S):
-    check_index_function(fn, "mask_fn", self.fn, (), B, N, T, S, score=False)
+    user = self.fn.fn if isinstance(self.fn, _checks.Rebound) else self.fn
+    check_index_function(fn, "mask_fn", self.fn, (self.params,) if self.takes_params else (),
+                         B, N, T, S, score=False, name=_checks.callable_name(user))
 
 
 def check_index_function(fn, arg, f, lead, B, N, T, S, *, score, name=None):
@@ -491,8 +501,11 @@ def check_index_function(fn, arg, f, lead, B, N, T, S, *, score, name=None):
           f"{_checks.fmt(q.shape)} and kv_idx {_checks.fmt(kv.shape)}; got {shown}.")
 
 
-def from_function(fn: Callable, block_fn: Callable | None = None) -> Mask:
-  """Wraps `fn(b, h, q_idx, kv_idx) -> bool` as a Mask (see FunctionMask).
+def from_function(fn: Callable, block_fn: Callable | None = None, *, params: Any = None) -> Mask:
+  """Wraps `fn(b, h, q_idx, kv_idx) -> bool` as a Mask (see FunctionMask); with
+  `params` (a pytree of arrays, e.g. per-example lengths), `fn(params, b, h,
+  q_idx, kv_idx)`. Arrays that `fn` closes over work too: traced ones (under
+  an enclosing jit or grad) are lifted into its params when the mask is used.
 
   Raises:
     TypeError: fn or block_fn is not callable.
@@ -503,7 +516,24 @@ def from_function(fn: Callable, block_fn: Callable | None = None) -> Mask:
   if block_fn is not None and not callable(block_fn):
     raise TypeError(f"from_function: block_fn must be a function or None; got "
                     f"{type(block_fn).__name__}.")
+  if params is not None:
+    return FunctionMask(fn, block_fn, params, True)
   return FunctionMask(fn, block_fn)
+
+
+def lift_traced_closures(mask: Mask | None) -> Mask | None:
+  """`mask` with every FunctionMask whose function closes over traced arrays
+  given those arrays as params (`_checks.lift_traced_closure`)."""
+  if mask is None:
+    return None
+
+  def lift(m):
+    if not isinstance(m, FunctionMask) or m.takes_params:
+      return m
+    lifted = _checks.lift_traced_closure(m.fn)
+    return m if lifted is None else FunctionMask(lifted[0], m.block_fn, lifted[1], True)
+
+  return jax.tree_util.tree_map(lift, mask, is_leaf=lambda m: isinstance(m, FunctionMask))
 
 
 def evaluate_blocks(mask: Mask, g: BlockGeometry):

@@ -47,7 +47,7 @@ def _check_rotary_dim(fn: str, rotary_dim) -> int:
 
 def rope_frequencies(rotary_dim: int, *, base: float = 10000.0,
                      scaling: Scaling = None,
-                     scaling_factor: float = 1.0) -> jax.Array:
+                     scaling_factor: float = 1.0, dtype=jnp.float32) -> jax.Array:
   r"""Computes the RoPE angular frequencies of one head.
 
   .. math:: \theta_d = b^{-2d/R},\quad d = 0, \dots, R/2 - 1
@@ -60,9 +60,11 @@ def rope_frequencies(rotary_dim: int, *, base: float = 10000.0,
       "ntk" (NTK-aware: b -> b * factor^(R / (R - 2))).
     scaling_factor: the context-extension factor (> 0), e.g. 4.0 to run a
       model trained on 2k tokens on 8k.
+    dtype: the result's dtype: float32, or float64 for float64 models.
 
   Returns:
-    float32 (R/2,) frequencies in radians per position, computed in float64.
+    (R/2,) frequencies in radians per position, computed in float64 and
+    rounded to `dtype`.
 
   Raises:
     ValueError: rotary_dim odd or not positive, base or factor not positive,
@@ -86,7 +88,7 @@ def rope_frequencies(rotary_dim: int, *, base: float = 10000.0,
   freqs = base ** (-np.arange(0, R, 2, dtype=np.float64) / R)
   if scaling == "linear":
     freqs = freqs / scaling_factor
-  return jnp.asarray(freqs, jnp.float32)
+  return jnp.asarray(freqs, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +111,8 @@ class RopeConfig:
   rotary_dim: int | None = None
   interleaved: bool = False
 
-  def frequencies(self, head_dim: int) -> jax.Array:
-    """(R/2,) float32 frequencies for a head of width `head_dim` (H)."""
+  def frequencies(self, head_dim: int, dtype=jnp.float32) -> jax.Array:
+    """(R/2,) frequencies for a head of width `head_dim` (H), in `dtype`."""
     R = head_dim if self.rotary_dim is None else self.rotary_dim
     if self.rotary_dim is None and head_dim % 2:
       raise ValueError(f"RopeConfig: the head dim H = {head_dim} is odd and RoPE rotates "
@@ -120,11 +122,12 @@ class RopeConfig:
       raise ValueError(f"RopeConfig: rotary_dim must be at most the head dim "
                        f"H = {head_dim}; got {R}.")
     return rope_frequencies(R, base=self.base, scaling=self.scaling,
-                            scaling_factor=self.scaling_factor)
+                            scaling_factor=self.scaling_factor, dtype=dtype)
 
   def apply(self, x, positions) -> jax.Array:
     """Rotates x (..., T, N, H) at `positions`; see `apply_rope`."""
-    return apply_rope(x, positions, self.frequencies(x.shape[-1]),
+    dtype = jnp.promote_types(jnp.result_type(x), jnp.float32)  # float64 x: float64 angles
+    return apply_rope(x, positions, self.frequencies(x.shape[-1], dtype),
                       interleaved=self.interleaved)
 
 
@@ -145,7 +148,7 @@ def apply_rope(x, positions, frequencies=None, *, interleaved: bool = False) -> 
     positions: (T,) or any shape that broadcasts to x.shape[:-2], integer or
       float positions (floats allow fractional positions).
     frequencies: (R/2,) from `rope_frequencies`, R <= H; default
-      `rope_frequencies(H)`.
+      `rope_frequencies(H)` (in float64 for float64 x).
     interleaved: pair (x_{2d}, x_{2d+1}) (RoFormer, GPT-J) instead.
 
   Returns:
@@ -173,7 +176,8 @@ def apply_rope(x, positions, frequencies=None, *, interleaved: bool = False) -> 
       raise ValueError(f"{fn}: x's head dim H = {H} is odd and RoPE rotates feature pairs: "
                        f"pass frequencies for an even R < H (e.g. rope_frequencies({H - 1})) "
                        f"to rotate part of the head; got x {tuple(x.shape)}.")
-    frequencies = rope_frequencies(_check_rotary_dim(fn, H))
+    frequencies = rope_frequencies(_check_rotary_dim(fn, H),
+                                   dtype=jnp.promote_types(x.dtype, jnp.float32))
   frequencies = jnp.asarray(frequencies)
   if frequencies.ndim != 1 or 2 * frequencies.shape[0] > H or frequencies.shape[0] == 0:
     raise ValueError(f"{fn}: frequencies must have shape (R/2,) with 0 < R <= H = {H}; "

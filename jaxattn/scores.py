@@ -216,7 +216,7 @@ class FunctionScore(ScoreMod):
 
   def validate(self, fn, B, N, T, S):
     from jaxattn import masks  # masks holds the shared probe; imported late (no import cycle)
-    user = self.fn.fn if isinstance(self.fn, _WithoutParams) else self.fn
+    user = self.fn.fn if isinstance(self.fn, (_WithoutParams, _checks.Rebound)) else self.fn
     masks.check_index_function(fn, "score_fn", self.fn, (self.params,), B, N, T, S, score=True,
                                name=_checks.callable_name(user))
 
@@ -233,7 +233,9 @@ class _WithoutParams:
 
 def from_function(fn: Callable, params: Any = None) -> ScoreMod:
   """Wraps a user modifier. With params, `fn(params, score, b, h, q, kv)`; without,
-  `fn(score, b, h, q, kv)` (arrays it closes over are constants: no gradient).
+  `fn(score, b, h, q, kv)`. Arrays it closes over are constants, except traced
+  ones (under an enclosing jit or grad): those are lifted into its params when
+  it is used, so they get gradients as through any JAX function.
 
   Raises:
     TypeError: fn is not callable.
@@ -244,6 +246,21 @@ def from_function(fn: Callable, params: Any = None) -> ScoreMod:
   if params is None:
     return FunctionScore(_WithoutParams(fn), None)
   return FunctionScore(fn, params)
+
+
+def lift_traced_closures(mod: ScoreMod | None) -> ScoreMod | None:
+  """`mod` with every parameterless FunctionScore whose function closes over
+  traced arrays given those arrays as params (`_checks.lift_traced_closure`)."""
+  if mod is None:
+    return None
+
+  def lift(m):
+    if not isinstance(m, FunctionScore) or not isinstance(m.fn, _WithoutParams):
+      return m
+    lifted = _checks.lift_traced_closure(m.fn.fn)
+    return m if lifted is None else FunctionScore(*lifted)
+
+  return jax.tree_util.tree_map(lift, mod, is_leaf=lambda m: isinstance(m, FunctionScore))
 
 
 @_pytree(data=("mods",))

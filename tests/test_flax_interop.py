@@ -146,6 +146,10 @@ def test_errors():
     flax_interop.from_flax_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="'query', 'key', 'value'"):
     flax_interop.from_flax_linen({"params": {"query": {}}})
+  q = jnp.ones((2, 4, 2, 8))
+  with pytest.raises(ValueError, match=r"attention_fn: mask must broadcast to \[batch..., N, T, S\] "
+                                       r"with batch \(2,\); got shape \(3, 1, 4, 4\)"):
+    flax_interop.attention_fn(q, q, q, mask=jnp.ones((3, 1, 4, 4), bool))
 
 
 def test_sow_weights_delegates_to_flax_and_sows_the_weights():

@@ -362,3 +362,41 @@ def test_odd_head_dim_with_partial_rope_is_relative():
   np.testing.assert_allclose(f(x, 0), f(x, 11), atol=2e-5)
   with pytest.raises(ValueError, match="rotary dim must be even and at most the head dim H = 7; got 7"):
     multi_head_attention(params, x, rope=RopeConfig())
+
+
+def test_padding_garbage_never_reaches_parameter_gradients():
+  """NaN/inf in x and context rows past the lengths: outputs and every gradient
+  (parameters included) equal those with zeros there."""
+  p = random_params(21, d_context=C)
+  rng = np.random.default_rng(21)
+  x, ctx = rng.normal(size=(B, T, D)), rng.normal(size=(B, S, C))
+  q_len, kv_len = np.array([3, T]), np.array([S - 2, 4])
+  clean_x = np.where(np.arange(T)[None, :, None] < q_len[:, None, None], x, 0.0)
+  clean_c = np.where(np.arange(S)[None, :, None] < kv_len[:, None, None], ctx, 0.0)
+  dirty_x = np.where(np.arange(T)[None, :, None] < q_len[:, None, None], x, np.nan)
+  dirty_c = np.where(np.arange(S)[None, :, None] < kv_len[:, None, None], ctx, np.inf)
+
+  def loss(p, x, c):
+    y = multi_head_attention(p, x, c, query_seq_lengths=q_len, key_value_seq_lengths=kv_len)
+    return jnp.sum(y * y), y
+
+  f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  (_, y_clean), g_clean = f(p, jnp.asarray(clean_x, jnp.float32), jnp.asarray(clean_c, jnp.float32))
+  (_, y_dirty), g_dirty = f(p, jnp.asarray(dirty_x, jnp.float32), jnp.asarray(dirty_c, jnp.float32))
+  chex.assert_tree_all_finite((y_dirty, g_dirty))
+  chex.assert_trees_all_close((y_dirty, g_dirty), (y_clean, g_clean), atol=0, rtol=0)
+
+
+def test_mask_and_score_functions_and_the_residual_pass_through():
+  p = random_params(22)
+  x = jnp.asarray(np.random.default_rng(22).normal(size=(T, D)), jnp.float32)
+  slopes = jaxattn.scores.alibi_slopes(N)
+  alibi_bias = -slopes[:, None, None] * jnp.abs(jnp.arange(T)[:, None] - jnp.arange(T)[None, :])[None]
+  got, lse = multi_head_attention(p, x, mask_fn=jaxattn.masks.causal(),
+                                  score_fn=jaxattn.scores.alibi(slopes), return_residual=True)
+  want, want_lse = multi_head_attention(p, x, is_causal=True, bias=alibi_bias, return_residual=True)
+  assert lse.shape == (T, N)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(lse, want_lse, atol=1e-5, rtol=1e-5)
+  with pytest.raises(TypeError, match="multi_head_attention: mask_fn must be a jaxattn.masks.Mask"):
+    multi_head_attention(p, x, mask_fn=3)

@@ -276,3 +276,40 @@ def test_user_functions_of_the_wrong_shape_are_named():
   # A learned modifier is probed with its parameters, also under jit.
   ok = js.from_function(lambda p, s, b, h, qi, ki: s * p, jnp.float32(2.0))
   chex.assert_shape(jax.jit(lambda m: jaxattn.dot_product_attention(q, k, v, score_fn=m))(ok), q.shape)
+
+
+def test_documents_keep_64_bit_ids_apart():
+  # Ids 0 and 2**32 differ only above bit 31: an int32 cast would merge the documents.
+  with jax.enable_x64(True):
+    ids = jnp.asarray(np.repeat(np.array([[0, 2**32, 7]], np.int64), 4, axis=1))   # (1, 12)
+    q, k, v = testing.random_qkv(jax.random.key(0), B=1, T=12, S=12, N=2, K=2, H=4, dtype=jnp.float32)
+    want = jaxattn.dot_product_attention(q, k, v, query_segment_ids=ids, implementation="xla")
+    got = jaxattn.dot_product_attention(q, k, v, mask_fn=jm.documents(ids), implementation="xla")
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "chunked_jvp"])
+def test_functions_closing_over_traced_arrays_work_under_jit_and_grad(implementation):
+  """A mask closing over per-example lengths and a score closing over a float, both
+  traced by the enclosing jit: they are lifted into the functions' params (a custom
+  VJP cannot close over tracers), and gradients (to the closed-over float too) equal "xla"'s."""
+  q, k, v = testing.random_qkv(jax.random.key(3), B=2, T=32, S=32, N=2, K=2, H=4)
+  n = jnp.array([9, 27])
+
+  def loss(q, slope, n, implementation):
+    out = jaxattn.dot_product_attention(
+        q, k, v, mask_fn=lambda b, h, i, j: j < n[b],
+        score_fn=lambda s, b, h, i, j: s - slope * jnp.abs(i - j).astype(s.dtype),
+        implementation=implementation, block_sizes=(8, 8) if implementation != "xla" else None)
+    return jnp.sum(out * out)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=3)
+  got = grad(q, jnp.float32(0.3), n, implementation)
+  want = grad(q, jnp.float32(0.3), n, "xla")
+  chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+  assert float(jnp.abs(got[1])) > 0
+  # The explicit form: from_function with params.
+  m = jm.from_function(lambda p, b, h, i, j: j < p[b], params=n)
+  out = jax.jit(lambda q: jaxattn.dot_product_attention(q, k, v, mask_fn=m, implementation=implementation))(q)
+  ref = jaxattn.dot_product_attention(q, k, v, key_value_seq_lengths=n, implementation="xla")
+  np.testing.assert_allclose(out, ref, atol=2e-6, rtol=2e-6)

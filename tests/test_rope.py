@@ -113,3 +113,19 @@ def test_odd_head_dim():
   np.testing.assert_array_equal(y[..., 6:], x[..., 6:])
   np.testing.assert_allclose(y[..., :6], _complex_rope(x[..., :6], pos, np.asarray(rope_frequencies(6, base=10.0))),
                              atol=1e-5)
+
+
+def test_float64_inputs_rotate_with_float64_angles():
+  # Positions around 1000: float32 frequencies would be off by ~1e-6 there.
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 2, 8))
+    pos = np.arange(1000, 1004)
+    theta = 10000.0 ** (-np.arange(0, 8, 2) / 8)
+    z = (x[..., :4] + 1j * x[..., 4:]) * np.exp(1j * pos[:, None, None] * theta)
+    want = np.concatenate([z.real, z.imag], axis=-1)
+    for got in (rope_lib.apply_rope(jnp.asarray(x), pos), RopeConfig().apply(jnp.asarray(x), pos)):
+      assert got.dtype == jnp.float64
+      np.testing.assert_allclose(got, want, atol=1e-12)
+    assert rope_frequencies(8, dtype=jnp.float64).dtype == jnp.float64
+  assert rope_frequencies(8).dtype == jnp.float32
