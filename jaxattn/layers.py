@@ -378,11 +378,14 @@ def _check_attention_options(fn, batched, lead, N, T, S, H, *, bias, mask, scale
   _checks.block_sizes(fn, block_sizes)
 
 
-def _lengths(fn, name, value, batched):
+def _lengths(fn, name, value, batched, B=None):
   """() or (1,) per example; (B,) with a leading batch dim, as given."""
   if value is None:
     return None
   value = jnp.asarray(value)
+  if batched and value.shape != (B,):
+    raise ValueError(f"{fn}: {name} must have shape (B,) = ({B},) for x of shape (B, T, D); "
+                     f"got shape {_checks.fmt(value.shape)}.")
   if not batched:
     if value.shape not in ((), (1,)):
       raise ValueError(f"{fn}: {name} must be a scalar (or shape (1,)) for one example "
@@ -532,8 +535,8 @@ def multi_head_attention(
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"{fn}: dtype must be floating point; got {dtype}.")
-  q_len = _lengths(fn, "query_seq_lengths", query_seq_lengths, batched)
-  kv_len = _lengths(fn, "key_value_seq_lengths", key_value_seq_lengths, batched)
+  q_len = _lengths(fn, "query_seq_lengths", query_seq_lengths, batched, B)
+  kv_len = _lengths(fn, "key_value_seq_lengths", key_value_seq_lengths, batched, B)
   # Padding rows are zeroed before the projections: dot_product_attention keeps
   # NaN/inf there out of q, k and v's gradients, but x^T dq would still meet it.
   p, q, k, v = _qkv_projections(params, _zero_past(x, q_len), _zero_past(context, kv_len), dtype,

@@ -351,6 +351,10 @@ def test_layer_errors_name_the_layer_and_its_shapes():
       multi_head_attention(params, x, ctx, **kwargs)
   with pytest.raises(ValueError, match=r"multi_head_attention: bias must broadcast to \(B, N, T, S\) = \(2, 6, 5, 7\)"):
     multi_head_attention(params, jnp.ones((B, T, D)), jnp.ones((B, S, C)), bias=jnp.ones((3, N, T, S)))
+  with pytest.raises(ValueError, match=r"multi_head_attention: key_value_seq_lengths must have shape \(B,\) = \(2,\) "
+                                       r"for x of shape \(B, T, D\); got shape \(3,\)"):
+    multi_head_attention(params, jnp.ones((B, T, D)), jnp.ones((B, S, C)),
+                         key_value_seq_lengths=jnp.ones(3, jnp.int32))
 
 
 def test_odd_head_dim_with_partial_rope_is_relative():
