@@ -301,12 +301,38 @@ def _ring_size(axis_name) -> int:
 # Forward and backward.
 
 
+def _rows_update(x, start: int, new):
+  """x with rows [start, start + new.shape[1]) (axis 1) replaced by new.
+
+  Not `x.at[:, a:b].set(new)` (or `.add`): that lowers to a scatter whose
+  index operand is a constant int32[0] array. Under `jax.grad` of a
+  `lax.scan`, scan hoists the loop-invariant part of the ring's forward out of
+  the loop as a separate shard_map whose only operands are such empty
+  constants, and Shardy (the default partitioner) then fails to compile it
+  ("'func.call' op expected at least one operand of
+  @xla.sdy.manual_computation_body.N to be produced by a
+  xla.sdy.GlobalToLocalShape CustomCallOp"). A whole-array update, or
+  `dynamic_update_slice` with a static start (scalar literals), has no such
+  operand and is what XLA makes of the scatter anyway.
+  """
+  new = new.astype(x.dtype)
+  if start == 0 and new.shape == x.shape:
+    return new
+  return lax.dynamic_update_slice_in_dim(x, new, start, axis=1)
+
+
+def _rows_add(x, start: int, delta):
+  """x with delta added to rows [start, start + delta.shape[1]) (see `_rows_update`)."""
+  stop = start + delta.shape[1]
+  return _rows_update(x, start, lax.slice_in_dim(x, start, stop, axis=1) + delta.astype(x.dtype))
+
+
 def _merge(acc, p: _Piece, out, lse):
   """Merges a piece's normalized (out, lse) into the running (out, lse) rows."""
   acc_out, acc_lse = acc
   rows = slice(p.q0, p.q0 + p.tq)
   out, lse = softmax_state.merge(acc_out[:, rows], acc_lse[:, rows], out.astype(acc_out.dtype), lse)
-  return acc_out.at[:, rows].set(out), acc_lse.at[:, rows].set(lse)
+  return _rows_update(acc_out, p.q0, out), _rows_update(acc_lse, p.q0, lse)
 
 
 def _forward_step(st: _Ring, pieces, q, qaux, kv, acc):
@@ -346,13 +372,12 @@ def _backward_step(st: _Ring, pieces, q, qaux, out, lse, d_out, d_lse, kv, grads
   dq, dk, dv = grads
   for p in pieces:
     rows = slice(p.q0, p.q0 + p.tq)
-    cols = slice(p.k0, p.k0 + p.tk)
     gq, gk, gv = chunked.backward(  # (dq, dk, dv, dbias, ...): no bias here
         _piece_inputs(p, q, qaux, kv), p.config, out[:, rows], lse[:, rows], d_out[:, rows],
         d_lse[:, rows], block_sizes=st.block_sizes)[:3]
-    dq = dq.at[:, rows].add(gq)
-    dk = dk.at[:, cols].add(gk)
-    dv = dv.at[:, cols].add(gv)
+    dq = _rows_add(dq, p.q0, gq)
+    dk = _rows_add(dk, p.k0, gk)
+    dv = _rows_add(dv, p.k0, gv)
   return dq, dk, dv
 
 

@@ -184,6 +184,32 @@ def test_ring_sequence_lengths_keep_garbage_in_padding(mesh, layout, is_causal, 
   _assert_same(got, want)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_ring_inside_a_differentiated_scan_over_layers(layout):
+  """grad of a lax.scan whose body calls ring attention (scan over layers) compiles
+  under Shardy and equals the unrolled layers. Scan hoists the body's loop-invariant
+  part into its own shard_map; empty scatter indices from `.at[]` updates made that
+  shard_map's only operands, which Shardy could not partition."""
+  mesh = jax.make_mesh((P,), ("seq",), devices=jax.devices()[:P],
+                       axis_types=(AxisType.Auto,))
+  x = testing.random_normal(jax.random.key(13), (1, T, 2, 4))
+  attn = jax.shard_map(
+      lambda x: parallel.ring_attention(x, x, x, axis_name="seq", is_causal=True, layout=layout),
+      mesh=mesh, in_specs=PartitionSpec(None, "seq"), out_specs=PartitionSpec(None, "seq"))
+
+  def scanned(x):
+    return jnp.sum(jnp.sin(jax.lax.scan(lambda c, _: (c + attn(c), None), x, None, length=2)[0]))
+
+  def unrolled(x):
+    for _ in range(2):
+      x = x + attn(x)
+    return jnp.sum(jnp.sin(x))
+
+  got = jax.jit(jax.grad(scanned))(x)
+  want = jax.jit(jax.grad(unrolled))(x)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_ring_float64_inputs_compute_in_float64(mesh):
   with jax.enable_x64(True):
     args, d_out, _ = _problem(jax.random.key(12))
