@@ -99,8 +99,10 @@ def _jax_nn_kwargs(case, aux) -> dict:
     return dict(local_window_size=(case.window, 0))
   if case.mask == "lengths":
     return dict(key_value_seq_lengths=aux["key_value_seq_lengths"])
-  if case.mask == "documents":
+  if case.mask in ("documents", "causal_documents"):
     return dict(mask=specs.dense_mask(case, aux, jnp))
+  if case.mask != "none":
+    raise Unsupported(f"mask {case.mask!r} not expressed in jax.nn's arguments")
   return {}
 
 
@@ -118,6 +120,9 @@ def _jaxattn(name: str) -> Impl:
 
 def _load_jax_nn():
   def build(case, inputs):
+    if case.soft_cap is not None:
+      raise Unsupported("jax.nn.dot_product_attention has no logits soft-cap")
+    _jax_nn_kwargs(case, inputs.aux)  # refuses a mask it cannot express, before timing
     def attend(q, k, v, aux):
       return jax.nn.dot_product_attention(q, k, v, **_jax_nn_kwargs(case, aux))
     return _jax_runnable(case, inputs, attend)
@@ -134,9 +139,11 @@ def _load_tokamax():
   # On CPU tokamax would pick plain xla; its blocked xla_chunked is the one to beat.
   implementation = "xla_chunked" if jax.default_backend() == "cpu" else None
   def build(case, inputs):
+    _jax_nn_kwargs(case, inputs.aux)  # refuses a mask it cannot express, before timing
+    extra = {} if case.soft_cap is None else dict(logits_soft_cap=case.soft_cap)
     def attend(q, k, v, aux):
       return tokamax.dot_product_attention(
-          q, k, v, implementation=implementation, **_jax_nn_kwargs(case, aux))
+          q, k, v, implementation=implementation, **_jax_nn_kwargs(case, aux), **extra)
     return _jax_runnable(case, inputs, attend)
   return f"{importlib.metadata.version('tokamax')} ({implementation or 'auto'})", build
 
@@ -145,6 +152,8 @@ def _load_flax():
   import flax
   from flax import nnx
   def build(case, inputs):
+    if case.soft_cap is not None:
+      raise Unsupported("flax's dot_product_attention has no logits soft-cap")
     def attend(q, k, v, aux):
       if case.mask == "causal":
         return nnx.dot_product_attention(q, k, v, is_causal=True)
@@ -164,6 +173,8 @@ def _load_torch():
   def build(case, inputs):
     if case.mode == "jvp":
       raise Unsupported("jvp mode: JAX peers only (torch's forward-mode AD is not benchmarked)")
+    if case.soft_cap is not None:
+      raise Unsupported("torch scaled_dot_product_attention has no logits soft-cap")
     dtype = getattr(torch, case.dtype)
     def native(x):  # (B, L, heads, H) -> torch's (B, heads, L, H)
       x = torch.from_numpy(np.array(x, np.float32)).to(device=device, dtype=dtype)

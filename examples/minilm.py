@@ -182,7 +182,11 @@ def load_tokenizer(directory, max_length: int = 256):
   256 is the model's sentence-transformers max_seq_length
   (sentence_bert_config.json); padding is done by `tokenize`.
   """
-  from tokenizers import Tokenizer  # the examples extra
+  try:
+    from tokenizers import Tokenizer  # the examples extra
+  except ImportError as e:
+    raise ModuleNotFoundError("minilm.py needs tokenizers, from the examples extra: "
+                              "pip install -e '.[examples]' (or pip install tokenizers)") from e
 
   tokenizer = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
   tokenizer.no_padding()

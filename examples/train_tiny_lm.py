@@ -36,7 +36,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+try:
+  import optax
+except ImportError as e:
+  raise SystemExit('train_tiny_lm.py needs optax, from the examples extra: pip install -e ".[examples]"') from e
 
 from jaxattn import decode
 from jaxattn.layers import (MultiHeadParams, init_multi_head_attention, multi_head_attention,
