@@ -343,8 +343,10 @@ def choose_implementation(inputs: common.AttentionInputs,
   """
   backend = common.platform(backend or None)
   if backend == "gpu":
-    for name in gpu_order(compute_capability):
-      if name in _impl.names() and _impl.unsupported_reason(name, inputs, config, "gpu") is None:
+    cc = compute_capability or _compute_capability()
+    cc_text = None if cc is None else f"{cc[0]}.{cc[1]}"
+    for name in gpu_order(cc):
+      if name in _impl.names() and _impl.unsupported_reason(name, inputs, config, "gpu", cc_text) is None:
         return name
   if backend == "tpu":
     if "splash" in _impl.names() and _impl.unsupported_reason("splash", inputs, config, "tpu") is None:

@@ -85,3 +85,14 @@ def test_trace_time_refusal_falls_back(no_triton, monkeypatch):
   out = jaxattn.dot_product_attention(q, k, v, is_causal=True, logits_soft_cap=2.0)
   assert calls == ["pallas"]
   testing.assert_attention_close(out, testing.reference_attention(q, k, v, is_causal=True, logits_soft_cap=2.0))
+
+
+def test_gpu_dispatch_gives_cudnn_the_compute_capability():
+  # H = 256: cuDNN serves it on compute capability 9.0 (Hopper), not below.
+  q, k, v = testing.random_qkv(jax.random.key(0), dtype=jnp.bfloat16, B=1, T=8, S=8, N=2, K=2, H=256)
+  inputs, config = jaxattn.attention.normalize(q, k, v, is_causal=True)[:2]
+  choose = jaxattn.attention.choose_implementation
+  assert choose(inputs, config, backend="gpu", compute_capability=(9, 0)) == "cudnn"
+  assert choose(inputs, config, backend="gpu", compute_capability=(8, 0)) != "cudnn"
+  reason = _impl.unsupported_reason("cudnn", inputs, config, "gpu", "8.0")
+  assert "<= 128 on compute capability 8.0" in reason

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import jaxattn
+from jaxattn import masks as jm
 from jaxattn import scores, testing
 from jaxattn._impl import pallas
 
@@ -167,6 +168,26 @@ def test_kernels_lower_to_triton_for_gpu(kw):
     text = jax.jit(f).trace(q, k, v, bias).lower(lowering_platforms=("cuda",)).as_text()
   kernels = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)
   assert len(kernels) == 3, "forward, dK/dV and dQ kernels"
+
+
+def test_per_query_bias_and_scalar_mask_params_lower_for_gpu_at_non_power_of_two_lengths():
+  """T = 192 (three query blocks): the dbias block (Tp, Gb, bk) is zeroed tile by tile,
+  since Triton lowers power-of-two arrays only; a mask holding a 0-d array (a traced
+  prefix length) is called on its loaded value, not on the kernel's Ref."""
+  q, k, v = testing.random_qkv(jax.random.key(0), B=2, T=192, S=192, N=4, K=2, H=64, dtype=jnp.bfloat16)
+  bias = testing.random_normal(jax.random.key(1), (2, 4, 192, 192)).astype(jnp.bfloat16)
+
+  def f(q, k, v, bias, prefix):
+    def attend(q, k, v, bias):
+      inputs, config = _normalized(q, k, v, bias, mask_fn=jm.prefix_lm(prefix))
+      return pallas.pallas_attention(inputs, config, interpret=False, backend="gpu")
+    out, vjp = jax.vjp(attend, q, k, v, bias)
+    return out, vjp(out)
+
+  prefix = jnp.int32(5)
+  with _abstract_gpu():
+    text = jax.jit(f).trace(q, k, v, bias, prefix).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3
 
 
 def test_block_map_skips_and_spares_mask_work():

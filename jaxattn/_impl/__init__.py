@@ -4,8 +4,8 @@ An implementation is a function `(inputs: AttentionInputs, config:
 AttentionConfig, **options) -> (output, lse)` with output (B, T, N, H) in the
 query dtype and lse (B, T, N) float32. It raises NotImplementedError for valid
 input it cannot serve, so automatic dispatch can fall back. An implementation
-may register `unsupported_reason(inputs, config, backend) -> str | None`, a
-static check that dispatch asks before choosing it.
+may register `unsupported_reason(inputs, config, backend, compute_capability)
+-> str | None`, a static check that dispatch asks before choosing it.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ def register(name: str, fn: Callable, unsupported_reason: Callable | None = None
     _REASONS[name] = unsupported_reason
 
 
-def unsupported_reason(name: str, inputs, config, backend: str) -> str | None:
-  """Why implementation `name` can't serve these arguments on `backend`, or None."""
+def unsupported_reason(name: str, inputs, config, backend: str,
+                       compute_capability: str | None = None) -> str | None:
+  """Why implementation `name` can't serve these arguments on `backend` (a GPU of
+  `compute_capability`, "major.minor", where given), or None."""
   check = _REASONS.get(name)
-  return None if check is None else check(inputs, config, backend)
+  return None if check is None else check(inputs, config, backend, compute_capability)
 
 
 def get(name: str) -> Callable:
@@ -45,13 +47,13 @@ def _register_builtins():
   register("chunked", chunked.chunked_attention)
   register("chunked_jvp", chunked_jvp.chunked_jvp_attention)
   register("pallas", pallas.pallas_attention,
-           lambda i, c, backend: pallas.unsupported_reason(i, c, backend=backend))
+           lambda i, c, backend, cc: pallas.unsupported_reason(i, c, backend=backend))
   register("cudnn", cudnn.cudnn_attention,
-           lambda i, c, backend: cudnn.unsupported_reason(i, c, backend=backend))
+           lambda i, c, backend, cc: cudnn.unsupported_reason(i, c, backend=backend, compute_capability=cc))
   register("splash", splash.splash_attention,
-           lambda i, c, backend: splash.unsupported_reason(i, c, backend=backend))
+           lambda i, c, backend, cc: splash.unsupported_reason(i, c, backend=backend))
   register("mosaic", mosaic.mosaic_attention,
-           lambda i, c, backend: mosaic.unsupported_reason(i, c, backend=backend))
+           lambda i, c, backend, cc: mosaic.unsupported_reason(i, c, backend=backend))
 
 
 _register_builtins()

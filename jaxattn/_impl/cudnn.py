@@ -43,8 +43,12 @@ def unsupported_reason(inputs: common.AttentionInputs, config: common.AttentionC
   """Why cuDNN can't serve these arguments, or None if it can.
 
   `backend` and `compute_capability` override the detected ones (for tests).
+  With `backend="gpu"` and no compute capability on a machine whose default
+  backend is a GPU, both are detected: a ROCm GPU is refused, and a Hopper's
+  head-dim limit applies.
   """
-  if backend is None:
+  if backend is None or (backend == "gpu" and compute_capability is None
+                         and jax.default_backend() == "gpu"):
     cuda, detected_cc, name = common.cuda_gpu()
     if not cuda:
       return f"cudnn needs a CUDA GPU backend; the default backend is {name}"

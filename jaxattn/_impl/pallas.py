@@ -299,7 +299,15 @@ def _dkv_kernel(refs, p: _Plan, prep: _Prepared):
   fl = common.inexact_leaves(prep.score.leaves) if want_leaves else []
   bias_tiles = "dbias" in refs and p.bias_dims[2] > 1
   if bias_tiles:  # written tile by tile; blocks the loop skips stay 0
-    refs["dbias"][...] = jnp.zeros(refs["dbias"].shape, jnp.float32)
+    # Zeroed one query tile at a time too: the whole (Tp, Gb, bk) block need not
+    # have power-of-two sizes (Tp = nq * bq), which Triton requires of an array.
+    zero = jnp.zeros((p.bq,) + tuple(refs["dbias"].shape[1:]), jnp.float32)
+
+    def clear(i, c):
+      refs["dbias"][pl.ds(i * p.bq, p.bq), :, :] = zero
+      return c
+
+    lax.fori_loop(0, p.nq, clear, 0)
 
   def step(i, carry, masked):
     dk, dv, dbias, dleaves = carry

@@ -248,6 +248,8 @@ def _lift(obj, example_args) -> _Lifted | None:
 def _call_lifted(lifted: _Lifted, leaves, const_refs, args, leaves_are_refs: bool):
   """Calls a lifted mask or modifier inside a kernel on `args`."""
   if lifted.jaxpr is None:
+    if leaves_are_refs:  # scalars as values (a Ref is indexed, not computed with); arrays stay Refs
+      leaves = [x[...] if x.shape == () else x for x in leaves]
     return lifted.treedef.unflatten(list(leaves))(*args)
   vals = [x[...] for x in leaves] if leaves_are_refs else list(leaves)
   flat = jax.tree_util.tree_leaves((vals, args))
