@@ -71,13 +71,12 @@ def window_side(fn: str, name: str, value) -> int | None:
   return non_negative_int(fn, name, value)
 
 
-def _static_float(fn: str, name: str, value) -> float:
-  if isinstance(value, jax.Array) and not isinstance(value, np.ndarray):
-    try:
-      value = float(value)
-    except (jax.errors.ConcretizationTypeError, TypeError):
-      raise TypeError(f"{fn}: {name} must be a static Python number; got a traced "
-                      f"value.") from None
+def static_float(fn: str, name: str, value) -> float:
+  """`value` as a Python float: a number or 0-d array, not traced (a named error otherwise)."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{fn}: {name} must be a static Python number; got a traced value.")
+  if isinstance(value, jax.Array):
+    value = np.asarray(value)
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number,
                                                                    np.ndarray)):
     raise TypeError(f"{fn}: {name} must be a number; got {type(value).__name__}.")
@@ -88,7 +87,7 @@ def _static_float(fn: str, name: str, value) -> float:
 
 def finite_float(fn: str, name: str, value) -> float:
   """`value` as a finite float."""
-  value = _static_float(fn, name, value)
+  value = static_float(fn, name, value)
   if not math.isfinite(value):
     raise ValueError(f"{fn}: {name} must be finite; got {value}.")
   return value
@@ -96,7 +95,7 @@ def finite_float(fn: str, name: str, value) -> float:
 
 def finite_positive_float(fn: str, name: str, value) -> float:
   """`value` as a finite float > 0."""
-  value = _static_float(fn, name, value)
+  value = static_float(fn, name, value)
   if not (math.isfinite(value) and value > 0):
     raise ValueError(f"{fn}: {name} must be a finite positive number; got {value}.")
   return value
@@ -199,3 +198,27 @@ def lift_traced_closure(fn):
   if not traced:
     return None
   return Rebound(fn, tuple(cells)), tuple(params)
+
+
+def _fits_int32(dtype) -> bool:
+  info = np.iinfo(dtype)
+  return info.min >= -2**31 and info.max <= 2**31 - 1
+
+
+def host_ids_as_int32(q_ids, kv_ids):
+  """Host (NumPy, list) integer ids that do not fit int32, ranked on the host.
+
+  jax keeps 64-bit integers only with x64 on; otherwise `jnp.asarray` wraps
+  them to 32 bits, merging ids that differ above bit 31 before
+  `segments_as_int32` could rank them. Jax arrays and ids that fit pass
+  through unchanged (kv_ids may be None).
+  """
+  given = [x for x in (q_ids, kv_ids) if x is not None]
+  if not given or any(isinstance(x, jax.Array) for x in given):
+    return q_ids, kv_ids
+  host = [np.asarray(x) for x in given]
+  if not all(np.issubdtype(a.dtype, np.integer) for a in host) or all(_fits_int32(a.dtype) for a in host):
+    return q_ids, kv_ids
+  table = np.unique(np.concatenate([a.ravel() for a in host]))
+  ranked = [np.searchsorted(table, a).astype(np.int32) for a in host]
+  return ranked[0], (ranked[1] if kv_ids is not None else None)

@@ -124,12 +124,22 @@ def canonical_lengths(fn: str, name: str, x, B: int, L: int, rank3: bool):
   """int32 (B,) lengths clipped to [0, L], or None."""
   if x is None:
     return None
+  if not isinstance(x, jax.Array):
+    host = np.asarray(x)
+    if np.issubdtype(host.dtype, np.integer):
+      # Clipped on the host in a wide type: jax (x64 off) would wrap a 64-bit
+      # length past 2**31 to 32 bits first.
+      wide = host.astype(np.uint64 if host.dtype.kind == "u" else np.int64)
+      x = np.clip(wide, 0, L).astype(np.int32)
   x = _integer_array(fn, name, x)
   if x.shape != (B,):
     want = "(B,) = " + _fmt((B,)) if not rank3 else "(1,) for the 3D (T, N, H) layout"
     raise _err(fn, name, f"must have shape {want}; got {_fmt(x.shape)}.")
-  # Clipped to [0, L] in the caller's width first: a length past the sequence
-  # means all of it (2**32 would wrap to 0 in int32), a negative one none of it.
+  # Clipped to [0, L] before the cast: a length past the sequence means all of it
+  # (2**32 would wrap to 0 in int32), a negative one none of it. Narrow types
+  # are widened first (an int8 clip to L = 200 would wrap).
+  if jnp.dtype(x.dtype).itemsize < 4:
+    x = x.astype(jnp.int32)
   return jnp.clip(x, 0, L).astype(jnp.int32)
 
 
@@ -149,6 +159,8 @@ def canonical_segments(fn: str, query_segment_ids, key_value_segment_ids, B: int
     raise _err(fn, "query_segment_ids", "is required when key_value_segment_ids is given.")
   if query_segment_ids is None:
     return None, None
+  query_segment_ids, key_value_segment_ids = _checks.host_ids_as_int32(query_segment_ids,
+                                                                      key_value_segment_ids)
   q_ids = _check_segments(fn, "query_segment_ids", query_segment_ids, B, T, "T", rank3)
   if key_value_segment_ids is None:
     if S != T:
@@ -178,15 +190,11 @@ def canonical_scale_and_cap(fn: str, scale, logits_soft_cap, H: int):
   """(scale, cap) as finite Python floats; scale defaults to 1 / sqrt(H), cap may be None."""
   if scale is None:
     scale = 1.0 / float(np.sqrt(H))
-  elif isinstance(scale, jax.core.Tracer):
-    raise TypeError(f"{fn}: scale must be a static Python number; got a traced value.")
-  scale = float(scale)
+  scale = _checks.static_float(fn, "scale", scale)
   if not math.isfinite(scale):
     raise _err(fn, "scale", f"must be a finite number; got {scale}.")
   if logits_soft_cap is not None:
-    if isinstance(logits_soft_cap, jax.core.Tracer):
-      raise TypeError(f"{fn}: logits_soft_cap must be a static Python number; got a traced value.")
-    logits_soft_cap = float(logits_soft_cap)
+    logits_soft_cap = _checks.static_float(fn, "logits_soft_cap", logits_soft_cap)
     if not logits_soft_cap > 0:
       raise _err(fn, "logits_soft_cap", f"must be positive; got {logits_soft_cap}.")
     if not math.isfinite(logits_soft_cap):
@@ -206,7 +214,7 @@ def canonical_causal(fn: str, is_causal, causal_alignment, T: int, S: int):
 
 def canonical_dropout_rate(fn: str, dropout_rate, dropout_key) -> float:
   """The rate as a float in [0, 1); a key is required when it is positive."""
-  dropout_rate = float(dropout_rate)
+  dropout_rate = _checks.static_float(fn, "dropout_rate", dropout_rate)
   if not 0.0 <= dropout_rate < 1.0:
     raise _err(fn, "dropout_rate", f"must be in [0, 1); got {dropout_rate}.")
   if dropout_rate > 0.0 and dropout_key is None:
@@ -224,6 +232,9 @@ def canonical_dropout(fn: str, dropout_rate, dropout_key):
     if k.dtype != jnp.uint32:
       raise TypeError(f"{fn}: dropout_key must be a key from jax.random.key or "
                       f"jax.random.PRNGKey; got dtype {k.dtype}.")
+    if k.ndim == 0 or k.shape[-1] != 2:
+      raise _err(fn, "dropout_key", f"as raw uint32 key data must have shape (2,) "
+                 f"(jax.random.PRNGKey); got {_fmt(k.shape)}.")
     k = jax.random.wrap_key_data(k)
   if k.shape != ():
     raise _err(fn, "dropout_key", f"must be a single key (shape ()); got key shape {_fmt(k.shape)}.")

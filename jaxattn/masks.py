@@ -370,6 +370,7 @@ def documents(q_segment_ids, kv_segment_ids=None) -> Mask:
     ValueError: ids are not 2-D or their batch sizes differ.
   """
   fn = "documents"
+  q_segment_ids, kv_segment_ids = _checks.host_ids_as_int32(q_segment_ids, kv_segment_ids)
   ids = []
   for name, x in (("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids)):
     if x is None:

@@ -87,6 +87,13 @@ def _reference_problem(query, key, value, bias, mask, kwargs):
   v = _np(inputs.value).astype(np.float64)
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
+  # Padding past the lengths is replaced by 0, as the library promises: NaN/inf
+  # there reaches no output or gradient (a masked weight is 0, but 0 * NaN is NaN).
+  if inputs.query_seq_lengths is not None:
+    q = np.where((np.arange(T)[None, :] < np.asarray(inputs.query_seq_lengths)[:, None])[..., None, None], q, 0.0)
+  if inputs.key_value_seq_lengths is not None:
+    live = (np.arange(S)[None, :] < np.asarray(inputs.key_value_seq_lengths)[:, None])[..., None, None]
+    k, v = np.where(live, k, 0.0), np.where(live, v, 0.0)
   G = N // K
   kk, vv = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
   raw = np.einsum("btnh,bsnh->bnts", q, kk) * config.scale

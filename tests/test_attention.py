@@ -113,3 +113,40 @@ def test_testing_draws_are_deterministic_and_work_under_jit():
   assert traced.shape == (3, 4) and traced.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(traced, np.float32)))
   seg = testing.random_segment_ids(jax.random.key(5), 2, 9)
   assert seg.dtype == jnp.int32 and np.all(np.diff(np.asarray(seg), axis=1) >= 0)
+
+
+def test_lengths_and_segment_ids_of_any_integer_width_keep_their_meaning():
+  """Narrow lengths are not wrapped by the clip to [0, S]; NumPy int64 lengths and ids
+  (which jax, x64 off, would wrap to 32 bits) are clipped and ranked on the host."""
+
+  q, k, v = testing.random_qkv(jax.random.key(0), B=1, T=4, S=200, N=1, K=1, H=4)
+  want = jaxattn.dot_product_attention(q, k, v, key_value_seq_lengths=jnp.array([100]), implementation="xla")
+  for n in (np.array([100], np.int8), jnp.array([100], jnp.int8), np.array([100], np.uint8)):
+    got = jax.jit(lambda q, n: jaxattn.dot_product_attention(q, k, v, key_value_seq_lengths=n,
+                                                             implementation="xla"))(q, n)
+    np.testing.assert_array_equal(got, want)
+  full = jaxattn.dot_product_attention(q, k, v, implementation="xla")
+  got = jaxattn.dot_product_attention(q, k, v, key_value_seq_lengths=np.array([2**32 + 1], np.int64),
+                                      implementation="xla")
+  np.testing.assert_array_equal(got, full)
+  q, k, v = testing.random_qkv(jax.random.key(1), B=1, T=4, S=4, N=1, K=1, H=4)
+  two_docs = jaxattn.dot_product_attention(q, k, v, query_segment_ids=jnp.array([[0, 0, 1, 1]]),
+                                           implementation="xla")
+  wide = np.array([[0, 0, 2**32, 2**32]], np.int64)
+  for kw in (dict(query_segment_ids=wide), dict(mask_fn=jaxattn.masks.documents(wide))):
+    np.testing.assert_array_equal(jaxattn.dot_product_attention(q, k, v, implementation="xla", **kw), two_docs)
+
+
+def test_reference_zeroes_padding_like_the_library():
+
+  q, k, v = testing.random_qkv(jax.random.key(2), B=2, T=5, S=6, N=2, K=1, H=4)
+  kw = dict(query_seq_lengths=jnp.array([3, 5]), key_value_seq_lengths=jnp.array([4, 2]))
+  dirty = [jnp.where(jnp.arange(x.shape[1])[None, :, None, None] >= n[:, None, None, None], jnp.nan, x)
+           for x, n in ((q, kw["query_seq_lengths"]), (k, kw["key_value_seq_lengths"]),
+                        (v, kw["key_value_seq_lengths"]))]
+  clean = testing.reference_attention(q, k, v, **kw)
+  np.testing.assert_array_equal(testing.reference_attention(*dirty, **kw), clean)
+  d_out = testing.random_normal(jax.random.key(3), (2, 5, 2, 4))
+  grads = testing.reference_attention_vjp(*dirty, d_out=d_out, **kw)
+  assert all(np.all(np.isfinite(grads[n])) for n in ("query", "key", "value"))
+  testing.assert_attention_close(jaxattn.dot_product_attention(*dirty, **kw), clean)
