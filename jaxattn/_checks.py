@@ -8,10 +8,9 @@ imported, so any module may use this one.
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import numbers
 import types
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +76,7 @@ def static_float(fn: str, name: str, value) -> float:
     raise TypeError(f"{fn}: {name} must be a static Python number; got a traced value.")
   if isinstance(value, jax.Array):
     value = np.asarray(value)
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number,
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.number,
                                                                    np.ndarray)):
     raise TypeError(f"{fn}: {name} must be a number; got {type(value).__name__}.")
   if np.ndim(value) != 0:
@@ -151,24 +150,50 @@ def segments_as_int32(q_ids, kv_ids):
   return rank(q_ids), rank(kv_ids)
 
 
-@dataclasses.dataclass(frozen=True)
-class Rebound:
-  """`fn` with the closure cells at `cells` taken from `params` at each call.
+_EMPTY = object()  # an empty closure cell, or a lifted one, in Rebound.contents
 
-  Made by `lift_traced_closure`: calls as `Rebound(params, *args)`, hashable
-  by `fn` and `cells` (a static pytree field), so the traced values a user
-  function closed over travel as data instead of hiding in static metadata.
+
+class Rebound:
+  """A user function whose traced closure cells come from `params` at each call.
+
+  Made by `lift_traced_closure`; called as `Rebound(params, *args)`. It keeps
+  the function's code, globals, defaults and its other cells' contents, not
+  the function, whose closure still refers to the tracers: nothing traced
+  stays in static metadata (jit caches). Two are equal when made from the
+  same code with the same other cells (compared by identity), so a function
+  re-created on every call (a lambda in a step function) reuses compiled
+  code.
   """
-  fn: Callable
-  cells: tuple[int, ...]
+
+  def __init__(self, fn, lifted: tuple[int, ...]):
+    self.code, self.globals, self.__name__ = fn.__code__, fn.__globals__, fn.__name__
+    self.defaults, self.kwdefaults = fn.__defaults__, fn.__kwdefaults__
+    self.lifted = lifted
+    contents = []
+    for i, cell in enumerate(fn.__closure__):
+      try:
+        contents.append(_EMPTY if i in lifted else cell.cell_contents)
+      except ValueError:  # an empty cell: a name the function has not had bound
+        contents.append(_EMPTY)
+    self.contents = tuple(contents)
+
+  def _key(self):
+    return (self.code, id(self.globals), self.lifted, tuple(id(c) for c in self.contents),
+            id(self.defaults), id(self.kwdefaults))
+
+  def __eq__(self, other):
+    return isinstance(other, Rebound) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
 
   def __call__(self, params, *args):
-    contents = [c.cell_contents for c in self.fn.__closure__]
-    for i, value in zip(self.cells, params):
-      contents[i] = value
-    f = types.FunctionType(self.fn.__code__, self.fn.__globals__, self.fn.__name__,
-                           self.fn.__defaults__, tuple(types.CellType(c) for c in contents))
-    f.__kwdefaults__ = self.fn.__kwdefaults__
+    values = dict(zip(self.lifted, params))
+    cells = tuple(types.CellType(values[i]) if i in values
+                  else types.CellType() if c is _EMPTY else types.CellType(c)
+                  for i, c in enumerate(self.contents))
+    f = types.FunctionType(self.code, self.globals, self.__name__, self.defaults, cells)
+    f.__kwdefaults__ = self.kwdefaults
     return f(*args)
 
 
@@ -178,24 +203,25 @@ def lift_traced_closure(fn):
   A mask or score function that closes over a value traced by an enclosing
   `jax.jit` (per-batch lengths, say) would carry that tracer into a custom
   VJP's backward as a constant, which JAX cannot lower. Its closure cells
-  that hold arrays (or pytrees of arrays), at least one of them traced, become
-  the params; the other cells stay as they are. Functions reached through
-  other objects are not inspected.
+  holding traced arrays (or pytrees of arrays, one of them traced) become the
+  params; every other cell (concrete arrays too, which the function may use in
+  Python) stays as it is. Functions reached through other objects (partials,
+  methods, helpers it calls) are not inspected.
   """
   if not isinstance(fn, types.FunctionType) or not fn.__closure__:
     return None
-  cells, params, traced = [], [], False
+  cells, params = [], []
   for i, cell in enumerate(fn.__closure__):
     try:
       value = cell.cell_contents
     except ValueError:  # an empty cell (a name not yet bound)
       continue
     leaves = jax.tree_util.tree_leaves(value)
-    if leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves):
+    if (leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
+        and any(isinstance(x, jax.core.Tracer) for x in leaves)):
       cells.append(i)
       params.append(value)
-      traced = traced or any(isinstance(x, jax.core.Tracer) for x in leaves)
-  if not traced:
+  if not cells:
     return None
   return Rebound(fn, tuple(cells)), tuple(params)
 

@@ -514,9 +514,11 @@ def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | Non
   if query.dtype != dtype:
     raise TypeError(f"{fn}: query must have the cache's dtype {dtype}; got {query.dtype}.")
   n = _seq_lengths(fn, "query_seq_lengths", query_seq_lengths, B, T)
-  _check_values(fn, cache, L, new=n, T=T, reading=True,
-                name="query_seq_lengths" if query_seq_lengths is not None
-                else f"query_seq_lengths (default T = {T})")
+  # Only given counts are checked: with the default (T), a row whose cache holds fewer
+  # tokens (an idle slot of a serving batch) gives 0 for the queries before position 0,
+  # outside jit as under it.
+  _check_values(fn, cache, L, new=None if query_seq_lengths is None else n, T=T,
+                name="query_seq_lengths", reading=True)
   scale, logits_soft_cap = _attention.canonical_scale_and_cap(fn, scale, logits_soft_cap, H)
   # Causal by construction: only the window's left side matters here.
   window = _attention.canonical_window(fn, local_window_size)

@@ -450,9 +450,8 @@ class FunctionMask(Mask):
     return ~any_[qb, kb], all_[qb, kb]
 
   def validate(self, fn, B, N, T, S):
-    user = self.fn.fn if isinstance(self.fn, _checks.Rebound) else self.fn
     check_index_function(fn, "mask_fn", self.fn, (self.params,) if self.takes_params else (),
-                         B, N, T, S, score=False, name=_checks.callable_name(user))
+                         B, N, T, S, score=False)
 
 
 def check_index_function(fn, arg, f, lead, B, N, T, S, *, score, name=None):

@@ -538,9 +538,9 @@ def ring_attention(
   P = _ring_size(axis_name)  # bound: we are inside shard_map
   _check_varying(axis_name, inputs)
   B = inputs.query.shape[0]
-  if layout == "zigzag" and (query_seq_lengths is not None or key_value_seq_lengths is not None):
-    for name, n in (("query", T), ("key", S)):
-      if n % 2:
+  if layout == "zigzag":
+    for name, n, given in (("query", T, query_seq_lengths), ("key", S, key_value_seq_lengths)):
+      if given is not None and n % 2:
         raise ValueError(f"{_FN}: the zigzag layout needs an even local {name} length (two "
                          f"chunks per device) to place sequence lengths; got {n}.")
   q, k, v = inputs.query, inputs.key, inputs.value
@@ -661,10 +661,11 @@ def sharded_ring_attention(
   rank3 = query.ndim == 3
   if rank3 and key.ndim == 3 and value.ndim == 3:
     query, key, value = query[None], key[None], value[None]
+    add_batch = lambda x: (x if isinstance(x, jax.Array) else np.asarray(x))[None]  # host ids stay host
     if query_segment_ids is not None:
-      query_segment_ids = jnp.asarray(query_segment_ids)[None]
+      query_segment_ids = add_batch(query_segment_ids)
     if key_value_segment_ids is not None:
-      key_value_segment_ids = jnp.asarray(key_value_segment_ids)[None]
+      key_value_segment_ids = add_batch(key_value_segment_ids)
   if query.ndim != 4 or key.ndim != 4:
     raise ValueError(f"{fn}: query, key and value must have shapes (B, T, N, H) and "
                      f"(B, S, K, H) (or their 3D forms); got {query.shape}, {key.shape}.")
@@ -709,7 +710,13 @@ def sharded_ring_attention(
              ("block_sizes", block_sizes))
   given = (query_segment_ids is not None, query_seq_lengths is not None,
            key_value_seq_lengths is not None)
-  lengths = [None if x is None else jnp.asarray(x) for x in (query_seq_lengths, key_value_seq_lengths)]
+  # Host values jax would wrap (64-bit with x64 off) are clipped and ranked here, before
+  # the jitted shard_map; ids are ranked over the whole sequence, not per device.
+  lengths = [_attention.canonical_lengths(fn, name, x, query.shape[0], L, False)
+             for name, x, L in (("query_seq_lengths", query_seq_lengths, query.shape[1]),
+                                ("key_value_seq_lengths", key_value_seq_lengths, key.shape[1]))]
+  query_segment_ids, key_value_segment_ids = _checks.host_ids_as_int32(query_segment_ids,
+                                                                      key_value_segment_ids)
   f = _sharded_fn(mesh, axis_name, batch_axis, head_axis, given, options)
   try:
     result = f(query, key, value, query_segment_ids, key_value_segment_ids, *lengths)

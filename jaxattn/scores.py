@@ -216,7 +216,7 @@ class FunctionScore(ScoreMod):
 
   def validate(self, fn, B, N, T, S):
     from jaxattn import masks  # masks holds the shared probe; imported late (no import cycle)
-    user = self.fn.fn if isinstance(self.fn, (_WithoutParams, _checks.Rebound)) else self.fn
+    user = self.fn.fn if isinstance(self.fn, _WithoutParams) else self.fn
     masks.check_index_function(fn, "score_fn", self.fn, (self.params,), B, N, T, S, score=True,
                                name=_checks.callable_name(user))
 

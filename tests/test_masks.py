@@ -313,3 +313,30 @@ def test_functions_closing_over_traced_arrays_work_under_jit_and_grad(implementa
   out = jax.jit(lambda q: jaxattn.dot_product_attention(q, k, v, mask_fn=m, implementation=implementation))(q)
   ref = jaxattn.dot_product_attention(q, k, v, key_value_seq_lengths=n, implementation="xla")
   np.testing.assert_allclose(out, ref, atol=2e-6, rtol=2e-6)
+
+
+def test_lifting_keeps_concrete_and_empty_closure_cells():
+  """Only traced cells are lifted: a concrete NumPy array the function uses in Python
+  stays concrete, and a closure cell that was never bound stays empty."""
+  q, k, v = testing.random_qkv(jax.random.key(4), B=1, T=16, S=16, N=1, K=1, H=8)
+  table = np.array([3, 4])
+
+  def run(q, n, window):
+    if window is not None:
+      w = window
+
+    def mask(b, h, i, j):
+      limit = n[b] if int(table.sum()) > 2 else 0   # Python on a concrete array
+      keep = j < limit
+      if window is not None:
+        keep = keep & (i - j <= w)
+      return keep
+
+    return jaxattn.dot_product_attention(q, k, v, mask_fn=mask, implementation="chunked", block_sizes=(8, 8))
+
+  n = jnp.array([11])
+  for window in (None, 4):
+    got = jax.jit(run, static_argnums=2)(q, n, window)
+    want = jaxattn.dot_product_attention(q, k, v, key_value_seq_lengths=n, implementation="xla",
+                                         local_window_size=None if window is None else (window, None))
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-6)

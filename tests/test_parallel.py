@@ -210,6 +210,20 @@ def test_ring_inside_a_differentiated_scan_over_layers(layout):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_sharded_ring_host_int64_lengths_and_ids_keep_their_meaning(mesh):
+  """NumPy int64 lengths past 2**31 and ids that differ above bit 31 (jax, x64 off,
+  would wrap both) are clipped and ranked on the host, over the whole sequence."""
+  args, _, _ = _problem(jax.random.key(14))
+  q, k, v = args["query"], args["key"], args["value"]
+  run = lambda **kw: parallel.sharded_ring_attention(q, k, v, mesh=mesh, axis_name="seq", **kw)
+  np.testing.assert_allclose(run(key_value_seq_lengths=np.array([2**32 + 3, 2**33], np.int64)), run(),
+                             atol=ATOL, rtol=ATOL)
+  ids = np.repeat(np.array([[0, 2**32], [5, 2**32 + 5]], np.int64), T // 2, axis=1)
+  want = jaxattn.dot_product_attention(q, k, v, query_segment_ids=jnp.asarray(ids != ids[:, :1], jnp.int32),
+                                       implementation="xla")
+  np.testing.assert_allclose(run(query_segment_ids=ids), want, atol=ATOL, rtol=ATOL)
+
+
 def test_ring_float64_inputs_compute_in_float64(mesh):
   with jax.enable_x64(True):
     args, d_out, _ = _problem(jax.random.key(12))
