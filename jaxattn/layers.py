@@ -347,8 +347,9 @@ def _check_attention_options(fn, batched, lead, N, T, S, H, *, bias, mask, scale
       raise TypeError(f"{fn}: mask must be boolean (True = attend); got {dtype}.")
   for name, a in (("query_seq_lengths", query_seq_lengths),
                   ("key_value_seq_lengths", key_value_seq_lengths)):
-    if a is not None and not jnp.issubdtype(jnp.result_type(a), jnp.integer):
-      raise TypeError(f"{fn}: {name} must have an integer dtype; got {jnp.result_type(a)}.")
+    dtype = None if a is None else (a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
+      raise TypeError(f"{fn}: {name} must have an integer dtype; got {dtype}.")
   for name, a, L, letter in (("query_segment_ids", query_segment_ids, T, "T"),
                              ("key_value_segment_ids", key_value_segment_ids, S, "S")):
     if a is None:
@@ -382,7 +383,7 @@ def _lengths(fn, name, value, batched, B=None):
   """() or (1,) per example; (B,) with a leading batch dim, as given."""
   if value is None:
     return None
-  value = jnp.asarray(value)
+  value = value if isinstance(value, jax.Array) else np.asarray(value)  # host ints stay wide
   if batched and value.shape != (B,):
     raise ValueError(f"{fn}: {name} must have shape (B,) = ({B},) for x of shape (B, T, D); "
                      f"got shape {_checks.fmt(value.shape)}.")
@@ -535,8 +536,12 @@ def multi_head_attention(
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"{fn}: dtype must be floating point; got {dtype}.")
-  q_len = _lengths(fn, "query_seq_lengths", query_seq_lengths, batched, B)
-  kv_len = _lengths(fn, "key_value_seq_lengths", key_value_seq_lengths, batched, B)
+  # int32 (B,), clipped to [0, T] / [0, S] (as dot_product_attention reads them).
+  q_len = _attention.canonical_lengths(
+      fn, "query_seq_lengths", _lengths(fn, "query_seq_lengths", query_seq_lengths, batched, B), B, T, False)
+  kv_len = _attention.canonical_lengths(
+      fn, "key_value_seq_lengths", _lengths(fn, "key_value_seq_lengths", key_value_seq_lengths, batched, B),
+      B, S, False)
   # Padding rows are zeroed before the projections: dot_product_attention keeps
   # NaN/inf there out of q, k and v's gradients, but x^T dq would still meet it.
   p, q, k, v = _qkv_projections(params, _zero_past(x, q_len), _zero_past(context, kv_len), dtype,

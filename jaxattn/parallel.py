@@ -285,6 +285,14 @@ def _check_varying(axis_name, inputs):
         f"{_FN}: axis_name {axis_name!r} must be a mesh axis the sequence is sharded over; "
         f"query, key and value vary over {tuple(sorted(vma, key=str))} only (shard_map's "
         f"in_specs). Pass the axis their sequence dimension is split over.")
+  if vma:
+    for name, x in (("query", inputs.query), ("key", inputs.key), ("value", inputs.value)):
+      if not set(names) <= _vma(x):
+        raise ValueError(
+            f"{_FN}: {name} must be sharded over axis_name {axis_name!r} like the others (each "
+            f"device holds its own block of the sequence); it varies over "
+            f"{tuple(sorted(_vma(x), key=str))} only. A replicated {name} is not a ring problem: "
+            f"use dot_product_attention on the gathered arrays.")
 
 
 def _ring_size(axis_name) -> int:

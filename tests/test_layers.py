@@ -404,3 +404,13 @@ def test_mask_and_score_functions_and_the_residual_pass_through():
   np.testing.assert_allclose(lse, want_lse, atol=1e-5, rtol=1e-5)
   with pytest.raises(TypeError, match="multi_head_attention: mask_fn must be a jaxattn.masks.Mask"):
     multi_head_attention(p, x, mask_fn=3)
+
+
+def test_lengths_as_lists_and_wide_host_ints():
+  p = random_params(23)
+  x = jnp.asarray(np.random.default_rng(23).normal(size=(B, T, D)), jnp.float32)
+  want = multi_head_attention(p, x, key_value_seq_lengths=jnp.array([3, T]))
+  np.testing.assert_array_equal(multi_head_attention(p, x, key_value_seq_lengths=[3, T]), want)
+  # 2**32 + 3 means "all of it" (jax, x64 off, would wrap it to 3).
+  np.testing.assert_array_equal(
+      multi_head_attention(p, x, key_value_seq_lengths=np.array([3, 2**32 + 3], np.int64)), want)

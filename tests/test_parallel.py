@@ -428,6 +428,12 @@ def test_errors_name_the_function_and_argument(mesh):
   with pytest.raises(ValueError, match=r"ring_attention: axis_name 'data' must be a mesh axis the "
                                        r"sequence is sharded over; query, key and value vary over \('seq',\)"):
     jax.jit(f).trace(q, k, v)
+  g = jax.shard_map(lambda q, k, v: parallel.ring_attention(q, k, v, axis_name="seq"), mesh=auto,
+                    in_specs=(PartitionSpec(), PartitionSpec(None, "seq"), PartitionSpec(None, "seq")),
+                    out_specs=PartitionSpec())
+  with pytest.raises(ValueError, match=r"ring_attention: query must be sharded over axis_name 'seq' like "
+                                       r"the others"):
+    jax.jit(g).trace(q, k, v)
   with pytest.raises(ValueError, match=r"ring_attention: key_value_seq_lengths must have shape \(B,\) = \(2\); got \(3\)"):
     jax.jit(jax.shard_map(lambda q, k, v: parallel.ring_attention(
         q, k, v, axis_name="seq", key_value_seq_lengths=jnp.ones(3, jnp.int32)), mesh=auto,
