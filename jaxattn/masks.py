@@ -413,7 +413,7 @@ def _block_min_max(ids, block):
 # User functions and combinators.
 
 
-@_pytree(data=("params",), meta=("fn", "block_fn", "takes_params"))
+@_pytree(data=("params", "block_params"), meta=("fn", "block_fn", "takes_params"))
 class FunctionMask(Mask):
   """A user mask function, optionally with a block classifier.
 
@@ -422,12 +422,15 @@ class FunctionMask(Mask):
   `block_fn(q_first, q_last, kv_first, kv_last) -> (empty, full)` gets the
   inclusive position ranges of blocks and must be sound. With
   `takes_params`, `fn(params, b, h, q_idx, kv_idx)`: `params` is a pytree of
-  arrays (data, traced like any argument).
+  arrays (data, traced like any argument). `block_params` is not None only
+  for a lifted `block_fn` (`lift_traced_closures`), called as
+  `block_fn(block_params, ...)`.
   """
   fn: Callable
   block_fn: Callable | None = None
   params: Any = None
   takes_params: bool = False
+  block_params: Any = None
 
   def __call__(self, b, h, q_idx, kv_idx):
     if self.takes_params:
@@ -443,7 +446,10 @@ class FunctionMask(Mask):
     if self.block_fn is not None:
       q0, q1 = g.q_range(qb)
       k0, k1 = g.kv_range(kb)
-      empty, full = self.block_fn(q0, q1, k0, k1)
+      if self.block_params is not None:
+        empty, full = self.block_fn(self.block_params, q0, q1, k0, k1)
+      else:
+        empty, full = self.block_fn(q0, q1, k0, k1)
       shape = jnp.broadcast_shapes(jnp.shape(qb), jnp.shape(kb))
       return jnp.broadcast_to(empty, shape), jnp.broadcast_to(full, shape)
     any_, all_ = summary
@@ -528,10 +534,16 @@ def lift_traced_closures(mask: Mask | None) -> Mask | None:
     return None
 
   def lift(m):
-    if not isinstance(m, FunctionMask) or m.takes_params:
+    if not isinstance(m, FunctionMask):
       return m
-    lifted = _checks.lift_traced_closure(m.fn)
-    return m if lifted is None else FunctionMask(lifted[0], m.block_fn, lifted[1], True)
+    fn, params, takes = m.fn, m.params, m.takes_params
+    if not takes and (lifted := _checks.lift_traced_closure(fn)) is not None:
+      (fn, params), takes = lifted, True
+    block_fn, block_params = m.block_fn, m.block_params
+    if block_fn is not None and block_params is None:
+      if (lifted := _checks.lift_traced_closure(block_fn)) is not None:
+        block_fn, block_params = lifted
+    return FunctionMask(fn, block_fn, params, takes, block_params)
 
   return jax.tree_util.tree_map(lift, mask, is_leaf=lambda m: isinstance(m, FunctionMask))
 

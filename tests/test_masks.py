@@ -340,3 +340,20 @@ def test_lifting_keeps_concrete_and_empty_closure_cells():
     want = jaxattn.dot_product_attention(q, k, v, key_value_seq_lengths=n, implementation="xla",
                                          local_window_size=None if window is None else (window, None))
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-6)
+
+
+def test_a_block_classifier_closing_over_traced_lengths_is_lifted_too():
+  q, k, v = testing.random_qkv(jax.random.key(5), B=2, T=32, S=32, N=1, K=1, H=4)
+
+  def loss(q, n):
+    mask = jm.from_function(
+        lambda b, h, i, j: j < n[b],
+        block_fn=lambda q0, q1, k0, k1: (k0 >= jnp.max(n), k1 < jnp.min(n)))
+    out = jaxattn.dot_product_attention(q, k, v, mask_fn=mask, implementation="chunked", block_sizes=(8, 8))
+    return jnp.sum(out * out)
+
+  n = jnp.array([9, 27])
+  got = jax.jit(jax.grad(loss))(q, n)
+  want = jax.grad(lambda q: jnp.sum(jaxattn.dot_product_attention(
+      q, k, v, key_value_seq_lengths=n, implementation="xla") ** 2))(q)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
