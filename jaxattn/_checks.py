@@ -139,11 +139,9 @@ def segments_as_int32(q_ids, kv_ids):
   and their order (block classification) where a cast would merge
   documents whose ids differ only above bit 31.
   """
-  dt = jnp.dtype(q_ids.dtype)
-  fits = lambda d: jnp.iinfo(d).min >= -2**31 and jnp.iinfo(d).max <= 2**31 - 1
-  if fits(dt) and fits(kv_ids.dtype):
+  if _fits_int32(q_ids.dtype) and _fits_int32(kv_ids.dtype):
     return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
-  common_dt = jnp.promote_types(dt, kv_ids.dtype)
+  common_dt = jnp.promote_types(q_ids.dtype, kv_ids.dtype)
   q_ids, kv_ids = q_ids.astype(common_dt), kv_ids.astype(common_dt)
   table = jnp.sort(jnp.concatenate([q_ids.ravel(), kv_ids.ravel()]))
   rank = lambda x: jnp.searchsorted(table, x, side="left").astype(jnp.int32)

@@ -14,6 +14,7 @@ from jaxattn import _checks
 from jaxattn import attention as _attention
 from jaxattn import decode as _decode
 from jaxattn import rope as _rope
+from jaxattn._impl import common
 from jaxattn.softmax import softmax as _softmax
 
 
@@ -317,7 +318,7 @@ def _qkv_projections(params: MultiHeadParams, x, context, dtype, qk_norm_type: s
 
 
 def _check_attention_options(fn, batched, lead, N, T, S, H, *, bias, mask, scale, is_causal,
-                             query_seq_lengths, key_value_seq_lengths, local_window_size,
+                             local_window_size,
                              query_segment_ids, key_value_segment_ids, logits_soft_cap,
                              causal_alignment, dropout_rate, dropout_key, implementation,
                              block_sizes):
@@ -345,11 +346,6 @@ def _check_attention_options(fn, batched, lead, N, T, S, H, *, bias, mask, scale
                       f"got {dtype}.")
     if name == "mask" and dtype != jnp.bool_:
       raise TypeError(f"{fn}: mask must be boolean (True = attend); got {dtype}.")
-  for name, a in (("query_seq_lengths", query_seq_lengths),
-                  ("key_value_seq_lengths", key_value_seq_lengths)):
-    dtype = None if a is None else (a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype)
-    if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
-      raise TypeError(f"{fn}: {name} must have an integer dtype; got {dtype}.")
   for name, a, L, letter in (("query_segment_ids", query_segment_ids, T, "T"),
                              ("key_value_segment_ids", key_value_segment_ids, S, "S")):
     if a is None:
@@ -522,8 +518,7 @@ def multi_head_attention(
 
   _check_attention_options(
       fn, batched, x.shape[:-2], N, T, S, H, bias=bias, mask=mask, scale=scale,
-      is_causal=is_causal, query_seq_lengths=query_seq_lengths,
-      key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+      is_causal=is_causal, local_window_size=local_window_size,
       query_segment_ids=query_segment_ids, key_value_segment_ids=key_value_segment_ids,
       logits_soft_cap=logits_soft_cap, causal_alignment=causal_alignment,
       dropout_rate=dropout_rate, dropout_key=dropout_key, implementation=implementation,
@@ -544,7 +539,8 @@ def multi_head_attention(
       B, S, False)
   # Padding rows are zeroed before the projections: dot_product_attention keeps
   # NaN/inf there out of q, k and v's gradients, but x^T dq would still meet it.
-  p, q, k, v = _qkv_projections(params, _zero_past(x, q_len), _zero_past(context, kv_len), dtype,
+  zero = lambda a, n: common.zero_past(a, n) if batched else common.zero_past(a[None], n)[0]
+  p, q, k, v = _qkv_projections(params, zero(x, q_len), zero(context, kv_len), dtype,
                                 qk_norm_type, qk_norm_epsilon)
 
   if rope is not None:
@@ -563,16 +559,6 @@ def multi_head_attention(
     out, lse = out
     return _project(out, p.w_out, p.b_out, "...tnh,nho->...to"), lse
   return _project(out, p.w_out, p.b_out, "...tnh,nho->...to")
-
-
-def _zero_past(x, n):
-  """x (..., L, D) with rows at or past the lengths n ((1,) for one example, (B,)) zeroed."""
-  if n is None:
-    return x
-  L = x.shape[-2]
-  live = jnp.arange(L)[None, :] < jnp.asarray(n).reshape(-1, 1)      # (B or 1, L)
-  live = live.reshape(x.shape[:-2] + (L, 1))
-  return jnp.where(live, x, jnp.zeros((), x.dtype))
 
 
 # ---------------------------------------------------------------------------

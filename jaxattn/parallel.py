@@ -242,14 +242,6 @@ def _real_prefix(lengths, n: int, layout: str, axis_name):
   return jnp.sum(pos[None, :] < lengths[:, None], axis=1, dtype=jnp.int32)
 
 
-def _zero_past(x, n):
-  """x (B, L, ...) with rows at or past n (B,) replaced by 0 (garbage in padding stays there)."""
-  if n is None:
-    return x
-  live = (jnp.arange(x.shape[1])[None, :] < n[:, None]).reshape(n.shape + (x.shape[1],) + (1,) * (x.ndim - 2))
-  return jnp.where(live, x, jnp.zeros((), x.dtype))
-
-
 def _vma(*xs) -> frozenset:
   """The mesh axes the arrays vary over, inside shard_map (empty outside)."""
   out: frozenset = frozenset()
@@ -556,7 +548,7 @@ def ring_attention(
                                                  P * T, rank3), T, layout, axis_name)
   kn = _real_prefix(_attention.canonical_lengths(_FN, "key_value_seq_lengths", key_value_seq_lengths,
                                                  B, P * S, rank3), S, layout, axis_name)
-  q, k, v = _zero_past(q, qn), _zero_past(k, kn), _zero_past(v, kn)
+  q, k, v = common.zero_past(q, qn), common.zero_past(k, kn), common.zero_past(v, kn)
   st = _Ring(axis_name=axis_name, layout=layout, is_causal=bool(is_causal),
              config=dataclasses.replace(config, is_causal=False, q_offset=0),
              block_sizes=block_sizes, T=T, S=S)
@@ -682,8 +674,6 @@ def sharded_ring_attention(
   _attention.normalize(query, key, value, scale=scale, is_causal=is_causal,
                        query_segment_ids=query_segment_ids,
                        key_value_segment_ids=key_value_segment_ids,
-                       query_seq_lengths=query_seq_lengths,
-                       key_value_seq_lengths=key_value_seq_lengths,
                        logits_soft_cap=logits_soft_cap, fn=fn)
   if is_causal and query.shape[1] != key.shape[1]:
     raise ValueError(f"{fn}: is_causal needs query and key lengths to match "

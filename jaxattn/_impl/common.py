@@ -112,15 +112,18 @@ def zero_padding(inputs: AttentionInputs) -> AttentionInputs:
   implementation sees it. Gradients for those slots are 0, as for any
   masked slot.
   """
-  q, k, v = inputs.query, inputs.key, inputs.value
-  if inputs.key_value_seq_lengths is not None:
-    live = (jnp.arange(k.shape[1])[None, :] < inputs.key_value_seq_lengths[:, None])[:, :, None, None]
-    k = jnp.where(live, k, jnp.zeros((), k.dtype))
-    v = jnp.where(live, v, jnp.zeros((), v.dtype))
-  if inputs.query_seq_lengths is not None:
-    live = (jnp.arange(q.shape[1])[None, :] < inputs.query_seq_lengths[:, None])[:, :, None, None]
-    q = jnp.where(live, q, jnp.zeros((), q.dtype))
-  return inputs._replace(query=q, key=k, value=v)
+  kv_len = inputs.key_value_seq_lengths
+  return inputs._replace(query=zero_past(inputs.query, inputs.query_seq_lengths),
+                         key=zero_past(inputs.key, kv_len), value=zero_past(inputs.value, kv_len))
+
+
+def zero_past(x, n):
+  """x (B, L, ...) with the rows at or past the lengths n (B,) replaced by 0 (x when n is None)."""
+  if n is None:
+    return x
+  live = jnp.arange(x.shape[1])[None, :] < jnp.reshape(n, (-1, 1))         # (B, L)
+  live = live.reshape(live.shape + (1,) * (x.ndim - 2))
+  return jnp.where(live, x, jnp.zeros((), x.dtype))
 
 
 def combined_score(inputs: AttentionInputs, config: AttentionConfig):
