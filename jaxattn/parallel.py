@@ -2,7 +2,7 @@
 
 Ring Attention (Liu, Zaharia & Abbeel 2023, arXiv 2310.01889): each of the P
 devices on a mesh axis holds T/P queries and T/P keys and values. The K/V
-blocks travel around the ring with `lax.ppermute` (P steps); at each step a
+blocks travel around the ring with `lax.ppermute` (P steps, P - 1 sends); at each step a
 device attends its queries to the visiting block with the chunked
 (FlashAttention-2) kernel, which returns the logsumexp, and merges the partial
 result into its running one exactly:
@@ -10,9 +10,9 @@ result into its running one exactly:
   lse = logaddexp(lse_a, lse_b),
   out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b.
 
-The backward (a `jax.custom_vjp`) rotates K/V once more, with dK/dV
-accumulators travelling alongside that arrive back at their owner after P
-steps; every step calls the chunked backward with the *global* output and
+The backward (a `jax.custom_vjp`) rotates K/V once more (P - 1 sends), with
+dK/dV accumulators travelling alongside that arrive back at their owner after P
+sends; every step calls the chunked backward with the *global* output and
 logsumexp, so each step's share of the gradient is exact. Per-device memory
 stays O(T/P); nothing of size T is ever gathered. The next block is sent before
 the current one is used, so XLA may overlap the transfer with the compute.
@@ -354,16 +354,22 @@ def _ring_forward(st: _Ring, q, k, v, qseg, kseg, qn, kn):
   nxt = _rotate(kv, st.axis_name, P) if P > 1 else kv
   acc = _forward_step(st, own, q, qaux, kv, acc)
 
+  def step(s, kv, acc):  # the block that left device d - s
+    branches = [functools.partial(_forward_step, st, b, q, qaux, kv) for b in later]
+    if len(branches) == 1:
+      return branches[0](acc)
+    return lax.switch(jnp.where(s <= d, 0, 1), branches, acc)
+
   def body(s, carry):
     kv, acc = carry
     nxt = _rotate(kv, st.axis_name, P)  # sent before use: may overlap the compute
-    branches = [functools.partial(_forward_step, st, b, q, qaux, kv) for b in later]
-    if len(branches) == 1:
-      return nxt, branches[0](acc)
-    return nxt, lax.switch(jnp.where(s <= d, 0, 1), branches, acc)
+    return nxt, step(s, kv, acc)
 
+  # Steps 1 .. P - 2 send the block on; the last one keeps it: P - 1 sends in all.
+  if P > 2:
+    nxt, acc = lax.fori_loop(1, P - 1, body, (nxt, acc))
   if P > 1:
-    _, acc = lax.fori_loop(1, P, body, (nxt, acc))
+    acc = step(P - 1, nxt, acc)
   out, lse = acc
   return out.astype(q.dtype), lse
 
@@ -395,18 +401,24 @@ def _ring_backward(st: _Ring, q, k, v, qseg, kseg, qn, kn, out, lse, d_out, d_ls
   # dK/dV of a block travel with it and are back at its owner after P sends.
   dkv = _rotate((dk, dv), st.axis_name, P)
 
-  def body(s, carry):
-    kv, dkv, dq = carry
-    nxt = _rotate(kv, st.axis_name, P)
+  def step_at(s, kv, dkv, dq):
     branches = [functools.partial(step, b, q, qaux, out, lse, d_out, d_lse, kv) for b in later]
     grads = (dq,) + dkv
     if len(branches) == 1:
       dq, dk, dv = branches[0](grads)
     else:
       dq, dk, dv = lax.switch(jnp.where(s <= d, 0, 1), branches, grads)
-    return nxt, _rotate((dk, dv), st.axis_name, P), dq
+    return _rotate((dk, dv), st.axis_name, P), dq
 
-  _, (dk, dv), dq = lax.fori_loop(1, P, body, (nxt, dkv, dq))
+  def body(s, carry):
+    kv, dkv, dq = carry
+    nxt = _rotate(kv, st.axis_name, P)
+    return (nxt,) + step_at(s, kv, dkv, dq)
+
+  # As in the forward, the last step does not send its key/value block on.
+  if P > 2:
+    nxt, dkv, dq = lax.fori_loop(1, P - 1, body, (nxt, dkv, dq))
+  (dk, dv), dq = step_at(P - 1, nxt, dkv, dq)
   return dq, dk, dv
 
 

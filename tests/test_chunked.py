@@ -42,6 +42,22 @@ def test_memory_is_linear_in_sequence_length(fn, limit_mib):
   assert dense > 8 * small  # the materialized path is quadratic
 
 
+@pytest.mark.parametrize("window", [None, (256, 0)], ids=["causal", "band"])
+def test_gradient_of_a_sum_holds_one_output_sized_temporary(window):
+  """jax.grad of sum(attention): the cotangent is a broadcast of ones that XLA
+  materializes; it must not be live beside the output O (which the backward
+  needs only to form rowsum(dO * O)): one (T, H) float32 buffer plus O(T)
+  statistics, not two (524 MiB at T = 2^20 before)."""
+  def grad(q, k, v):
+    f = lambda q, k, v: jnp.sum(jaxattn.dot_product_attention(
+        q, k, v, is_causal=True, local_window_size=window, implementation="chunked"))
+    return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+  small, large = _temp_bytes(grad, *_shapes(16384)), _temp_bytes(grad, *_shapes(32768))
+  buffer_growth = 16384 * 64 * 4  # one more (T, H) float32 buffer's bytes
+  assert large - small <= 1.25 * buffer_growth, (small / 2**20, large / 2**20)
+
+
 def _dense_allowed(inputs, config, T, S):
   """The (T, S) mask of every query/key pair per batch element (heads broadcast)."""
   m = common.combined_mask(inputs, config)

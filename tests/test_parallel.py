@@ -292,6 +292,61 @@ def test_ring_under_check_vma():
 # Memory: O(T/P) per device.
 
 
+def _sends(jaxpr, shape) -> int:
+  """ppermute'd arrays of `shape` per run of `jaxpr` (scans times their length,
+  the largest branch of a cond; a send in a while loop, whose trip count is
+  unknown here, fails)."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "ppermute":
+      n += sum(tuple(v.aval.shape) == shape for v in eqn.invars)
+    subs = []
+    for value in eqn.params.values():
+      for x in value if isinstance(value, (tuple, list)) else (value,):
+        x = getattr(x, "jaxpr", x)
+        if hasattr(x, "eqns"):
+          subs.append(x)
+    counts = [_sends(x, shape) for x in subs]
+    if name == "while":
+      assert not any(counts), "a send in a while loop"
+    elif counts:
+      n += (max(counts) if name == "cond" else sum(counts)) * eqn.params.get("length", 1)
+  return n
+
+
+@pytest.mark.parametrize("P_ring", [2, 3, 8])
+def test_ring_sends_each_key_value_block_p_minus_1_times(P_ring):
+  """Forward: K and V each go around the ring P - 1 times (the last visitor
+  is not sent on); backward: K/V again P - 1 times, dK/dV P times (home).
+  Results still match one device (P = 2 and 3 run the peeled last step with
+  no loop, or a loop of one step)."""
+  mesh = jax.make_mesh((P_ring,), ("seq",), devices=jax.devices()[:P_ring])
+  T_ring = 8 * P_ring
+  args, d_out, d_lse = _problem(jax.random.key(3), T=T_ring, S=T_ring)
+  q, k, v = args["query"], args["key"], args["value"]
+
+  def fwd_bwd(q, k, v, d_out, d_lse):
+    f = lambda q, k, v: parallel.sharded_ring_attention(
+        q, k, v, mesh=mesh, axis_name="seq", is_causal=True, layout="zigzag",
+        return_residual=True)
+    res, vjp = jax.vjp(f, q, k, v)
+    return res, vjp((d_out, d_lse))
+
+  local = (B, T_ring // P_ring, K, H)
+  fwd = jax.make_jaxpr(lambda q, k, v: parallel.sharded_ring_attention(
+      q, k, v, mesh=mesh, axis_name="seq", is_causal=True, layout="zigzag"))(q, k, v)
+  assert _sends(fwd.jaxpr, local) == 2 * (P_ring - 1)
+  both = jax.make_jaxpr(fwd_bwd)(q, k, v, d_out, d_lse)
+  assert _sends(both.jaxpr, local) == 2 * (P_ring - 1) * 2 + 2 * P_ring
+
+  want = _single_device(args, d_out, d_lse, is_causal=True)
+  to = lambda x: parallel.to_balanced_layout(x, P_ring, layout="zigzag")
+  back = lambda x: parallel.from_balanced_layout(x, P_ring, layout="zigzag")
+  (out, lse), grads = jax.jit(fwd_bwd)(to(q), to(k), to(v), to(d_out), to(want[3]))
+  _assert_same((back(out), back(lse), tuple(back(g) for g in grads)), want)
+
+
 def _ring_temp_bytes(mesh, T):
   """Per-device compiled temp bytes of ring forward + backward at global length T."""
   sh = NamedSharding(mesh, PartitionSpec(None, "seq"))
