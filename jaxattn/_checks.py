@@ -8,6 +8,7 @@ imported, so any module may use this one.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import types
@@ -148,80 +149,159 @@ def segments_as_int32(q_ids, kv_ids):
   return rank(q_ids), rank(kv_ids)
 
 
-_EMPTY = object()  # an empty closure cell, or a lifted one, in Rebound.contents
+_EMPTY = object()  # an empty closure cell in a function template
+
+
+class _Param(int):
+  """A template slot: the index of a lifted value in the params."""
+
+
+def _traced_tree(value) -> bool:
+  """A pytree of arrays, one of them traced (a jit/grad tracer)."""
+  if isinstance(value, (types.FunctionType, functools.partial)):
+    return False
+  leaves = jax.tree_util.tree_leaves(value)
+  return (bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
+          and any(isinstance(x, jax.core.Tracer) for x in leaves))
+
+
+def _key(item):
+  """What template equality compares: slots and templates by content, values by identity."""
+  if isinstance(item, _Param):
+    return ("param", int(item))
+  if isinstance(item, (_FunctionTemplate, _PartialTemplate)):
+    return item.key
+  if isinstance(item, dict):
+    return tuple(sorted((k, _key(v)) for k, v in item.items()))
+  if isinstance(item, tuple):
+    return tuple(_key(x) for x in item)
+  return id(item)
+
+
+def _build(item, params):
+  if isinstance(item, _Param):
+    return params[item]
+  if isinstance(item, (_FunctionTemplate, _PartialTemplate)):
+    return item.build(params)
+  return item
+
+
+class _FunctionTemplate:
+  """A Python function with some closure cells or defaults replaced by slots
+  (or by templates of functions they hold): code, globals and the other
+  cells' contents, not the function itself (whose closure holds tracers)."""
+
+  def __init__(self, fn, cells, defaults, kwdefaults):
+    self.code, self.globals, self.name = fn.__code__, fn.__globals__, fn.__name__
+    self.cells, self.defaults, self.kwdefaults = cells, defaults, kwdefaults
+    self.key = ("function", self.code, id(self.globals), _key(cells), _key(defaults),
+                _key(kwdefaults))
+
+  def build(self, params):
+    cells = tuple(types.CellType() if c is _EMPTY else types.CellType(_build(c, params))
+                  for c in self.cells)
+    defaults = None if self.defaults is None else tuple(_build(d, params) for d in self.defaults)
+    f = types.FunctionType(self.code, self.globals, self.name, defaults, cells or None)
+    if self.kwdefaults is not None:
+      f.__kwdefaults__ = {k: _build(v, params) for k, v in self.kwdefaults.items()}
+    return f
+
+
+class _PartialTemplate:
+  """A functools.partial with some arguments (or its function) templated."""
+
+  def __init__(self, func, args, keywords):
+    self.func, self.args, self.keywords = func, args, keywords
+    self.key = ("partial", _key(func), _key(args), _key(keywords))
+
+  def build(self, params):
+    return functools.partial(_build(self.func, params), *(_build(a, params) for a in self.args),
+                             **{k: _build(v, params) for k, v in self.keywords.items()})
+
+
+def _template(fn, params: list, seen: set):
+  """`fn`'s template with every traced value it holds (appended to `params`)
+  replaced by a slot, or None when it holds none."""
+  if id(fn) in seen:  # a function reaching itself (recursion) is left as it is
+    return None
+  seen = seen | {id(fn)}
+  count = len(params)
+
+  def lift(value):
+    if _traced_tree(value):
+      params.append(value)
+      return _Param(len(params) - 1)
+    if isinstance(value, (types.FunctionType, functools.partial)):
+      t = _template(value, params, seen)
+      return value if t is None else t
+    return value
+
+  t: _FunctionTemplate | _PartialTemplate
+  if isinstance(fn, functools.partial):
+    t = _PartialTemplate(lift(fn.func), tuple(lift(a) for a in fn.args),
+                         {k: lift(v) for k, v in fn.keywords.items()})
+  else:
+    cells = []
+    for cell in fn.__closure__ or ():
+      try:
+        value = cell.cell_contents
+      except ValueError:  # an empty cell (a name not yet bound)
+        cells.append(_EMPTY)
+        continue
+      cells.append(lift(value))
+    defaults = None if fn.__defaults__ is None else tuple(lift(d) for d in fn.__defaults__)
+    kwdefaults = (None if fn.__kwdefaults__ is None
+                  else {k: lift(v) for k, v in fn.__kwdefaults__.items()})
+    t = _FunctionTemplate(fn, tuple(cells), defaults, kwdefaults)
+  return t if len(params) > count else None
 
 
 class Rebound:
-  """A user function whose traced closure cells come from `params` at each call.
+  """A user function whose traced values come from `params` at each call.
 
   Made by `lift_traced_closure`; called as `Rebound(params, *args)`. It keeps
-  the function's code, globals, defaults and its other cells' contents, not
-  the function, whose closure still refers to the tracers: nothing traced
-  stays in static metadata (jit caches). Two are equal when made from the
-  same code with the same other cells (compared by identity), so a function
-  re-created on every call (a lambda in a step function) reuses compiled
-  code.
+  a template of the function (code, globals, defaults, the other closure
+  cells' contents; for a partial its other arguments), not the function,
+  whose closure still refers to the tracers: nothing traced stays in static
+  metadata (jit caches). Two are equal when made from the same code with the
+  same other contents (compared by identity), so a function re-created on
+  every call (a lambda in a step function) reuses compiled code.
   """
 
-  def __init__(self, fn, lifted: tuple[int, ...]):
-    self.code, self.globals, self.__name__ = fn.__code__, fn.__globals__, fn.__name__
-    self.defaults, self.kwdefaults = fn.__defaults__, fn.__kwdefaults__
-    self.lifted = lifted
-    contents = []
-    for i, cell in enumerate(fn.__closure__):
-      try:
-        contents.append(_EMPTY if i in lifted else cell.cell_contents)
-      except ValueError:  # an empty cell: a name the function has not had bound
-        contents.append(_EMPTY)
-    self.contents = tuple(contents)
-
-  def _key(self):
-    return (self.code, id(self.globals), self.lifted, tuple(id(c) for c in self.contents),
-            id(self.defaults), id(self.kwdefaults))
+  def __init__(self, template):
+    self.template = template
+    self.__name__ = getattr(template, "name", "partial")
 
   def __eq__(self, other):
-    return isinstance(other, Rebound) and self._key() == other._key()
+    return isinstance(other, Rebound) and self.template.key == other.template.key
 
   def __hash__(self):
-    return hash(self._key())
+    return hash(self.template.key)
 
   def __call__(self, params, *args):
-    values = dict(zip(self.lifted, params))
-    cells = tuple(types.CellType(values[i]) if i in values
-                  else types.CellType() if c is _EMPTY else types.CellType(c)
-                  for i, c in enumerate(self.contents))
-    f = types.FunctionType(self.code, self.globals, self.__name__, self.defaults, cells)
-    f.__kwdefaults__ = self.kwdefaults
-    return f(*args)
+    return self.template.build(params)(*args)
 
 
 def lift_traced_closure(fn):
-  """(Rebound, params) when the Python function `fn` closes over traced arrays, else None.
+  """(Rebound, params) when `fn` holds traced arrays, else None.
 
   A mask or score function that closes over a value traced by an enclosing
   `jax.jit` (per-batch lengths, say) would carry that tracer into a custom
-  VJP's backward as a constant, which JAX cannot lower. Its closure cells
-  holding traced arrays (or pytrees of arrays, one of them traced) become the
-  params; every other cell (concrete arrays too, which the function may use in
-  Python) stays as it is. Functions reached through other objects (partials,
-  methods, helpers it calls) are not inspected.
+  VJP's backward as a constant, which JAX cannot lower. The traced values it
+  holds (pytrees of arrays, one of them traced) become the params: in its
+  closure cells and default arguments, in a `functools.partial`'s arguments,
+  and in those of the functions and partials these hold, recursively (a
+  nested helper it calls). Every other value (concrete arrays too, which the
+  function may use in Python) stays as it is. Objects reached otherwise
+  (bound methods, module globals, attributes) are not inspected.
   """
-  if not isinstance(fn, types.FunctionType) or not fn.__closure__:
+  if not isinstance(fn, (types.FunctionType, functools.partial)):
     return None
-  cells, params = [], []
-  for i, cell in enumerate(fn.__closure__):
-    try:
-      value = cell.cell_contents
-    except ValueError:  # an empty cell (a name not yet bound)
-      continue
-    leaves = jax.tree_util.tree_leaves(value)
-    if (leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
-        and any(isinstance(x, jax.core.Tracer) for x in leaves)):
-      cells.append(i)
-      params.append(value)
-  if not cells:
+  params: list = []
+  template = _template(fn, params, set())
+  if template is None:
     return None
-  return Rebound(fn, tuple(cells)), tuple(params)
+  return Rebound(template), tuple(params)
 
 
 def _fits_int32(dtype) -> bool:
