@@ -327,18 +327,17 @@ def _rows_add(x, start: int, delta):
   return _rows_update(x, start, lax.slice_in_dim(x, start, stop, axis=1) + delta.astype(x.dtype))
 
 
-def _merge(acc, p: _Piece, out, lse):
-  """Merges a piece's normalized (out, lse) into the running (out, lse) rows."""
-  acc_out, acc_lse = acc
+def _merge(acc, p: _Piece, out, lse, lo):
+  """Merges a piece's normalized (out, lse, lse_lo) into the running rows."""
   rows = slice(p.q0, p.q0 + p.tq)
-  out, lse = softmax_state.merge(acc_out[:, rows], acc_lse[:, rows], out.astype(acc_out.dtype), lse)
-  return _rows_update(acc_out, p.q0, out), _rows_update(acc_lse, p.q0, lse)
+  new = softmax_state.merge(*(x[:, rows] for x in acc), out.astype(acc[0].dtype), lse, lo)
+  return tuple(_rows_update(x, p.q0, y) for x, y in zip(acc, new))
 
 
 def _forward_step(st: _Ring, pieces, q, qaux, kv, acc):
   for p in pieces:
-    out, lse = chunked.forward(_piece_inputs(p, q, qaux, kv), p.config, block_sizes=st.block_sizes)
-    acc = _merge(acc, p, out, lse)
+    acc = _merge(acc, p, *chunked.forward(_piece_inputs(p, q, qaux, kv), p.config,
+                                          block_sizes=st.block_sizes, with_lse_lo=True))
   return acc
 
 
@@ -347,9 +346,11 @@ def _ring_forward(st: _Ring, q, k, v, qseg, kseg, qn, kn):
   own, later = _plan(st)
   B, T, N = q.shape[:3]
   vary = functools.partial(_varying, vma=_vma(q, k, v, qseg, kseg, qn, kn))
-  # Running output and logsumexp of the local queries, in float32 (float64 for float64 inputs).
+  # Running output and logsumexp (as lse + lse_lo, see softmax_state.merge) of the local
+  # queries, in float32 (float64 for float64 inputs).
   dt = common.stat_dtype(q.dtype)
-  acc = (vary(jnp.zeros((B, T, N, v.shape[-1]), dt)), vary(jnp.full((B, T, N), -jnp.inf, dt)))
+  acc = (vary(jnp.zeros((B, T, N, v.shape[-1]), dt)), vary(jnp.full((B, T, N), -jnp.inf, dt)),
+         vary(jnp.zeros((B, T, N), dt)))
   kv, qaux = (k, v, kseg, kn), (qseg, qn)
   nxt = _rotate(kv, st.axis_name, P) if P > 1 else kv
   acc = _forward_step(st, own, q, qaux, kv, acc)
@@ -370,39 +371,40 @@ def _ring_forward(st: _Ring, q, k, v, qseg, kseg, qn, kn):
     nxt, acc = lax.fori_loop(1, P - 1, body, (nxt, acc))
   if P > 1:
     acc = step(P - 1, nxt, acc)
-  out, lse = acc
-  return out.astype(q.dtype), lse
+  out, lse, lo = acc
+  return out.astype(q.dtype), lse, lo
 
 
-def _backward_step(st: _Ring, pieces, q, qaux, out, lse, d_out, d_lse, kv, grads):
+def _backward_step(st: _Ring, pieces, q, qaux, out, lse, lo, d_out, d_lse, kv, grads):
   dq, dk, dv = grads
   for p in pieces:
     rows = slice(p.q0, p.q0 + p.tq)
     gq, gk, gv = chunked.backward(  # (dq, dk, dv, dbias, ...): no bias here
         _piece_inputs(p, q, qaux, kv), p.config, out[:, rows], lse[:, rows], d_out[:, rows],
-        d_lse[:, rows], block_sizes=st.block_sizes)[:3]
+        d_lse[:, rows], block_sizes=st.block_sizes, lse_lo=lo[:, rows])[:3]
     dq = _rows_add(dq, p.q0, gq)
     dk = _rows_add(dk, p.k0, gk)
     dv = _rows_add(dv, p.k0, gv)
   return dq, dk, dv
 
 
-def _ring_backward(st: _Ring, q, k, v, qseg, kseg, qn, kn, out, lse, d_out, d_lse):
+def _ring_backward(st: _Ring, q, k, v, qseg, kseg, qn, kn, out, lse, lo, d_out, d_lse):
   P, d = _ring_size(st.axis_name), lax.axis_index(st.axis_name)
   own, later = _plan(st)
-  vary = functools.partial(_varying, vma=_vma(q, k, v, qseg, kseg, qn, kn, out, lse, d_out, d_lse))
+  vary = functools.partial(_varying, vma=_vma(q, k, v, qseg, kseg, qn, kn, out, lse, lo, d_out, d_lse))
   zeros = lambda x: vary(jnp.zeros(x.shape, common.stat_dtype(x.dtype)))
   step = functools.partial(_backward_step, st)
   kv, qaux = (k, v, kseg, kn), (qseg, qn)
   nxt = _rotate(kv, st.axis_name, P) if P > 1 else kv
-  dq, dk, dv = step(own, q, qaux, out, lse, d_out, d_lse, kv, (zeros(q), zeros(k), zeros(v)))
+  dq, dk, dv = step(own, q, qaux, out, lse, lo, d_out, d_lse, kv, (zeros(q), zeros(k), zeros(v)))
   if P == 1:
     return dq, dk, dv
   # dK/dV of a block travel with it and are back at its owner after P sends.
   dkv = _rotate((dk, dv), st.axis_name, P)
 
   def step_at(s, kv, dkv, dq):
-    branches = [functools.partial(step, b, q, qaux, out, lse, d_out, d_lse, kv) for b in later]
+    branches = [functools.partial(step, b, q, qaux, out, lse, lo, d_out, d_lse, kv)
+                for b in later]
     grads = (dq,) + dkv
     if len(branches) == 1:
       dq, dk, dv = branches[0](grads)
@@ -424,19 +426,19 @@ def _ring_backward(st: _Ring, q, k, v, qseg, kseg, qn, kn, out, lse, d_out, d_ls
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ring(st: _Ring, q, k, v, qseg, kseg, qn, kn):
-  return _ring_forward(st, q, k, v, qseg, kseg, qn, kn)
+  return _ring_forward(st, q, k, v, qseg, kseg, qn, kn)[:2]
 
 
 def _ring_fwd(st, q, k, v, qseg, kseg, qn, kn):
-  out, lse = _ring_forward(st, q, k, v, qseg, kseg, qn, kn)
-  return (out, lse), (q, k, v, qseg, kseg, qn, kn, out, lse)
+  out, lse, lo = _ring_forward(st, q, k, v, qseg, kseg, qn, kn)
+  return (out, lse), (q, k, v, qseg, kseg, qn, kn, out, lse, lo)
 
 
 def _ring_bwd(st, res, cts):
-  q, k, v, qseg, kseg, qn, kn, out, lse = res
+  q, k, v, qseg, kseg, qn, kn, out, lse, lo = res
   d_out, d_lse = cts
-  dq, dk, dv = _ring_backward(st, q, k, v, qseg, kseg, qn, kn, out, lse, d_out.astype(q.dtype),
-                              d_lse.astype(common.stat_dtype(q.dtype)))
+  dq, dk, dv = _ring_backward(st, q, k, v, qseg, kseg, qn, kn, out, lse, lo,
+                              d_out.astype(q.dtype), d_lse.astype(common.stat_dtype(q.dtype)))
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 

@@ -255,6 +255,28 @@ def test_ring_against_float64_reference(mesh):
   testing.assert_attention_close(grads, [ref["query"], ref["key"], ref["value"]], dtype=jnp.float32)
 
 
+def test_ring_gradients_at_large_logits_match_one_device_precision(mesh):
+  """Logits ~7000: the backward recomputes P = exp((S - lse) - lse_lo); the ring
+  merges each step's logsumexp as two floats, so its gradients are as accurate
+  as one device's "chunked" (both at float32's rounding of the logits). With
+  the merged lse rounded to one float, dQ's error here was 5x one device's."""
+  args, d_out, _ = _problem(jax.random.key(1), T=128, S=128)
+  q, k, v = args["query"] * 40.0, args["key"] * 40.0, args["value"]
+  kw = dict(mesh=mesh, axis_name="seq", is_causal=True, layout="zigzag")
+  to = lambda x: parallel.to_balanced_layout(x, P)
+  back = lambda x: parallel.from_balanced_layout(x, P)
+  ring = jax.jit(lambda q, k, v, do: jax.vjp(
+      lambda q, k, v: parallel.sharded_ring_attention(q, k, v, **kw), q, k, v)[1](do))
+  got = [back(g) for g in ring(to(q), to(k), to(v), to(d_out))]
+  one = jax.vjp(lambda q, k, v: jaxattn.dot_product_attention(
+      q, k, v, is_causal=True, implementation="chunked"), q, k, v)[1](d_out)
+  ref = testing.reference_attention_vjp(q, k, v, d_out=d_out, is_causal=True)
+  for name, g, o in zip(("query", "key", "value"), got, one):
+    want = np.asarray(ref[name], np.float64)
+    err = lambda x: np.abs(np.asarray(x, np.float64) - want).max() / np.abs(want).max()
+    assert err(g) <= 1.8 * err(o) + 1e-6, (name, err(g), err(o))
+
+
 def test_ring_inside_own_shard_map_with_batch_axis():
   """ring_attention in the user's shard_map on a 2 x 4 mesh: batch over 'data',
   the ring over 'seq' (4 devices), 3D per-example inputs under vmap."""

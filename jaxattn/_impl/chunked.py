@@ -616,15 +616,16 @@ def _forward_with_lo(inputs: common.AttentionInputs, config: common.AttentionCon
 
 
 def forward(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
-            block_sizes: tuple[int, int] | None = None):
+            block_sizes: tuple[int, int] | None = None, with_lse_lo: bool = False):
   """The blocked forward without a VJP rule: (output (B, T, N, Hv), lse (B, T, N)
-  float32, float64 for float64 inputs).
+  float32, float64 for float64 inputs), and lse_lo if asked (lse + lse_lo is
+  the logsumexp to twice the precision; pass it to `backward`).
 
   For kernels built on this one (ring attention) that define their own VJP
   with `backward`.
   """
-  out, lse, _ = _forward_with_lo(inputs, config, block_sizes)
-  return out, lse
+  out, lse, lo = _forward_with_lo(inputs, config, block_sizes)
+  return (out, lse, lo) if with_lse_lo else (out, lse)
 
 
 def backward(inputs: common.AttentionInputs, config: common.AttentionConfig, out, lse,
