@@ -330,7 +330,8 @@ def _rows_add(x, start: int, delta):
 def _merge(acc, p: _Piece, out, lse, lo):
   """Merges a piece's normalized (out, lse, lse_lo) into the running rows."""
   rows = slice(p.q0, p.q0 + p.tq)
-  new = softmax_state.merge(*(x[:, rows] for x in acc), out.astype(acc[0].dtype), lse, lo)
+  acc_out, acc_lse, acc_lo = (x[:, rows] for x in acc)
+  new = softmax_state.merge(acc_out, acc_lse, acc_lo, out.astype(acc_out.dtype), lse, lo)
   return tuple(_rows_update(x, p.q0, y) for x, y in zip(acc, new))
 
 
