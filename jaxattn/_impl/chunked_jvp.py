@@ -47,7 +47,17 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p):
   """(dO (B, Tp, N, Hv), d lse (B, Tp, N)) of the blocked forward, in the
   statistics dtype, for tangents padded like the inputs (see `chunked._prepare`)."""
   acc = common.stat_dtype(p.q.dtype)
-  vdt = p.v.dtype
+  # dO = a - m O cancels where the softmax is peaked (P dS ~ m P). With float32
+  # (float64) values both sides are exact enough. With bfloat16/float16 values
+  # the tile products stay in the statistics dtype (not rounded to the value
+  # dtype as the forward's P is) and O is recomputed from them alongside, so
+  # a and m O carry the same rounding: tangents as accurate as "xla"'s. The
+  # tangents arrive in the statistics dtype (see `_attend_jvp`), so the logits'
+  # tangent is taken at q and k upcast (exact), and in reverse mode their
+  # cotangents add up over blocks in that dtype.
+  low = jnp.dtype(p.v.dtype) != jnp.dtype(acc)
+  pv = lambda x, y: jnp.einsum("bkrc,bkch->bkrh", x.astype(acc), y.astype(acc),
+                               preferred_element_type=acc)
   score_leaves, rebuild = chunked._split_float_leaves(p.score_fn)
 
   def logits(q0, k0, masked, qi, kj, bias, leaves):
@@ -62,18 +72,19 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p):
     kinds = chunked._kinds(p, st, i, jnp.arange(st.nk))
 
     def tile(j, blocks, state, masked):
-      a, m = state
+      a, m = state[:2]
       k0 = j * st.bk
       kj, vj, tkj, tvj = blocks
       s, ts = jax.jvp(functools.partial(logits, q0, k0, masked),
-                      (qi, kj, p.bias, score_leaves), (tqi, tkj, tbias, t_score))
+                      (qi.astype(tqi.dtype), kj.astype(tkj.dtype), p.bias, score_leaves),
+                      (tqi, tkj, tbias, t_score))
       prob = jnp.exp((s - lse_i[..., None]) - lo_i[..., None])
       pts = prob * ts
       drop = chunked._dropout_scale(p, st, q0, k0, st.bk)
       pd, ptsd = (prob, pts) if drop is None else (prob * drop, pts * drop)
-      a = a + jnp.einsum("bkrc,bkch->bkrh", pd.astype(vdt), tvj, preferred_element_type=acc)
-      a = a + jnp.einsum("bkrc,bkch->bkrh", ptsd.astype(vdt), vj, preferred_element_type=acc)
-      return a, m + jnp.sum(pts, axis=-1)
+      a = a + pv(pd, tvj) + pv(ptsd, vj)
+      m = m + jnp.sum(pts, axis=-1)
+      return (a, m, state[2] + pv(pd, vj)) if low else (a, m)
 
     # Rematerialized: transposing this loop (reverse mode) recomputes each tile
     # from loop-invariant inputs instead of storing every tile's probabilities.
@@ -90,8 +101,11 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p):
 
     zero_rows = chunked._zeros_like(qi[..., 0])
     init = (zero_rows[..., None] + chunked._value_row(p), zero_rows)
-    a, m = lax.fori_loop(0, st.nk, body, init)  # static trip count: transposable
-    o_i = chunked._rows(out_p, st, i).astype(acc)
+    if low:
+      init = init + (init[0],)
+    state = lax.fori_loop(0, st.nk, body, init)  # static trip count: transposable
+    a, m = state[:2]
+    o_i = state[2] if low else chunked._rows(out_p, st, i).astype(acc)
     # Rows that attended nothing have tangent 0 already (P = 0); the selects
     # also zero their cotangents in reverse mode, where 0 * NaN garbage in
     # such a row would otherwise reach dV.
@@ -118,6 +132,10 @@ def _attend_jvp(config, block_sizes, primals, tangents):
   t_q, t_k, t_v = (zero(x) if t is None else t for x, t in (
       (inputs.query, t_inputs.query), (inputs.key, t_inputs.key), (inputs.value, t_inputs.value)))
   tq, tk, tv, tbias, _ = chunked._layout(st, t_q, t_k, t_v, t_inputs.bias)
+  # Low-precision tangents are upcast once (see `_tangent_rows`): rounded to
+  # bfloat16 on every key block, dQ's cotangent lost accuracy with their number.
+  acc = common.stat_dtype(inputs.query.dtype)
+  tq, tk, tv = (x.astype(acc) for x in (tq, tk, tv))
   t_score = _tangent_leaves(p.score_fn, common.combined_score(t_inputs, config)
                             if inputs.score_fn is not None else None)
   d_out, d_lse = _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p)
