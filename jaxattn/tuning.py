@@ -33,6 +33,7 @@ import inspect
 import json
 import os
 import pathlib
+import stat
 import statistics
 import tempfile
 import time
@@ -88,16 +89,21 @@ def cache_path() -> pathlib.Path | None:
 
 
 def mask_family(inputs: common.AttentionInputs, config: common.AttentionConfig) -> str:
-  """A coarse name for the mask structure, which decides the best block shape."""
-  if config.window is not None:
-    left, right = config.window
-    return f"window-{'inf' if left is None else left}-{'inf' if right is None else right}"
-  causal = "-causal" if config.is_causal else ""
+  """A coarse name for the mask structure, which decides the best block shape:
+  "documents" or "masked" (a dense mask or mask_fn) if any, then the band of
+  keys each query sees (is_causal and the window together, `common.band`):
+  "causal", or "window-LEFT-RIGHT"; "dense" when nothing applies."""
+  parts = []
   if inputs.query_segment_ids is not None:
-    return "documents" + causal
-  if inputs.mask_fn is not None or inputs.mask is not None:
-    return "masked" + causal
-  return "causal" if config.is_causal else "dense"
+    parts.append("documents")
+  elif inputs.mask_fn is not None or inputs.mask is not None:
+    parts.append("masked")
+  band = common.band(config)
+  if band == (None, 0):
+    parts.append("causal")
+  elif band is not None:
+    parts.append("window-" + "-".join("inf" if b is None else str(b) for b in band))
+  return "-".join(parts) or "dense"
 
 
 def _bucket(n: int) -> int:
@@ -116,6 +122,20 @@ def key_for(name: str, inputs: common.AttentionInputs, config: common.AttentionC
                    mask_family(inputs, config), _bucket(T), _bucket(S))
 
 
+_INT_FIELDS = ("head_dim", "value_head_dim", "group", "query_bucket", "key_bucket")
+_FIELD_TYPES: dict[str, type] = {f: int if f in _INT_FIELDS else str for f in TuningKey._fields}
+
+
+def _file_mode(path: pathlib.Path) -> int:
+  """`path`'s permission bits if it exists, else those of a new file (0666 less the umask)."""
+  try:
+    return stat.S_IMODE(path.stat().st_mode)
+  except OSError:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 _LOADED: dict[Any, dict[TuningKey, tuple[int, int]]] = {}
 
 
@@ -130,10 +150,15 @@ def _entries(text: str) -> list[dict[str, Any]]:
     raise ValueError("no list of entries")
   for entry in data["entries"]:
     try:
-      TuningKey(**entry["key"])
+      key = TuningKey(**entry["key"])
       sizes = entry["block_sizes"]
     except (KeyError, TypeError) as e:
       raise ValueError(f"malformed entry {entry!r}") from e
+    for field, value in key._asdict().items():
+      want = _FIELD_TYPES[field]
+      if not (_checks.is_int(value) if want is int else isinstance(value, want)):
+        raise ValueError(f"key field {field!r} must be {'an int' if want is int else 'a str'}; "
+                         f"got {value!r}")
     if not (isinstance(sizes, list) and len(sizes) == 2
             and all(_checks.is_int(b) and b > 0 for b in sizes)):
       raise ValueError(f"block sizes must be two positive ints; got {sizes!r}")
@@ -155,7 +180,9 @@ def _read(path: pathlib.Path) -> dict[TuningKey, tuple[int, int]]:
   if stamp not in _LOADED:
     try:
       entries = _parse(path.read_text())
-    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeError are ValueErrors
+    # json.JSONDecodeError and UnicodeError are ValueErrors; absurdly nested JSON
+    # raises RecursionError.
+    except (OSError, ValueError, RecursionError) as e:
       warnings.warn(f"jaxattn.tuning: ignoring the unreadable cache {path} ({e}); "
                     f"delete it or run jaxattn.tuning.tune again.", stacklevel=3)
       entries = {}
@@ -220,13 +247,16 @@ def record(key: TuningKey, block_sizes: tuple[int, int],
     if path.exists():
       try:
         entries = [e for e in _entries(path.read_text()) if TuningKey(**e["key"]) != key]
-      except (OSError, ValueError) as e:
+      except (OSError, ValueError, RecursionError) as e:
         warnings.warn(f"jaxattn.tuning: replacing the unreadable cache {path} ({e}).",
                       stacklevel=2)
     entries.append(entry)
     entries.sort(key=lambda e: tuple(str(v) for v in e["key"].values()))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+      # mkstemp makes the file private (0600); give it the mode a new file would
+      # have (or the old file's), so a cache shared through CACHE_ENV stays readable.
+      os.chmod(tmp, _file_mode(path))
       with os.fdopen(fd, "w") as f:
         f.write(json.dumps({"format": _FORMAT, "entries": entries}, indent=1))
       os.replace(tmp, path)
@@ -293,6 +323,11 @@ def tune(query, key, value, *, implementation: str = "chunked",
   inputs, config, _ = attention.normalize(query, key, value, **attention_kwargs)
   T, S = inputs.query.shape[1], inputs.key.shape[1]
   pairs = default_candidates(T, S) if candidates is None else _candidates(candidates)
+  if isinstance(path, str) and path == "default":
+    path = cache_path()
+    if path is None:
+      warnings.warn(f"tune: {CACHE_ENV} is set to an empty string (the cache is off): the "
+                    f"result is returned, not recorded.", stacklevel=2)
 
   def run(block_sizes):
     def fwd(q, k, v):

@@ -1,7 +1,9 @@
 """Block-size tuning cache: round trip, lookup by key, and the effect on dispatch."""
 
 import json
+import os
 import re
+import stat
 
 import jax
 import numpy as np
@@ -46,6 +48,11 @@ def test_key_fields():
   ids = np.zeros((B, T), np.int32)
   assert _key(query_segment_ids=ids).mask_family == "documents"
   assert _key(query_segment_ids=ids, is_causal=True).mask_family == "documents-causal"
+  # The band each query sees decides: causal cuts a window's right side.
+  assert _key(local_window_size=(8, 8)).mask_family == "window-8-8"
+  assert _key(local_window_size=(8, 8), is_causal=True).mask_family == "window-8-0"
+  assert _key(local_window_size=8, query_segment_ids=ids).mask_family == "documents-window-8-8"
+  assert _key(mask=np.ones((T, T), bool), is_causal=True).mask_family == "masked-causal"
   # Decode-like and prefill problems, other head dims and groups get keys of their own.
   q = _q()
   k = testing.random_normal(jax.random.key(1), (B, 1000, 1, H))
@@ -90,19 +97,49 @@ def test_cache_changes_the_chosen_block_sizes(cache):
     '{"format": 2, "entries": [{"key": KEY, "block_sizes": [Infinity, 8]}]}',
     '{"format": 2, "entries": [{"key": KEY, "block_sizes": [8.5, 8]}]}',
     '{"format": 2, "entries": [{"key": KEY, "block_sizes": [8]}]}',
+    '{"format": 2, "entries": [{"key": LISTKEY, "block_sizes": [8, 8]}]}',  # unhashable field
+    '{"format": 2, "entries": [{"key": STRKEY, "block_sizes": [8, 8]}]}',  # "16" for 16
+    '{"format": 2, "entries": ' + "[" * 100000 + "]" * 100000 + "}",  # RecursionError
     "directory"])
 def test_a_bad_cache_is_ignored_with_a_warning(cache, text):
   """Whatever the file holds, attention calls keep their defaults (and their values)."""
-  key = json.dumps(_key(is_causal=True)._asdict())
+  fields = _key(is_causal=True)._asdict()
+  key = json.dumps(fields)
+  listkey = json.dumps(dict(fields, head_dim=[fields["head_dim"]]))
+  strkey = json.dumps(dict(fields, head_dim=str(fields["head_dim"])))
   if text == "directory":
     cache.mkdir()
   else:
-    cache.write_text(text.replace("KEY", key))
+    cache.write_text(text.replace("LISTKEY", listkey).replace("STRKEY", strkey)
+                     .replace("KEY", key))
   q = _q()
   with pytest.warns(UserWarning, match="unreadable cache"):
     out = jaxattn.dot_product_attention(q, q, q, is_causal=True, implementation="chunked")
   plain = jaxattn.dot_product_attention(q, q, q, is_causal=True, block_sizes=(512, 512))
   np.testing.assert_array_equal(out, plain)
+
+
+def test_record_keeps_the_files_mode_or_the_umask(cache):
+  """mkstemp's 0600 is not kept: a cache shared through the env var stays readable."""
+  key = _key(is_causal=True)
+  old = os.umask(0o022)
+  try:
+    tuning.record(key, (64, 64))
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o644
+    cache.chmod(0o640)
+    tuning.record(key, (32, 32))
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o640
+  finally:
+    os.umask(old)
+
+
+def test_tune_with_the_cache_off_returns_without_recording(cache, monkeypatch):
+  monkeypatch.setenv(tuning.CACHE_ENV, "")
+  q = _q()
+  with pytest.warns(UserWarning, match="not recorded"):
+    result = jaxattn.tune(q, q, q, is_causal=True, candidates=[(64, 64), (128, 128)], repeats=1,
+                          include_backward=False)
+  assert result.block_sizes in result.timings_ms and not cache.exists()
 
 
 def test_disabled_cache_and_home_in_the_path(cache, monkeypatch, tmp_path):
