@@ -169,7 +169,7 @@ def _key(item):
   """What template equality compares: slots and templates by content, values by identity."""
   if isinstance(item, _Param):
     return ("param", int(item))
-  if isinstance(item, (_FunctionTemplate, _PartialTemplate)):
+  if isinstance(item, _TEMPLATES):
     return item.key
   if isinstance(item, dict):
     return tuple(sorted((k, _key(v)) for k, v in item.items()))
@@ -181,7 +181,7 @@ def _key(item):
 def _build(item, params):
   if isinstance(item, _Param):
     return params[item]
-  if isinstance(item, (_FunctionTemplate, _PartialTemplate)):
+  if isinstance(item, _TEMPLATES):
     return item.build(params)
   return item
 
@@ -219,6 +219,54 @@ class _PartialTemplate:
                              **{k: _build(v, params) for k, v in self.keywords.items()})
 
 
+class _MethodTemplate:
+  """A bound method whose function or object is templated."""
+
+  def __init__(self, func, obj):
+    self.func, self.obj = func, obj
+    self.key = ("method", _key(func), _key(obj))
+
+  def build(self, params):
+    return types.MethodType(_build(self.func, params), _build(self.obj, params))
+
+
+class _ObjectTemplate:
+  """A callable object with some fields templated: a registered pytree
+  (equinox modules, flax struct dataclasses) by its leaves, another object by
+  the attributes in its `__dict__` (rebuilt without calling `__init__`)."""
+
+  def __init__(self, treedef, cls, fields):
+    self.treedef, self.cls, self.fields = treedef, cls, fields
+    self.name = getattr(cls, "__name__", "object")
+    # Tagged apart: a PyTreeDef compared with anything but a PyTreeDef raises.
+    self.key = (("pytree", treedef) if treedef is not None else ("object", cls)) + (_key(fields),)
+
+  def build(self, params):
+    if self.treedef is not None:
+      return self.treedef.unflatten([_build(f, params) for f in self.fields])
+    obj = self.cls.__new__(self.cls)
+    for name, value in self.fields.items():
+      object.__setattr__(obj, name, _build(value, params))
+    return obj
+
+
+_TEMPLATES = (_FunctionTemplate, _PartialTemplate, _MethodTemplate, _ObjectTemplate)
+
+
+def _liftable(value) -> bool:
+  """A function, partial, bound method or callable object `_template` looks into."""
+  if isinstance(value, (types.FunctionType, functools.partial, types.MethodType)):
+    return True
+  # A callable object whose class defines __call__ in Python: not a class, a
+  # module, a builtin or a compiled function object (a jitted function).
+  if isinstance(value, type):
+    return False
+  for cls in type(value).__mro__:
+    if "__call__" in vars(cls):
+      return isinstance(vars(cls)["__call__"], types.FunctionType)
+  return False
+
+
 def _template(fn, params: list, seen: set):
   """`fn`'s template with every traced value it holds (appended to `params`)
   replaced by a slot, or None when it holds none."""
@@ -231,13 +279,25 @@ def _template(fn, params: list, seen: set):
     if _traced_tree(value):
       params.append(value)
       return _Param(len(params) - 1)
-    if isinstance(value, (types.FunctionType, functools.partial)):
+    if _liftable(value):
       t = _template(value, params, seen)
       return value if t is None else t
     return value
 
-  t: _FunctionTemplate | _PartialTemplate
-  if isinstance(fn, functools.partial):
+  t: _FunctionTemplate | _PartialTemplate | _MethodTemplate | _ObjectTemplate
+  if isinstance(fn, types.MethodType):
+    t = _MethodTemplate(lift(fn.__func__), lift(fn.__self__))
+  elif not isinstance(fn, (types.FunctionType, functools.partial)):
+    # A callable object (or a method's object): its leaves or attributes, one
+    # level deep (functions among them are looked into as above).
+    leaves, treedef = jax.tree_util.tree_flatten(fn)
+    if not (len(leaves) == 1 and leaves[0] is fn):
+      t = _ObjectTemplate(treedef, None, tuple(lift(x) for x in leaves))
+    elif isinstance(getattr(fn, "__dict__", None), dict) and not hasattr(type(fn), "__slots__"):
+      t = _ObjectTemplate(None, type(fn), {k: lift(v) for k, v in vars(fn).items()})
+    else:
+      return None
+  elif isinstance(fn, functools.partial):
     t = _PartialTemplate(lift(fn.func), tuple(lift(a) for a in fn.args),
                          {k: lift(v) for k, v in fn.keywords.items()})
   else:
@@ -290,12 +350,15 @@ def lift_traced_closure(fn):
   VJP's backward as a constant, which JAX cannot lower. The traced values it
   holds (pytrees of arrays, one of them traced) become the params: in its
   closure cells and default arguments, in a `functools.partial`'s arguments,
-  and in those of the functions and partials these hold, recursively (a
-  nested helper it calls). Every other value (concrete arrays too, which the
-  function may use in Python) stays as it is. Objects reached otherwise
-  (bound methods, module globals, attributes) are not inspected.
+  in a bound method's object and a callable object (a registered pytree's
+  leaves, e.g. an equinox module; another object's `__dict__` attributes, one
+  level deep), and in those of the functions, partials, methods and callable
+  objects these hold, recursively (a nested helper it calls). Every other
+  value (concrete arrays too, which the function may use in Python) stays as
+  it is. Module globals and values nested inside other objects are not
+  inspected.
   """
-  if not isinstance(fn, (types.FunctionType, functools.partial)):
+  if not _liftable(fn):
     return None
   params: list = []
   template = _template(fn, params, set())

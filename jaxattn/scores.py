@@ -63,15 +63,16 @@ class Alibi(ScoreMod):
   slopes: jax.Array
 
   def __call__(self, score, b, h, q_idx, kv_idx):
-    return score + self.slopes[h] * (kv_idx - q_idx).astype(score.dtype)
+    return score + self.slopes[h].astype(score.dtype) * (kv_idx - q_idx).astype(score.dtype)
 
   def validate(self, fn, B, N, T, S):
     if jnp.shape(self.slopes) != (N,):
       raise ValueError(f"{fn}: alibi slopes must have shape (N,) = ({N},); got {jnp.shape(self.slopes)}.")
 
 
-def alibi_slopes(num_heads: int) -> jax.Array:
-  """The geometric slopes of the ALiBi paper, 2^(-8 i / n), with its rule for non powers of 2.
+def alibi_slopes(num_heads: int, dtype=jnp.float32) -> jax.Array:
+  """The geometric slopes of the ALiBi paper, 2^(-8 i / n), with its rule for non powers of 2,
+  in `dtype` (float64 for float64 attention, with x64 enabled).
 
   Raises:
     ValueError: num_heads is not a positive int.
@@ -84,7 +85,7 @@ def alibi_slopes(num_heads: int) -> jax.Array:
   slopes = pow2(n)
   if n < num_heads:
     slopes += pow2(2 * n)[0::2][: num_heads - n]
-  return jnp.asarray(slopes, jnp.float32)
+  return jnp.asarray(slopes, dtype)
 
 
 def alibi(slopes) -> ScoreMod:
@@ -95,7 +96,10 @@ def alibi(slopes) -> ScoreMod:
     TypeError: slopes is not real numbers.
   """
   slopes = _real_array("alibi", "slopes", slopes, 1, "(N,)")
-  return Alibi(slopes.astype(jnp.float32))
+  # Floating slopes keep their dtype (float64 attention stays float64 exact);
+  # the scores cast them to their own dtype.
+  return Alibi(slopes if jnp.issubdtype(slopes.dtype, jnp.floating)
+               else slopes.astype(jnp.float32))
 
 
 def _real_array(fn, name, x, ndim, letters):

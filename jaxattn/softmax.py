@@ -106,8 +106,10 @@ def _softmax_jvp(axis, primals, tangents):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _logsumexp(x, axis, where):
+  """In the statistics dtype (float32 for bfloat16/float16 x): `log_softmax`
+  subtracts it before rounding once, the public `logsumexp` rounds it."""
   _, m, _, s = _stats(x, axis, where)
-  return (m + jnp.log(s)).astype(x.dtype)
+  return m + jnp.log(s)
 
 
 @_logsumexp.defjvp
@@ -168,7 +170,7 @@ def logsumexp(x, axis: Axis = -1, where=None) -> jax.Array:
   """
   x, where = _check("logsumexp", x, where)
   axes = _normalize_axis("logsumexp", axis, x.shape)
-  return jnp.squeeze(_logsumexp(x, axes, where), axis=axes)
+  return jnp.squeeze(_logsumexp(x, axes, where), axis=axes).astype(x.dtype)
 
 
 def log_softmax(x, axis: Axis = -1, where=None) -> jax.Array:
@@ -185,8 +187,7 @@ def log_softmax(x, axis: Axis = -1, where=None) -> jax.Array:
   x, where = _check("log_softmax", x, where)
   axes = _normalize_axis("log_softmax", axis, x.shape)
   lse = _logsumexp(x, axes, where)
-  xs = x.astype(_stat_dtype(x.dtype))
-  out = xs - lse.astype(xs.dtype)
+  out = x.astype(lse.dtype) - lse
   if where is not None:
     out = jnp.where(where, out, -jnp.inf)
   return out.astype(x.dtype)

@@ -283,6 +283,8 @@ def random_qkv(key, *, B=2, T=5, S=7, N=6, K=3, H=11, dtype=jnp.float32,
   `layout="TNH"` drops B. Sizes default to distinct numbers so a swapped
   axis fails loudly.
   """
+  if layout not in ("BTNH", "TNH"):
+    raise ValueError(f"random_qkv: layout must be 'BTNH' or 'TNH'; got {layout!r}.")
   kq, kk, kv = (jax.random.fold_in(key, i) for i in range(3))
   lead = () if layout == "TNH" else (B,)
   return tuple(random_normal(k, lead + shape, dtype, scale=scale)
@@ -306,10 +308,24 @@ def random_lengths(key, B: int, max_length: int, min_length: int = 0):
 
 
 def random_segment_ids(key, B: int, L: int, num_segments: int = 3):
-  """int32 (B, L) ids of contiguous documents (sorted, as in packing)."""
+  """int32 (B, L) ids of contiguous documents (sorted, as in packing).
+
+  Each row holds exactly n = min(num_segments, L) documents, ids 0 .. n - 1
+  in order, each at least one token long, split at n - 1 distinct random
+  positions.
+  """
+  if not (isinstance(num_segments, int) and num_segments > 0):
+    raise ValueError(f"random_segment_ids: num_segments must be a positive int; got "
+                     f"{num_segments!r}.")
+  n = min(num_segments, L)
   rng = _numpy_rng(key)
   if rng is None:
-    cuts = jax.random.randint(key, (B, L), 0, L) < (num_segments - 1)
-    return jnp.cumsum(cuts, axis=1).astype(jnp.int32)
-  starts = rng.integers(0, L, (B, L)) < (num_segments - 1)
-  return jnp.asarray(np.cumsum(starts, axis=1).astype(np.int32))
+    order = jnp.argsort(jax.random.uniform(key, (B, max(L - 1, 0))), axis=1)
+    starts = (order < n - 1).astype(jnp.int32)  # n - 1 random positions of 1 .. L - 1
+  else:
+    cuts = np.zeros((B, max(L - 1, 0)), np.int32)
+    for row in cuts if n > 1 else ():
+      row[rng.choice(L - 1, n - 1, replace=False)] = 1
+    starts = jnp.asarray(cuts)
+  starts = jnp.concatenate([jnp.zeros((B, min(L, 1)), jnp.int32), starts], axis=1)
+  return jnp.cumsum(starts, axis=1).astype(jnp.int32)

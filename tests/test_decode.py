@@ -320,6 +320,25 @@ def test_garbage_cotangent_of_empty_rows_stays_there(one_pass):
   chex.assert_trees_all_equal(grads[0], grads[1], grads[2])
 
 
+@pytest.mark.parametrize("kw", [{}, {"block_size": 4}, {"num_splits": 2}],
+                         ids=["default", "block_size", "split_kv"])
+def test_grad_of_vmap_with_per_example_lengths_matches_a_loop(kw):
+  """vmap over caches with different lengths: a block's skip test was a batched
+  cond, which vmap turns into a select that reverse mode could not transpose
+  ("Transpose rule for 'stop_gradient'"); the default path's gradient failed."""
+  V, Bc, Lc, Kc, Nc, Hc = 3, 2, 16, 2, 4, 8
+  key, value = (jnp.asarray(_normal(s, (V, Bc, Kc, Lc, Hc))) for s in (90, 91))
+  query = jnp.asarray(_normal(92, (V, Bc, 1, Nc, Hc)))
+  lengths = jnp.array([[16, 14], [13, 16], [15, 15]], jnp.int32)  # >= 70% full: one-pass eligible
+
+  def loss(q, k, v, n):
+    return jnp.sum(jnp.sin(dec.decode_attention(q, dec.KVCache(k, v, n), **kw)))
+
+  got = jax.jit(jax.grad(lambda q: jnp.sum(jax.vmap(loss)(q, key, value, lengths))))(query)
+  want = jnp.stack([jax.grad(loss)(query[i], key[i], value[i], lengths[i]) for i in range(V)])
+  chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_batch_wide_choice_stays_a_branch_under_vmap():
   pick = lambda x: jax.lax.cond(common.everywhere(jnp.all(x > 0)), lambda: x + 1, lambda: x - 1)
   x = jnp.array([[1.0, 2.0], [3.0, -4.0]])

@@ -280,6 +280,22 @@ def test_user_functions_of_the_wrong_shape_are_named():
   chex.assert_shape(jax.jit(lambda m: jaxattn.dot_product_attention(q, k, v, score_fn=m))(ok), q.shape)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+def test_float64_alibi_stays_float64(implementation):
+  """float64 slopes are kept (they were cast to float32: errors 2e-8 against the
+  same bias written out, slope gradients 3e-7)."""
+  with jax.enable_x64(True):
+    q, k, v = testing.random_qkv(jax.random.key(6), B=1, T=16, S=16, N=2, K=2, H=4,
+                                 dtype=jnp.float64, scale=3.0)
+    slopes = js.alibi_slopes(2, jnp.float64) * (1 + 1e-9)  # not representable in float32
+    rel = (jnp.arange(16)[None, :] - jnp.arange(16)[:, None]).astype(jnp.float64)
+    attend = lambda s, **kw: jnp.sum(jnp.sin(jaxattn.dot_product_attention(
+        q, k, v, implementation=implementation, **kw)))
+    got = jax.value_and_grad(lambda s: attend(s, score_fn=js.alibi(s)))(slopes)
+    want = jax.value_and_grad(lambda s: attend(s, bias=(s[:, None, None] * rel[None])[None]))(slopes)
+    chex.assert_trees_all_close(got, want, atol=1e-12, rtol=1e-12)
+
+
 def test_documents_keep_64_bit_ids_apart():
   # Ids 0 and 2**32 differ only above bit 31: an int32 cast would merge the documents.
   with jax.enable_x64(True):
@@ -321,11 +337,38 @@ def _window_to(i, j, n, b, width):
   return (j < n[b]) & (i - j <= width)
 
 
-@pytest.mark.parametrize("form", ["partial", "default_argument", "nested_helper", "partial_of_closure"])
+class _WindowTo:
+  """A callable object holding per-example lengths (a plain class)."""
+
+  def __init__(self, n, width):
+    self.n, self.width = n, width
+
+  def __call__(self, b, h, i, j):
+    return _window_to(i, j, self.n, b, self.width)
+
+  def mask(self, b, h, i, j):
+    return self(b, h, i, j)
+
+
+@jax.tree_util.register_pytree_node_class
+class _WindowToTree(_WindowTo):
+  """The same as a registered pytree (as equinox modules are)."""
+
+  def tree_flatten(self):
+    return (self.n,), self.width
+
+  @classmethod
+  def tree_unflatten(cls, width, leaves):
+    return cls(leaves[0], width)
+
+
+@pytest.mark.parametrize("form", ["partial", "default_argument", "nested_helper", "partial_of_closure",
+                                  "callable_object", "pytree_object", "bound_method"])
 def test_traced_arrays_in_partials_defaults_and_helpers_are_lifted(form):
   """The other ways Python binds a traced array to a mask function: a
   functools.partial's arguments, a default argument, a helper function the
-  mask calls (itself a closure), a partial of a closure. Under jit(grad) on
+  mask calls (itself a closure), a partial of a closure, a callable object (a
+  plain class or a registered pytree) and a bound method. Under jit(grad) on
   "chunked" (a custom VJP, which cannot close over tracers) the gradients equal "xla"'s."""
   q, k, v = testing.random_qkv(jax.random.key(5), B=2, T=24, S=24, N=1, K=1, H=4)
 
@@ -338,6 +381,12 @@ def test_traced_arrays_in_partials_defaults_and_helpers_are_lifted(form):
       def below(b, j):
         return j < n[b]
       return lambda b, h, i, j: below(b, j) & (i - j <= width)
+    if form == "callable_object":
+      return _WindowTo(n, width)
+    if form == "pytree_object":
+      return _WindowToTree(n, width)
+    if form == "bound_method":
+      return _WindowTo(n, width).mask
     return functools.partial(lambda w, b, h, i, j: _window_to(i, j, n, b, w), width)
 
   def score(s, b, h, i, j, slope):

@@ -92,6 +92,13 @@ def test_low_precision_keeps_float32_statistics(dtype):
   np.testing.assert_allclose(float(jaxattn.logsumexp(x)), np.log(4096.0), rtol=4e-3)
   big = jnp.array([60000.0, 59990.0], jnp.float16)  # exp overflows float16 without the max
   chex.assert_tree_all_finite(jaxattn.softmax(big))
+  # log_softmax subtracts the float32 logsumexp before rounding once: with the
+  # logsumexp rounded first (100.5 in bfloat16) it gave -0.5 for -0.693.
+  x = jnp.array([100.0, 100.0, 90.0], dtype)
+  want = np.array([100.0, 100.0, 90.0]) - (100.0 + np.log(2.0 + np.exp(-10.0)))
+  got = np.asarray(jaxattn.log_softmax(x), np.float64)
+  np.testing.assert_allclose(got, want, atol=np.finfo(dtype).eps * 10.7 + 1e-6)
+  assert jaxattn.log_softmax(x).dtype == dtype
 
 
 def test_bad_input():

@@ -119,7 +119,12 @@ def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, kv_lengths, 
                                        preferred_element_type=acc))
 
   def maybe(j, carry):
-    return lax.cond((j >= lo) & (j < hi), lambda c: body(j, c), lambda c: c, carry)
+    # Under vmap with per-example lengths the predicate is batched, and a batched
+    # cond becomes a select, which reverse mode cannot transpose through this
+    # loop (the softmax state's stop_gradient): the block runs when any example
+    # needs it (exact for the others: their keys there are all masked).
+    skip = common.everywhere((j < lo) | (j >= hi))
+    return lax.cond(skip, lambda c: c, lambda c: body(j, c), carry)
 
   init = softmax_state.init(jnp.zeros((B, K) + lead + (R,), acc),
                             jnp.zeros((B, K) + lead + (R, H), acc))
