@@ -228,6 +228,32 @@ def test_nan_in_a_visible_key_gives_nan_rows_like_jax_nn(impl, block_sizes):
   testing.assert_attention_close(out[:, :2], reference[:, :2])
 
 
+@pytest.mark.parametrize("impl,block_sizes", RUN_PARAMS)
+@pytest.mark.parametrize("where", ["value", "d_lse", "d_out"])
+def test_nan_reaches_the_same_gradient_entries_as_jax(impl, block_sizes, where):
+  """One NaN in a value, in one row's lse cotangent or in one entry of dO (no
+  mask: every key visible to every row): exactly the gradient entries that
+  "xla" (JAX's own autodiff) makes NaN are NaN. dV = P^T dO does not depend on
+  V: a NaN value must not reach it (it did through the backward's dO + 0 * D)."""
+  q, k, v = testing.random_qkv(jax.random.key(10), B=1, T=6, S=6, N=2, K=1, H=4)
+  do = testing.random_normal(jax.random.key(11), q.shape)
+  dl = testing.random_normal(jax.random.key(12), q.shape[:3])
+  if where == "value":
+    v = v.at[0, 2, 0, 1].set(jnp.nan)
+  elif where == "d_lse":
+    dl = dl.at[0, 4, 1].set(jnp.nan)
+  else:
+    do = do.at[0, 4, 1, 0].set(jnp.nan)
+
+  def grads(impl, block_sizes):
+    f = lambda q, k, v: _attend(impl, block_sizes, q, k, v, return_residual=True)
+    return jax.vjp(f, q, k, v)[1]((do, dl))
+
+  got, want = grads(impl, block_sizes), grads("xla", None)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.isnan(np.asarray(g)), np.isnan(np.asarray(w)))
+
+
 # ---------------------------------------------------------------------------
 # 17.5 and 17.6: non-finite options and wide integers.
 

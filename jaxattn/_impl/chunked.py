@@ -381,9 +381,10 @@ def _backward_prologue(out, lse, d_out, d_lse):
   rows that attended nothing (lse -inf, padding rows included): their P is 0,
   but NaN or inf in their cotangents would reach dQ and dK through D.
 
-  dO comes back plus min(|D|, 0): 0 wherever D is not NaN (a NaN D means a
-  NaN dO or O in that row, whose gradients are NaN already). This makes dO a
-  value computed after D, so that O, whose last use is D, is dead when dO is
+  dO comes back plus a zero computed from D (min(|D|, 0), NaN replaced by 0:
+  exactly 0 everywhere, so a NaN D, from NaN in a visible value or in a
+  cotangent, reaches no more gradients than before). This makes dO a value
+  computed after D, so that O, whose last use is D, is dead when dO is
   written: for `jax.grad` of a sum (or mean), dO is a broadcast that XLA
   otherwise materializes before the forward loop, and O and dO would be two
   (B, T, N, Hv) temporaries at once. Compiled temp memory, causal, H = 64:
@@ -397,7 +398,8 @@ def _backward_prologue(out, lse, d_out, d_lse):
   if d_lse is not None:
     delta = delta - d_lse
   delta = jnp.where(lse == -jnp.inf, jnp.zeros((), acc), delta)
-  zero = jnp.minimum(jnp.abs(delta), 0).astype(d_out.dtype)[..., None]
+  zero = jnp.minimum(jnp.abs(delta), 0)
+  zero = jnp.where(jnp.isnan(zero), jnp.zeros((), acc), zero).astype(d_out.dtype)[..., None]
   return delta, d_out + zero
 
 
