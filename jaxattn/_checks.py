@@ -8,6 +8,7 @@ imported, so any module may use this one.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
@@ -231,22 +232,25 @@ class _MethodTemplate:
 
 
 class _ObjectTemplate:
-  """A callable object with some fields templated: a registered pytree
-  (equinox modules, flax struct dataclasses) by its leaves, another object by
-  the attributes in its `__dict__` (rebuilt without calling `__init__`)."""
+  """An object with some fields templated: a registered pytree (a container,
+  an equinox module, a flax struct dataclass) by its leaves, another object by
+  the attributes in its `__dict__` (rebuilt as a shallow copy of a skeleton
+  whose templated attributes were cleared, so no tracer is kept)."""
 
-  def __init__(self, treedef, cls, fields):
-    self.treedef, self.cls, self.fields = treedef, cls, fields
-    self.name = getattr(cls, "__name__", "object")
+  def __init__(self, treedef, skeleton, fields):
+    self.treedef, self.skeleton, self.fields = treedef, skeleton, fields
+    self.name = type(skeleton).__name__ if skeleton is not None else "object"
     # Tagged apart: a PyTreeDef compared with anything but a PyTreeDef raises.
-    self.key = (("pytree", treedef) if treedef is not None else ("object", cls)) + (_key(fields),)
+    self.key = ((("pytree", treedef) if treedef is not None else ("object", type(skeleton)))
+                + (_key(fields),))
 
   def build(self, params):
     if self.treedef is not None:
       return self.treedef.unflatten([_build(f, params) for f in self.fields])
-    obj = self.cls.__new__(self.cls)
+    obj = copy.copy(self.skeleton)
     for name, value in self.fields.items():
-      object.__setattr__(obj, name, _build(value, params))
+      if isinstance(value, (_Param,) + _TEMPLATES):
+        object.__setattr__(obj, name, _build(value, params))
     return obj
 
 
@@ -267,36 +271,89 @@ def _liftable(value) -> bool:
   return False
 
 
-def _template(fn, params: list, seen: set):
+def _slotted(cls) -> bool:
+  """Whether instances keep state outside `__dict__` (non-empty `__slots__`)."""
+  return any(set(vars(c).get("__slots__", ())) - {"__dict__", "__weakref__"}
+             for c in cls.__mro__ if "__slots__" in vars(c))
+
+
+def _object_template(obj, lift):
+  """`obj` templated (see `_ObjectTemplate`) with `lift` applied to its leaves
+  or attributes, or None when it cannot be taken apart."""
+  leaves, treedef = jax.tree_util.tree_flatten(obj)
+  if not (len(leaves) == 1 and leaves[0] is obj):
+    return _ObjectTemplate(treedef, None, tuple(lift(x) for x in leaves))
+  if not isinstance(getattr(obj, "__dict__", None), dict) or _slotted(type(obj)):
+    return None
+  fields = {k: lift(v) for k, v in vars(obj).items()}
+  try:
+    skeleton = copy.copy(obj)
+    for name, value in fields.items():
+      if isinstance(value, (_Param,) + _TEMPLATES):
+        object.__setattr__(skeleton, name, None)
+  except Exception:  # an object copy cannot make: leave it as it is  # noqa: BLE001
+    return None
+  return _ObjectTemplate(None, skeleton, fields)
+
+
+_BUSY = object()  # in memo: being templated (a cycle leaves it as it is)
+
+
+def _memoized(value, memo: dict, make):
+  """make()'s template for `value`, once per object: met again (a helper two
+  closures share), the same template; met inside itself (recursion), None."""
+  got = memo.get(id(value))
+  if got is not None:
+    return None if got is _BUSY else got[0]
+  memo[id(value)] = _BUSY
+  t = make()
+  memo[id(value)] = (t, value)  # the value kept alive, so its id is not reused
+  return t
+
+
+def _template(fn, params: list, memo: dict):
   """`fn`'s template with every traced value it holds (appended to `params`)
   replaced by a slot, or None when it holds none."""
-  if id(fn) in seen:  # a function reaching itself (recursion) is left as it is
-    return None
-  seen = seen | {id(fn)}
-  count = len(params)
+  return _memoized(fn, memo, lambda: _make_template(fn, params, memo))
+
+
+def _make_template(fn, params: list, memo: dict):
+  lifted = []  # whether anything in fn was replaced (a slot, or a template)
 
   def lift(value):
+    out = _lift(value)
+    if out is not value:
+      lifted.append(True)
+    return out
+
+  def _lift(value):
     if _traced_tree(value):
-      params.append(value)
-      return _Param(len(params) - 1)
+      got = memo.get(id(value))
+      if got is None:
+        params.append(value)
+        got = memo[id(value)] = (_Param(len(params) - 1), value)
+      return got[0]
     if _liftable(value):
-      t = _template(value, params, seen)
+      t = _template(value, params, memo)
+      return value if t is None else t
+    leaves = jax.tree_util.tree_leaves(value)
+    if (any(isinstance(x, jax.core.Tracer) for x in leaves)
+        and not (len(leaves) == 1 and leaves[0] is value)):
+      # A container of traced arrays and other values ({"n": n, "offset": 0}):
+      # leaf by leaf, so the other values stay Python values.
+      t = _memoized(value, memo, lambda: _object_template(value, lift))
       return value if t is None else t
     return value
 
-  t: _FunctionTemplate | _PartialTemplate | _MethodTemplate | _ObjectTemplate
+  t: _FunctionTemplate | _PartialTemplate | _MethodTemplate | _ObjectTemplate | None
   if isinstance(fn, types.MethodType):
-    t = _MethodTemplate(lift(fn.__func__), lift(fn.__self__))
+    obj = fn.__self__
+    obj_t = _memoized(obj, memo, lambda: _object_template(obj, lift))
+    t = _MethodTemplate(lift(fn.__func__), obj if obj_t is None else obj_t)
   elif not isinstance(fn, (types.FunctionType, functools.partial)):
-    # A callable object (or a method's object): its leaves or attributes, one
-    # level deep (functions among them are looked into as above).
-    leaves, treedef = jax.tree_util.tree_flatten(fn)
-    if not (len(leaves) == 1 and leaves[0] is fn):
-      t = _ObjectTemplate(treedef, None, tuple(lift(x) for x in leaves))
-    elif isinstance(getattr(fn, "__dict__", None), dict) and not hasattr(type(fn), "__slots__"):
-      t = _ObjectTemplate(None, type(fn), {k: lift(v) for k, v in vars(fn).items()})
-    else:
-      return None
+    # A callable object: its leaves or attributes, one level deep (functions,
+    # methods and callable objects among them are looked into as above).
+    t = _object_template(fn, lift)
   elif isinstance(fn, functools.partial):
     t = _PartialTemplate(lift(fn.func), tuple(lift(a) for a in fn.args),
                          {k: lift(v) for k, v in fn.keywords.items()})
@@ -313,7 +370,7 @@ def _template(fn, params: list, seen: set):
     kwdefaults = (None if fn.__kwdefaults__ is None
                   else {k: lift(v) for k, v in fn.__kwdefaults__.items()})
     t = _FunctionTemplate(fn, tuple(cells), defaults, kwdefaults)
-  return t if len(params) > count else None
+  return t if t is not None and lifted else None
 
 
 class Rebound:
@@ -324,8 +381,9 @@ class Rebound:
   cells' contents; for a partial its other arguments), not the function,
   whose closure still refers to the tracers: nothing traced stays in static
   metadata (jit caches). Two are equal when made from the same code with the
-  same other contents (compared by identity), so a function re-created on
-  every call (a lambda in a step function) reuses compiled code.
+  same other contents (compared by identity), so a lambda re-created on every
+  call reuses compiled code when what else it closes over is the same objects
+  (a fresh helper function or a computed float in a cell makes it new).
   """
 
   def __init__(self, template):
@@ -361,7 +419,7 @@ def lift_traced_closure(fn):
   if not _liftable(fn):
     return None
   params: list = []
-  template = _template(fn, params, set())
+  template = _template(fn, params, {})
   if template is None:
     return None
   return Rebound(template), tuple(params)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattn import attention as _attention
+from jaxattn import _checks, attention as _attention
 from jaxattn._impl import common
 
 # (atol, rtol) of an implementation in a given input dtype against float64.
@@ -314,10 +314,10 @@ def random_segment_ids(key, B: int, L: int, num_segments: int = 3):
   in order, each at least one token long, split at n - 1 distinct random
   positions.
   """
-  if not (isinstance(num_segments, int) and num_segments > 0):
+  if not (_checks.is_int(num_segments) and num_segments > 0):
     raise ValueError(f"random_segment_ids: num_segments must be a positive int; got "
                      f"{num_segments!r}.")
-  n = min(num_segments, L)
+  n = min(int(num_segments), L)
   rng = _numpy_rng(key)
   if rng is None:
     order = jnp.argsort(jax.random.uniform(key, (B, max(L - 1, 0))), axis=1)

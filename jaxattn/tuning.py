@@ -131,9 +131,22 @@ def _file_mode(path: pathlib.Path) -> int:
   try:
     return stat.S_IMODE(path.stat().st_mode)
   except OSError:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+  """The process umask: from /proc on Linux (reading it with os.umask sets it
+  for a moment, racing other threads that create files), else via os.umask."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  umask = os.umask(0)
+  os.umask(umask)
+  return umask
 
 
 _LOADED: dict[Any, dict[TuningKey, tuple[int, int]]] = {}

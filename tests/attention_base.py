@@ -30,8 +30,9 @@ def option_grid(key, *, B=B, T=T, S=S, N=N):
   mask_full = testing.random_mask(ks[1], (B, N, T, S))
   q_len = jnp.array([T, max(T // 2, 1)] + [T] * (B - 2), jnp.int32)[:B]
   kv_len = jnp.array([max(S // 3, 1), S] + [S] * (B - 2), jnp.int32)[:B]
-  q_seg = testing.random_segment_ids(ks[2], B, T)
-  kv_seg = testing.random_segment_ids(ks[3], B, S)
+  # One query document more than key documents: its rows attend nothing (when T >= 4).
+  q_seg = testing.random_segment_ids(ks[2], B, T, num_segments=4)
+  kv_seg = testing.random_segment_ids(ks[3], B, S, num_segments=3)
   return {
       "plain": {},
       "scale": dict(scale=0.37),

@@ -1,5 +1,6 @@
 """Masks and score modifiers as functions: semantics, block maps, gradients."""
 
+import abc
 import functools
 
 import chex
@@ -350,6 +351,20 @@ class _WindowTo:
     return self(b, h, i, j)
 
 
+class _Limits:
+  """Not callable: its method is the mask."""
+
+  def __init__(self, n, width):
+    self.n, self.width = n, width
+
+  def mask(self, b, h, i, j):
+    return _window_to(i, j, self.n, b, self.width)
+
+
+class _WindowToAbc(_WindowTo, abc.ABC):
+  """abc.ABC declares empty __slots__; the instances still have a __dict__."""
+
+
 @jax.tree_util.register_pytree_node_class
 class _WindowToTree(_WindowTo):
   """The same as a registered pytree (as equinox modules are)."""
@@ -363,7 +378,8 @@ class _WindowToTree(_WindowTo):
 
 
 @pytest.mark.parametrize("form", ["partial", "default_argument", "nested_helper", "partial_of_closure",
-                                  "callable_object", "pytree_object", "bound_method"])
+                                  "callable_object", "pytree_object", "bound_method",
+                                  "plain_object_method", "abc_object", "dict_cell", "shared_helper"])
 def test_traced_arrays_in_partials_defaults_and_helpers_are_lifted(form):
   """The other ways Python binds a traced array to a mask function: a
   functools.partial's arguments, a default argument, a helper function the
@@ -387,6 +403,18 @@ def test_traced_arrays_in_partials_defaults_and_helpers_are_lifted(form):
       return _WindowToTree(n, width)
     if form == "bound_method":
       return _WindowTo(n, width).mask
+    if form == "plain_object_method":
+      return _Limits(n, width).mask
+    if form == "abc_object":
+      return _WindowToAbc(n, width)
+    if form == "dict_cell":
+      d = {"n": n, "width": width}  # a traced array beside a Python int
+      return lambda b, h, i, j: _window_to(i, j, d["n"], b, d["width"])
+    if form == "shared_helper":
+      def below(b, j):
+        return j < n[b]
+      near = lambda i, j: (i - j <= width) & below(0, j * 0)  # the helper reached twice
+      return lambda b, h, i, j: below(b, j) & near(i, j)
     return functools.partial(lambda w, b, h, i, j: _window_to(i, j, n, b, w), width)
 
   def score(s, b, h, i, j, slope):

@@ -23,5 +23,7 @@ def test_random_segment_ids_hold_exactly_the_documents_asked_for(L, n, traced):
 def test_random_helpers_refuse_what_they_cannot_do():
   with pytest.raises(ValueError, match="random_qkv: layout must be 'BTNH' or 'TNH'; got 'BNTH'"):
     testing.random_qkv(jax.random.key(0), layout="BNTH")
-  with pytest.raises(ValueError, match="random_segment_ids: num_segments must be a positive int"):
-    testing.random_segment_ids(jax.random.key(0), 2, 8, 0)
+  for bad in (0, True, 2.0):
+    with pytest.raises(ValueError, match="random_segment_ids: num_segments must be a positive int"):
+      testing.random_segment_ids(jax.random.key(0), 2, 8, bad)
+  assert testing.random_segment_ids(jax.random.key(0), 2, 8, np.int64(3)).max() == 2
