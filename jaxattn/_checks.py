@@ -8,7 +8,6 @@ imported, so any module may use this one.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import numbers
@@ -161,22 +160,43 @@ def _traced_tree(value) -> bool:
   """A pytree of arrays, one of them traced (a jit/grad tracer)."""
   if isinstance(value, (types.FunctionType, functools.partial)):
     return False
-  leaves = jax.tree_util.tree_leaves(value)
+  leaves = _leaves(value)
   return (bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
           and any(isinstance(x, jax.core.Tracer) for x in leaves))
 
 
-def _key(item):
-  """What template equality compares: slots and templates by content, values by identity."""
+def _leaves(value) -> list:
+  """`value`'s pytree leaves; [value] where JAX cannot flatten it (a dict with
+  keys of mixed types)."""
+  try:
+    return jax.tree_util.tree_leaves(value)
+  except Exception:  # noqa: BLE001
+    return [value]
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+_KEPT = (types.FunctionType, types.BuiltinFunctionType, types.ModuleType, type, types.CodeType)
+
+
+def _key(item, depth: int = 0):
+  """What template equality compares, taken when the template is made: slots
+  and templates by content; Python scalars by value; short tuples, lists and
+  dicts by their items (a snapshot: mutated later, a new template differs);
+  functions, modules, classes and the empty cell by identity (the template
+  keeps them alive); anything else (arrays, objects, whose contents may
+  change) never equal, so jit traces again rather than reuse stale code."""
   if isinstance(item, _Param):
     return ("param", int(item))
   if isinstance(item, _TEMPLATES):
     return item.key
-  if isinstance(item, dict):
-    return tuple(sorted((k, _key(v)) for k, v in item.items()))
-  if isinstance(item, tuple):
-    return tuple(_key(x) for x in item)
-  return id(item)
+  if type(item) in _SCALARS:
+    return ("value", type(item), item)
+  if isinstance(item, _KEPT) or item is _EMPTY:
+    return ("id", id(item))
+  if type(item) in (tuple, list, dict) and len(item) <= 64 and depth < 8:
+    items = item.items() if type(item) is dict else enumerate(item)
+    return (type(item),) + tuple((_key(k, depth + 1), _key(v, depth + 1)) for k, v in items)
+  return ("unique", object())
 
 
 def _build(item, params):
@@ -232,25 +252,26 @@ class _MethodTemplate:
 
 
 class _ObjectTemplate:
-  """An object with some fields templated: a registered pytree (a container,
-  an equinox module, a flax struct dataclass) by its leaves, another object by
-  the attributes in its `__dict__` (rebuilt as a shallow copy of a skeleton
-  whose templated attributes were cleared, so no tracer is kept)."""
+  """An object with some fields templated: a plain dict (keys in their order),
+  a registered pytree (a list, tuple, namedtuple, an equinox module, a flax
+  struct dataclass) by its leaves, or another object by the attributes in its
+  `__dict__`, rebuilt with `cls.__new__(cls)` and those attributes (no
+  `__init__`, no copy of the original, which holds the tracers)."""
 
-  def __init__(self, treedef, skeleton, fields):
-    self.treedef, self.skeleton, self.fields = treedef, skeleton, fields
-    self.name = type(skeleton).__name__ if skeleton is not None else "object"
+  def __init__(self, kind, spec, fields):
+    self.kind, self.spec, self.fields = kind, spec, fields
+    self.name = getattr(spec, "__name__", kind)
     # Tagged apart: a PyTreeDef compared with anything but a PyTreeDef raises.
-    self.key = ((("pytree", treedef) if treedef is not None else ("object", type(skeleton)))
-                + (_key(fields),))
+    self.key = (kind, spec if kind == "pytree" else id(spec), _key(fields))
 
   def build(self, params):
-    if self.treedef is not None:
-      return self.treedef.unflatten([_build(f, params) for f in self.fields])
-    obj = copy.copy(self.skeleton)
+    if self.kind == "pytree":
+      return self.spec.unflatten([_build(f, params) for f in self.fields])
+    if self.kind == "dict":
+      return {k: _build(v, params) for k, v in self.fields.items()}
+    obj = self.spec.__new__(self.spec)
     for name, value in self.fields.items():
-      if isinstance(value, (_Param,) + _TEMPLATES):
-        object.__setattr__(obj, name, _build(value, params))
+      object.__setattr__(obj, name, _build(value, params))
     return obj
 
 
@@ -259,8 +280,10 @@ _TEMPLATES = (_FunctionTemplate, _PartialTemplate, _MethodTemplate, _ObjectTempl
 
 def _liftable(value) -> bool:
   """A function, partial, bound method or callable object `_template` looks into."""
-  if isinstance(value, (types.FunctionType, functools.partial, types.MethodType)):
+  if isinstance(value, (types.FunctionType, types.MethodType)) or type(value) is functools.partial:
     return True
+  if isinstance(value, functools.partial):  # a subclass may call differently
+    return False
   # A callable object whose class defines __call__ in Python: not a class, a
   # module, a builtin or a compiled function object (a jitted function).
   if isinstance(value, type):
@@ -278,22 +301,27 @@ def _slotted(cls) -> bool:
 
 
 def _object_template(obj, lift):
-  """`obj` templated (see `_ObjectTemplate`) with `lift` applied to its leaves
-  or attributes, or None when it cannot be taken apart."""
-  leaves, treedef = jax.tree_util.tree_flatten(obj)
-  if not (len(leaves) == 1 and leaves[0] is obj):
-    return _ObjectTemplate(treedef, None, tuple(lift(x) for x in leaves))
-  if not isinstance(getattr(obj, "__dict__", None), dict) or _slotted(type(obj)):
-    return None
-  fields = {k: lift(v) for k, v in vars(obj).items()}
+  """`obj` templated (see `_ObjectTemplate`) with `lift` applied to its items,
+  leaves or attributes, or None when it cannot be taken apart safely: state
+  outside `__dict__` (`__slots__`, a builtin base such as dict) or a class
+  that `cls.__new__(cls)` cannot make."""
+  if type(obj) is dict:
+    return _ObjectTemplate("dict", dict, {k: lift(v) for k, v in obj.items()})
   try:
-    skeleton = copy.copy(obj)
-    for name, value in fields.items():
-      if isinstance(value, (_Param,) + _TEMPLATES):
-        object.__setattr__(skeleton, name, None)
-  except Exception:  # an object copy cannot make: leave it as it is  # noqa: BLE001
+    leaves, treedef = jax.tree_util.tree_flatten(obj)
+  except Exception:  # noqa: BLE001
     return None
-  return _ObjectTemplate(None, skeleton, fields)
+  if not (len(leaves) == 1 and leaves[0] is obj):
+    return _ObjectTemplate("pytree", treedef, tuple(lift(x) for x in leaves))
+  cls = type(obj)
+  if (not isinstance(getattr(obj, "__dict__", None), dict) or _slotted(cls)
+      or any(c.__module__ == "builtins" for c in cls.__mro__ if c is not object)):
+    return None
+  try:
+    cls.__new__(cls)
+  except Exception:  # noqa: BLE001
+    return None
+  return _ObjectTemplate("object", cls, {k: lift(v) for k, v in vars(obj).items()})
 
 
 _BUSY = object()  # in memo: being templated (a cycle leaves it as it is)
@@ -336,7 +364,7 @@ def _make_template(fn, params: list, memo: dict):
     if _liftable(value):
       t = _template(value, params, memo)
       return value if t is None else t
-    leaves = jax.tree_util.tree_leaves(value)
+    leaves = _leaves(value)
     if (any(isinstance(x, jax.core.Tracer) for x in leaves)
         and not (len(leaves) == 1 and leaves[0] is value)):
       # A container of traced arrays and other values ({"n": n, "offset": 0}):

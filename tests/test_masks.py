@@ -436,6 +436,31 @@ def test_traced_arrays_in_partials_defaults_and_helpers_are_lifted(form):
                               atol=2e-5, rtol=2e-5)
 
 
+def test_lifted_functions_never_reuse_stale_compiled_code():
+  """A dict cell whose value changed between two fresh jits gives the new
+  result (templates compare by a snapshot of what they hold, objects and
+  arrays never equal), and the user's object holding the traced array is left
+  as it was (an object is rebuilt, not copied and cleared)."""
+  q, k, v = testing.random_qkv(jax.random.key(7), B=2, T=16, S=16, N=1, K=1, H=4)
+  n = jnp.array([5, 12])
+  cfg = {"w": 3, "n": None}
+  obj = _Limits(None, 4)
+
+  def run(q, n, implementation):
+    cfg["n"], obj.n = n, n
+    w, lengths = list(cfg.values())  # insertion order: "w" first
+    return jaxattn.dot_product_attention(
+        q, k, v, mask_fn=lambda b, h, i, j: _window_to(i, j, cfg["n"], b, w) & obj.mask(b, h, i, j),
+        implementation=implementation, block_sizes=(8, 8) if implementation != "xla" else None)
+
+  for width in (3, 0):
+    cfg["w"] = width
+    got = jax.jit(lambda q, n: run(q, n, "chunked"))(q, n)  # a fresh jit each time
+    want = jax.jit(lambda q, n: run(q, n, "xla"))(q, n)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-6)
+  assert isinstance(obj.n, jax.core.Tracer) and obj.width == 4  # not cleared, not replaced
+
+
 def test_lifting_keeps_concrete_and_empty_closure_cells():
   """Only traced cells are lifted: a concrete NumPy array the function uses in Python
   stays concrete, and a closure cell that was never bound stays empty."""
