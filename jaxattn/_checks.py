@@ -158,8 +158,6 @@ class _Param(int):
 
 def _traced_tree(value) -> bool:
   """A pytree of arrays, one of them traced (a jit/grad tracer)."""
-  if isinstance(value, (types.FunctionType, functools.partial)):
-    return False
   leaves = _leaves(value)
   return (bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
           and any(isinstance(x, jax.core.Tracer) for x in leaves))
@@ -408,10 +406,10 @@ class Rebound:
   a template of the function (code, globals, defaults, the other closure
   cells' contents; for a partial its other arguments), not the function,
   whose closure still refers to the tracers: nothing traced stays in static
-  metadata (jit caches). Two are equal when made from the same code with the
-  same other contents (compared by identity), so a lambda re-created on every
-  call reuses compiled code when what else it closes over is the same objects
-  (a fresh helper function or a computed float in a cell makes it new).
+  metadata (jit caches). Two are equal when their templates' keys are (see
+  `_key`): a lambda re-created on every call reuses compiled code when what
+  else it holds is the same functions and equal Python scalars; an array or
+  another object in it makes every Rebound new.
   """
 
   def __init__(self, template):

@@ -460,6 +460,29 @@ def test_lifted_functions_never_reuse_stale_compiled_code():
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-6)
   assert isinstance(obj.n, jax.core.Tracer) and obj.width == 4  # not cleared, not replaced
 
+  # The mechanism, directly: templates compare by a snapshot of what they hold.
+  from jaxattn import _checks
+  made = []
+
+  def lift_under_jit(n):
+    cfg["w"] = 3
+    fresh = lambda: (lambda b, h, i, j: (j < n[b]) & (i - j <= cfg["w"]))
+    made.append(_checks.lift_traced_closure(fresh())[0])
+    made.append(_checks.lift_traced_closure(fresh())[0])  # re-created, same contents
+    cfg["w"] = 0                                           # the same dict, mutated
+    made.append(_checks.lift_traced_closure(fresh())[0])
+    table = np.zeros(1, np.int32)
+    holds_array = lambda: (lambda b, h, i, j: (j < n[b]) & (j >= table[0]))
+    made.append(_checks.lift_traced_closure(holds_array())[0])
+    made.append(_checks.lift_traced_closure(holds_array())[0])
+    return n
+
+  jax.jit(lift_under_jit)(n)
+  first, same, mutated, array_1, array_2 = made
+  assert first == same and hash(first) == hash(same)  # compiled code reused
+  assert first != mutated                              # the dict changed: traced again
+  assert array_1 != array_2                            # an array's contents may change
+
 
 def test_lifting_keeps_concrete_and_empty_closure_cells():
   """Only traced cells are lifted: a concrete NumPy array the function uses in Python
