@@ -140,24 +140,96 @@ def test_second_order_forward_mode_with_a_bias_or_score_stays_finite(case):
   chex.assert_trees_all_close(results["chunked_jvp"], results["xla"], atol=5e-5, rtol=5e-5)
 
 
+SECOND_ORDER_CASES = ["both_lengths_causal", "segments", "bias_bcast_heads", "window", "soft_cap",
+                      "dropout", "everything"]
+
+
+def _second_order(impl, kw, q, k, v, bias, t):
+  """(grad of jvp, grad of grad) of a loss of the output and the logsumexp:
+  reverse over forward and reverse over reverse, every input differentiated."""
+  f = _attend(impl, kw)
+  lse_weight = lambda lse: jnp.where(jnp.isfinite(lse), jnp.cos(jnp.arange(lse.size).reshape(lse.shape)), 0)
+
+  def of_jvp(q, k, v, bias, *t):
+    (_, lse), (t_out, t_lse) = jax.jvp(f, (q, k, v, bias), t)
+    return jnp.sum(jnp.sin(t_out)) + jnp.sum(lse_weight(lse) * jnp.where(jnp.isfinite(lse), t_lse, 0))
+
+  def loss(q, k, v, bias):
+    out, lse = f(q, k, v, bias)
+    return jnp.sum(jnp.sin(out)) + jnp.sum(lse_weight(lse) * jnp.where(jnp.isfinite(lse), lse, 0))
+
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  rof = jax.grad(of_jvp, argnums + tuple(4 + i for i in argnums))(q, k, v, bias, *t)
+  ror = jax.grad(lambda *a: sum(jnp.sum(jnp.cos(g)) for g in jax.grad(loss, argnums)(*a)),
+                 argnums)(q, k, v, bias)
+  return rof, ror
+
+
+@pytest.mark.parametrize("name", slow_unless(SECOND_ORDER_CASES, ("both_lengths_causal", "everything")))
+def test_reverse_over_forward_and_over_reverse_match_float64_xla(name):
+  """`grad` of `jvp` and `grad` of `grad` go through the custom JVP's tangent
+  (static loops), not the forward's data-dependent loop bounds: they work with
+  every mask, bias, score modifier and dropout, and match "xla" in float64
+  (bitwise-level agreement in float64, float32 within rounding)."""
+  q, k, v = testing.random_qkv(jax.random.key(20), B=B, T=T, S=S, N=N, K=K, H=H)
+  kw = dict(option_grid(jax.random.key(21))[name])
+  bias = kw.pop("bias", None)
+  t = _tangents(q, k, v, bias, seed=22)
+  t = t if bias is not None else t[:3] + (None,)
+  with jax.enable_x64(True):
+    up = lambda x: None if x is None else x.astype(jnp.float64)
+    args64 = [up(x) for x in (q, k, v, bias, *t)]
+    want = _second_order("xla", kw, *args64[:4], args64[4:])
+    got64 = _second_order("chunked_jvp", kw, *args64[:4], args64[4:])
+  chex.assert_tree_all_finite(want)
+  chex.assert_trees_all_close(got64, want, atol=1e-10, rtol=1e-10)
+  got = _second_order("chunked_jvp", kw, q, k, v, bias, t)
+  chex.assert_tree_all_finite(got)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w), rtol=2e-4,
+                               atol=2e-4 * float(np.max(np.abs(np.asarray(w)))))
+
+
+def test_jacrev_of_jacfwd_is_the_hessian():
+  """Reverse over forward as `jax.hessian` would not build it (jacrev(jacfwd)),
+  against jax.hessian (forward over reverse) and "xla"."""
+  q, k, v = testing.random_qkv(jax.random.key(23), B=1, T=3, S=4, N=2, K=1, H=2)
+
+  def f(impl):
+    opts = {"block_sizes": BLOCKS} if impl == "chunked_jvp" else {}
+    return lambda q: jnp.sum(jnp.sin(jaxattn.dot_product_attention(
+        q, k, v, is_causal=True, causal_alignment="bottom_right", implementation=impl, **opts)))
+
+  rf = jax.jacrev(jax.jacfwd(f("chunked_jvp")))(q)
+  assert rf.shape == q.shape + q.shape
+  chex.assert_trees_all_close(rf, jax.hessian(f("chunked_jvp"))(q), atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(rf, jax.hessian(f("xla"))(q), atol=1e-5, rtol=1e-5)
+
+
 def _temp_mib(fn, *args):
   return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
 
 
 def test_jvp_and_its_transpose_take_linear_memory():
-  """memory_analysis (deterministic): doubling T at most ~doubles the jvp's and the
-  gradient's temporaries (a materialized T x S tangent would quadruple them)."""
+  """memory_analysis (deterministic): doubling T at most ~doubles the temporaries
+  of the jvp, the gradient, and of grad of jvp and grad of grad (a materialized
+  T x S tangent would quadruple them; so would per-query-block stacks of the
+  key loop's carries, before the query blocks were rematerialized: grad of grad
+  took 71.7 -> 201.5 MiB from T = 8192 to 16384)."""
   f = lambda q, k, v: jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation="chunked_jvp")
   jvp = lambda q, k, v, tq, tk, tv: jax.jvp(f, (q, k, v), (tq, tk, tv))
   grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), (0, 1, 2))
+  # second order in reverse mode: grad of jvp, grad of grad
+  rof = jax.grad(lambda *a: jnp.sum(jvp(*a)[1]), tuple(range(6)))
+  ror = jax.grad(lambda q, k, v: jnp.sum(grad(q, k, v)[0] ** 2), (0, 1, 2))
   mem = {}
   for t_len in (16384, 32768):
     sds = jax.ShapeDtypeStruct((1, t_len, 1, 64), jnp.float32)
-    mem[t_len] = (_temp_mib(jvp, *(sds,) * 6), _temp_mib(grad, sds, sds, sds))
-  (jvp_small, grad_small), (jvp_large, grad_large) = mem[16384], mem[32768]
-  assert jvp_large <= 2.1 * jvp_small, mem
-  assert grad_large <= 2.1 * grad_small, mem
-  assert jvp_large < 64 and grad_large < 128, mem  # a (T, T) float32 tile grid is 4096 MiB
+    mem[t_len] = (_temp_mib(jvp, *(sds,) * 6), _temp_mib(grad, sds, sds, sds),
+                  _temp_mib(rof, *(sds,) * 6), _temp_mib(ror, sds, sds, sds))
+  for small, large in zip(mem[16384], mem[32768]):
+    assert large <= 2.1 * small, mem
+  assert max(mem[32768]) < 128, mem  # a (T, T) float32 tile grid is 4096 MiB
 
 
 class TestChunkedJvp(AttentionTestBase):

@@ -299,16 +299,17 @@ def _second_order(impl, q, k, v):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])
-def test_second_order_reverse_mode_is_a_clear_error_naming_xla(impl):
+def test_second_order_reverse_mode_is_a_clear_error_naming_the_paths_that_have_it(impl):
   q, k, v = testing.random_qkv(jax.random.key(7))
   with pytest.raises(NotImplementedError, match=f"implementation='{impl}' does not support "
-                     r"second-order.*use implementation='xla'"):
+                     r"second-order.*use implementation='chunked_jvp'.* or 'xla'"):
     _second_order(impl, q, k, v)
 
 
-def test_second_order_reverse_mode_works_on_xla():
+@pytest.mark.parametrize("impl", ["xla", "chunked_jvp"])
+def test_second_order_reverse_mode_works_on_the_paths_the_error_names(impl):
   q, k, v = testing.random_qkv(jax.random.key(7))
-  ours = _second_order("xla", q, k, v)
+  ours = _second_order(impl, q, k, v)
   inner = lambda q: jnp.sum(jnp.sin(jax.nn.dot_product_attention(q, k, v)))
   theirs = jax.grad(lambda q: jnp.sum(jax.grad(inner)(q) ** 2))(q)
   chex.assert_trees_all_close(ours, theirs, atol=1e-5, rtol=1e-4)

@@ -660,7 +660,9 @@ def backward(inputs: common.AttentionInputs, config: common.AttentionConfig, out
 _SECOND_ORDER = ("dot_product_attention: implementation='chunked' does not support "
                  "second-order reverse-mode differentiation (jax.grad of a function of its "
                  "jax.grad): its backward skips empty blocks with data-dependent loop bounds, "
-                 "which JAX cannot differentiate in reverse mode; use implementation='xla'.")
+                 "which JAX cannot differentiate in reverse mode; use "
+                 "implementation='chunked_jvp' (every second-order derivative, O(T) memory) "
+                 "or 'xla'.")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -16,8 +16,13 @@ blocks are skipped, full blocks skip the mask, as everywhere.
 
 The tangent is linear in (dQ, dK, dV, dbias, d score parameters) and written
 with loops of static trip count and rematerialized tiles, so JAX can transpose
-it: reverse mode (`jax.grad`) works too, in O(T) memory, and so do
-forward-over-reverse Hessian-vector products. That transposed backward took
+it: reverse mode (`jax.grad`) works too, in O(T) memory. The rule gets its
+primal from this custom-JVP function itself, so every derivative of a
+derivative goes through the tangent, never through the forward's
+data-dependent loop bounds: forward over reverse (`jax.hessian`, `jvp` of
+`grad`), reverse over forward (`grad` of `jvp`, `jacrev(jacfwd)`), reverse
+over reverse (`grad` of `grad`) and forward over forward, all in O(T) memory
+(query blocks and key tiles rematerialized). That transposed backward took
 1.05-1.27x the time and 1.4-2.5x the temp memory of `"chunked"`'s hand-written
 one (`python -m bench`, CPU); `"chunked"` stays the default, and this one is
 there where forward mode is needed. (With public JAX APIs one function cannot
@@ -52,7 +57,7 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p):
   # the tile products stay in the statistics dtype (not rounded to the value
   # dtype as the forward's P is) and O is recomputed from them alongside, so
   # a and m O carry the same rounding: tangents as accurate as "xla"'s. The
-  # tangents arrive in the statistics dtype (see `_attend_jvp`), so the logits'
+  # tangents arrive in the statistics dtype (see `_forward_rows_jvp`), so the logits'
   # tangent is taken at q and k upcast (exact), and in reverse mode their
   # cotangents add up over blocks in that dtype.
   low = jnp.dtype(p.v.dtype) != jnp.dtype(acc)
@@ -64,8 +69,11 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p):
     pb = p._replace(bias=bias)
     return chunked._post(pb, st, q0, k0, chunked._raw_logits(st, qi, kj), rebuild(leaves), masked)
 
-  def q_block(i, carry):
-    d_out, d_lse = carry
+  # Rematerialized as a whole too, with the rows written outside: differentiated
+  # again in reverse mode (`grad` of `grad` or of `jvp`), each query block's
+  # key-loop carries are then stored for one block at a time, not for all.
+  @jax.checkpoint
+  def q_rows(i):
     q0 = i * st.bq
     qi, tqi = chunked._rows(p.q, st, i), chunked._rows(tq, st, i)
     lse_i, lo_i, dead = chunked._row_lse(lse_p, lo_p, st, i)  # rows with no key: P = 0
@@ -109,25 +117,36 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p):
     # Rows that attended nothing have tangent 0 already (P = 0); the selects
     # also zero their cotangents in reverse mode, where 0 * NaN garbage in
     # such a row would otherwise reach dV.
-    d_out = chunked._put_rows(d_out, jnp.where(dead[..., None], 0.0, a - m[..., None] * o_i), st, i)
-    d_lse = chunked._put_rows(d_lse, jnp.where(dead, 0.0, m), st, i)
-    return d_out, d_lse
+    return jnp.where(dead[..., None], 0.0, a - m[..., None] * o_i), jnp.where(dead, 0.0, m)
+
+  def q_block(i, carry):
+    d_out, d_lse = carry
+    rows_out, rows_lse = q_rows(i)
+    return chunked._put_rows(d_out, rows_out, st, i), chunked._put_rows(d_lse, rows_lse, st, i)
 
   init = (chunked._zeros_like(out_p), chunked._zeros_like(lse_p))
   return lax.fori_loop(0, st.nq, q_block, init)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _attend(config, block_sizes, inputs: common.AttentionInputs):
-  return chunked.forward(inputs, config, block_sizes=block_sizes)
+def _forward_rows(config, block_sizes, inputs: common.AttentionInputs):
+  """The blocked forward's own rows: (out (B, Tp, N, Hv), lse, lse_lo (B, Tp, N)),
+  padded to whole query blocks."""
+  return chunked._forward_padded(inputs, config, block_sizes)[2:]
 
 
-@_attend.defjvp
-def _attend_jvp(config, block_sizes, primals, tangents):
+@_forward_rows.defjvp
+def _forward_rows_jvp(config, block_sizes, primals, tangents):
   (inputs,), (t_inputs,) = primals, tangents
-  # The forward's own rows (output, lse and its low part): no second pass, no relayout.
-  st, p, out_p, lse_p, lo_p = chunked._forward_padded(inputs, config, block_sizes)
-  out, lse = chunked._finish(inputs, out_p, lse_p)
+  st = chunked._static(inputs, config, block_sizes)
+  p = chunked._prepare(inputs, st)
+  # The primal comes from this custom-JVP function itself, not from the blocked
+  # forward directly: differentiated again, it goes through this rule, whose
+  # tangent has static loops. Reverse mode over this jvp (`grad` of `jvp`,
+  # `jacrev(jacfwd)`, `grad` of `grad`) then never meets the forward's
+  # data-dependent loop bounds, and forward over forward differentiates the
+  # tangent, not the forward's running maximum.
+  out_p, lse_p, lo_p = _forward_rows(config, block_sizes, inputs)
   zero = lambda x: jnp.zeros(x.shape, x.dtype)
   t_q, t_k, t_v = (zero(x) if t is None else t for x, t in (
       (inputs.query, t_inputs.query), (inputs.key, t_inputs.key), (inputs.value, t_inputs.value)))
@@ -138,13 +157,16 @@ def _attend_jvp(config, block_sizes, primals, tangents):
   tq, tk, tv = (x.astype(acc) for x in (tq, tk, tv))
   t_score = _tangent_leaves(p.score_fn, common.combined_score(t_inputs, config)
                             if inputs.score_fn is not None else None)
+  # lse + lse_lo is the logsumexp; its tangent is carried by lse (lse_lo is a
+  # rounding remainder, constant to first order).
   d_out, d_lse = _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p)
-  d_out, d_lse = chunked._finish(inputs, d_out, d_lse)
-  return (out, lse), (d_out.astype(out.dtype), d_lse.astype(lse.dtype))
+  return (out_p, lse_p, lo_p), (d_out.astype(out_p.dtype), d_lse.astype(lse_p.dtype),
+                                jnp.zeros_like(lo_p))
 
 
 def chunked_jvp_attention(inputs: common.AttentionInputs, config: common.AttentionConfig, *,
                           block_sizes: tuple[int, int] | None = None):
   """Returns (output (B, T, N, Hv) in query dtype, lse (B, T, N) float32 or wider);
   differentiable in forward and reverse mode (see the module docstring)."""
-  return _attend(config, block_sizes, inputs)
+  out_p, lse_p, _ = _forward_rows(config, block_sizes, inputs)
+  return chunked._finish(inputs, out_p, lse_p)

@@ -481,7 +481,8 @@ def _forward_in_vjp_jvp(p: _Plan, primals, tangents):
   raise NotImplementedError(
       "dot_product_attention: implementation='pallas' does not support second-order "
       "differentiation (jax.grad of a function of its jax.grad): its kernels have "
-      "first-order rules only; use implementation='xla'.")
+      "first-order rules only; use implementation='chunked_jvp' (every second-order "
+      "derivative, O(T) memory) or 'xla'.")
 
 
 def _flash_fwd(p: _Plan, inputs):

@@ -68,9 +68,9 @@ def update(state: State, logits, weighted_values: Callable[[jax.Array], jax.Arra
       matmuls write faster; `decode_kernels._one_pass`).
   """
   # The output and lse do not depend on m (it cancels exactly), so it is a
-  # constant to autodiff: differentiating this forward (second-order forward
-  # mode through "chunked_jvp") would otherwise take max's derivative, whose
-  # tie count can be 0 inside XLA's fused loops (0/0 = NaN).
+  # constant to autodiff: differentiating a forward built on this with JAX's
+  # own rules (no custom rule in between) would otherwise take max's
+  # derivative, whose tie count can be 0 inside XLA's fused loops (0/0 = NaN).
   m_new = lax.stop_gradient(jnp.maximum(state.m, jnp.max(logits, axis=key_axis)))
   m_safe = _safe(m_new)
   e = jnp.exp(logits - jnp.expand_dims(m_safe, key_axis))
