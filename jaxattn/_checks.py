@@ -14,6 +14,7 @@ import numbers
 import types
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -449,6 +450,65 @@ def lift_traced_closure(fn):
   if template is None:
     return None
   return Rebound(template), tuple(params)
+
+
+class Hoisted:
+  """A user function whose traced constants, found by tracing it, come from params.
+
+  Made by `hoist_traced_constants`, for what `lift_traced_closure`'s templates
+  cannot reach (module globals, `__slots__` objects, objects in a cycle, a
+  recursive function, values nested deeper). Called as
+  `Hoisted((own_params, values), *args)`: each call traces the function at
+  its arguments' shapes (`jax.make_jaxpr`), puts `values` in place of the
+  traced constants found when it was made (matched by identity), and
+  evaluates the result (`jax.extend.core.jaxpr_as_fun`). Equal only to itself:
+  it holds the function, whose closure holds those tracers.
+  """
+
+  def __init__(self, fn, takes_params: bool, hoisted, name: str):
+    self.fn, self.takes_params, self.__name__ = fn, takes_params, name
+    self._slots = {id(x): k for k, x in enumerate(hoisted)}
+
+  def __call__(self, params, *args):
+    own, values = params
+    lead = (own,) if self.takes_params else ()
+    try:
+      closed, shape = jax.make_jaxpr(lambda *a: self.fn(*a), return_shape=True)(*lead, *args)
+    except jax.errors.UnexpectedTracerError as e:
+      # A custom VJP's backward is traced after the differentiation that made
+      # the value ended (newer jax refuses to touch such a tracer, even as a
+      # constant to replace): only an explicit argument reaches it there.
+      raise TypeError(
+          f"{self.__name__} reaches a value traced by jax.grad/jax.vjp through something "
+          "jaxattn cannot rebuild (a module global, a recursive function, a __slots__ object, "
+          "an object cycle, a deeper nesting), and a custom VJP's backward cannot use it: pass it with "
+          "jaxattn.masks.from_function(fn, params=...) or jaxattn.scores.from_function(fn, "
+          "params), or use implementation='chunked_jvp' or 'xla'.") from e
+    consts = [values[self._slots[id(c)]]
+              if isinstance(c, jax.core.Tracer) and id(c) in self._slots else c
+              for c in closed.consts]
+    fn = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(closed.jaxpr, consts))
+    out = fn(*jax.tree_util.tree_leaves((*lead, *args)))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), out)
+
+
+def hoist_traced_constants(fn, takes_params: bool, params, example_args, name: str):
+  """(Hoisted, (params, values)) when tracing `fn` at `example_args` shows
+  traced values among its constants (what it closes over, however), else None.
+
+  `fn` is called as `fn(params, *args)` when `takes_params`, else `fn(*args)`.
+  A function that cannot be traced at the example shapes is left as it is
+  (the caller's shape checks report it).
+  """
+  lead = (params,) if takes_params else ()
+  try:
+    closed = jax.make_jaxpr(lambda *a: fn(*a))(*lead, *example_args)  # (fn may lack a weakref)
+  except Exception:  # noqa: BLE001 (reported by the shape checks that follow)
+    return None
+  hoisted = list({id(c): c for c in closed.consts if isinstance(c, jax.core.Tracer)}.values())
+  if not hoisted:
+    return None
+  return Hoisted(fn, takes_params, hoisted, name), (params, tuple(hoisted))
 
 
 def _fits_int32(dtype) -> bool:

@@ -486,7 +486,7 @@ def check_index_function(fn, arg, f, lead, B, N, T, S, *, score, name=None):
     args = (b, h, q, kv)
     if score:
       args = (jax.ShapeDtypeStruct(shape, jnp.float32),) + args
-    out = jax.eval_shape(f, *lead, *args)
+    out = jax.eval_shape(lambda *a: f(*a), *lead, *args)  # (f may not be weak-referenceable)
     got = getattr(out, "shape", None)
     try:
       ok = got is not None and jnp.broadcast_shapes(got, shape) == shape
@@ -532,17 +532,28 @@ def lift_traced_closures(mask: Mask | None) -> Mask | None:
   given those arrays as params (`_checks.lift_traced_closure`)."""
   if mask is None:
     return None
+  i32 = jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.int32)
+  i32_scalar = jax.ShapeDtypeStruct((), jnp.int32)
 
   def lift(m):
     if not isinstance(m, FunctionMask):
       return m
     fn, params, takes = m.fn, m.params, m.takes_params
+    name = _checks.callable_name(fn)
     if not takes and (lifted := _checks.lift_traced_closure(fn)) is not None:
       (fn, params), takes = lifted, True
+    # What the templates cannot reach: found by tracing the function.
+    if (hoisted := _checks.hoist_traced_constants(fn, takes, params, (i32,) * 4, name)):
+      (fn, params), takes = hoisted, True
     block_fn, block_params = m.block_fn, m.block_params
-    if block_fn is not None and block_params is None:
-      if (lifted := _checks.lift_traced_closure(block_fn)) is not None:
+    if block_fn is not None:
+      block_name = _checks.callable_name(block_fn)
+      if block_params is None and (lifted := _checks.lift_traced_closure(block_fn)) is not None:
         block_fn, block_params = lifted
+      block_takes = block_params is not None
+      if (hoisted := _checks.hoist_traced_constants(block_fn, block_takes, block_params,
+                                                    (i32_scalar,) * 4, block_name)):
+        block_fn, block_params = hoisted
     return FunctionMask(fn, block_fn, params, takes, block_params)
 
   return jax.tree_util.tree_map(lift, mask, is_leaf=lambda m: isinstance(m, FunctionMask))

@@ -220,7 +220,7 @@ class FunctionScore(ScoreMod):
 
   def validate(self, fn, B, N, T, S):
     from jaxattn import masks  # masks holds the shared probe; imported late (no import cycle)
-    user = self.fn.fn if isinstance(self.fn, _WithoutParams) else self.fn
+    user = self.fn.fn if isinstance(self.fn, _WithoutParams) else self.fn  # Hoisted: its name
     masks.check_index_function(fn, "score_fn", self.fn, (self.params,), B, N, T, S, score=True,
                                name=_checks.callable_name(user))
 
@@ -258,11 +258,19 @@ def lift_traced_closures(mod: ScoreMod | None) -> ScoreMod | None:
   if mod is None:
     return None
 
+  example = (jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32),) + (
+      jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.int32),) * 4
+
   def lift(m):
-    if not isinstance(m, FunctionScore) or not isinstance(m.fn, _WithoutParams):
+    if not isinstance(m, FunctionScore):
       return m
-    lifted = _checks.lift_traced_closure(m.fn.fn)
-    return m if lifted is None else FunctionScore(*lifted)
+    name = _checks.callable_name(m.fn.fn if isinstance(m.fn, _WithoutParams) else m.fn)
+    if isinstance(m.fn, _WithoutParams):
+      lifted = _checks.lift_traced_closure(m.fn.fn)
+      m = m if lifted is None else FunctionScore(*lifted)
+    # What the templates cannot reach: found by tracing the function.
+    hoisted = _checks.hoist_traced_constants(m.fn, True, m.params, example, name)
+    return m if hoisted is None else FunctionScore(*hoisted)
 
   return jax.tree_util.tree_map(lift, mod, is_leaf=lambda m: isinstance(m, FunctionScore))
 
