@@ -133,6 +133,11 @@ def callable_name(f) -> str:
   return name if isinstance(name, str) else repr(f)
 
 
+def ids_fit_int32(dtype) -> bool:
+  """Whether integer ids of `dtype` keep their meaning cast to int32."""
+  return _fits_int32(dtype)
+
+
 def segments_as_int32(q_ids, kv_ids):
   """int32 ids with the same equalities and order as the caller's.
 

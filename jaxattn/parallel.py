@@ -452,6 +452,30 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 _FN = "ring_attention"
 
 
+def _ids_ranked_over_ring(q_ids, kv_ids, axis_name):
+  """Segment ids that do not fit int32 (uint32, int64, uint64) as int32 ranks
+  among the ids of every device on the ring.
+
+  `dot_product_attention` replaces such ids by their rank among the ids of its
+  call; ranked per device, a visiting key block's ranks would name other
+  documents than the local queries'. The ids (small next to K and V) are
+  gathered once over the ring to build one table. Others pass unchanged.
+  """
+  if q_ids is None:
+    return q_ids, kv_ids
+  q = jnp.asarray(q_ids)
+  kv = q if kv_ids is None else jnp.asarray(kv_ids)
+  if not (jnp.issubdtype(q.dtype, jnp.integer) and jnp.issubdtype(kv.dtype, jnp.integer)):
+    return q_ids, kv_ids  # normalize names the dtype
+  if _checks.ids_fit_int32(q.dtype) and _checks.ids_fit_int32(kv.dtype):
+    return q_ids, kv_ids
+  dt = jnp.promote_types(q.dtype, kv.dtype)
+  every = lambda x: lax.all_gather(x.astype(dt), axis_name, axis=x.ndim - 1, tiled=True).ravel()
+  table = jnp.sort(jnp.concatenate([every(q), every(kv)]))
+  rank = lambda x: jnp.searchsorted(table, x.astype(dt), side="left").astype(jnp.int32)
+  return rank(q), None if kv_ids is None else rank(kv)
+
+
 def ring_attention(
     query, key, value, *,
     axis_name,
@@ -498,7 +522,8 @@ def ring_attention(
     query_segment_ids: int (B, T); a query attends only to keys with the same
       id (packed documents), in the same layout as the query.
     key_value_segment_ids: int (B, S); defaults to query_segment_ids. They
-      rotate with K/V.
+      rotate with K/V. Ids that do not fit int32 (uint32, int64) are ranked
+      over every device's ids (one all_gather of the ids).
     query_seq_lengths: int (B,), the same on every device: real queries of
       each *global* sequence (positions before it, in the original order);
       rows past it give 0 and their padding is zeroed, as in
@@ -539,6 +564,8 @@ def ring_attention(
   """
   _check_layout(_FN, layout)
   block_sizes = _checks.block_sizes(_FN, block_sizes)
+  query_segment_ids, key_value_segment_ids = _ids_ranked_over_ring(
+      query_segment_ids, key_value_segment_ids, axis_name)
   inputs, config, rank3 = _attention.normalize(
       query, key, value, scale=scale, is_causal=is_causal,
       query_segment_ids=query_segment_ids, key_value_segment_ids=key_value_segment_ids,

@@ -224,6 +224,22 @@ def test_sharded_ring_host_int64_lengths_and_ids_keep_their_meaning(mesh):
   np.testing.assert_allclose(run(query_segment_ids=ids), want, atol=ATOL, rtol=ATOL)
 
 
+@pytest.mark.parametrize("wide", ["uint32", "int64"])
+def test_ring_wide_jax_segment_ids_are_ranked_over_the_whole_ring(mesh, wide):
+  """jax-array ids that do not fit int32 are replaced by ranks; ranked per device,
+  a visiting key block's ranks named other documents (output off by ~1).
+  The ring ranks them over every device's ids, so they mean what int32 ids do."""
+  args, d_out, d_lse = _problem(jax.random.key(15), segments=True)
+  want = _single_device(args, d_out, d_lse, is_causal=True)
+  with jax.enable_x64(wide == "int64"):
+    step = 2**30 if wide == "uint32" else 2**33
+    widen = lambda ids: jnp.asarray(ids, wide) * step + 7  # documents 2, 3 above bit 31
+    wide_args = dict(args, query_segment_ids=widen(args["query_segment_ids"]),
+                     key_value_segment_ids=widen(args["key_value_segment_ids"]))
+    got = _ring(mesh, wide_args, d_out, want[3], layout="zigzag", is_causal=True)
+  _assert_same(got, want)
+
+
 def test_ring_float64_inputs_compute_in_float64(mesh):
   with jax.enable_x64(True):
     args, d_out, _ = _problem(jax.random.key(12))
