@@ -628,6 +628,11 @@ def multi_head_attention_decode(
     dtype = jnp.result_type(x.dtype, *(l.dtype for l in leaves))
   dtype = _checks.float_dtype(fn, "dtype", dtype)
   T = x.shape[1]
+  if seq_lengths is not None:
+    # Padding rows (a ragged prefill) are zeroed before the projections, as in
+    # multi_head_attention: the kernels keep NaN/inf there out of q, k and v's
+    # gradients, but x^T dq would still meet it.
+    x = common.zero_past(x, _attention.canonical_lengths(fn, "seq_lengths", seq_lengths, B, T, False))
   p, q, k, v = _qkv_projections(params, x, x, dtype, qk_norm_type, qk_norm_epsilon)
   if rope is not None:
     positions = jnp.maximum(cache.lengths, 0)[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]

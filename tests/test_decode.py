@@ -622,3 +622,61 @@ def test_cache_and_option_types_are_checked():
     dec.decode_attention(q.astype(jnp.int32), ints)
   with pytest.raises(TypeError, match="decode_attention: logits_soft_cap must be a static Python number"):
     jax.jit(lambda cap: dec.decode_attention(q, cache, logits_soft_cap=cap))(30.0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"block_size": 4}, {"num_splits": 2, "block_size": 4},
+                                {"paged": True}, {"implementation": "xla"}],
+                         ids=["default", "blocked", "split_kv", "paged", "xla"])
+def test_nan_in_query_rows_past_the_lengths_reaches_no_gradient(kw):
+  """Query rows past query_seq_lengths hold NaN: their logits are masked, but the
+  logits' transpose (dK = dS^T q) met 0 * NaN and made every valid key's
+  gradient NaN in the split-KV, one-pass and paged kernels. Now every
+  output and gradient equals the one with zeros there."""
+  kw = dict(kw)
+  paged = kw.pop("paged", False)
+  Bc, T, Nc, Kc, Hc, Lc = 2, 3, 4, 2, 8, 8
+  lengths, n = jnp.array([5, 6], jnp.int32), jnp.array([3, 1], jnp.int32)
+  key, value = (jnp.asarray(_normal(s, (Bc, Kc, Lc, Hc))) for s in (95, 96))
+  clean = np.asarray(_normal(97, (Bc, T, Nc, Hc)), np.float32)
+  clean[1, 1:] = 0.0
+  dirty = clean.copy()
+  dirty[1, 1:] = np.nan
+
+  def loss(q, k, v):
+    if paged:  # pages of 4 tokens, the second example's pages stored first
+      pages = lambda x: jnp.stack([x[b, :, 4 * p:4 * p + 4] for b in (1, 0) for p in (0, 1)])
+      cache = dec.PagedKVCache(pages(k), pages(v), jnp.array([[2, 3], [0, 1]], jnp.int32), lengths)
+    else:
+      cache = dec.KVCache(k, v, lengths)
+    out = dec.decode_attention(q, cache, query_seq_lengths=n, **kw)
+    return jnp.sum(jnp.sin(out))
+
+  f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  got, want = f(jnp.asarray(dirty), key, value), f(jnp.asarray(clean), key, value)
+  chex.assert_tree_all_finite(got)
+  chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_layer_decode_keeps_nan_in_padded_rows_out_of_parameter_gradients():
+  """A ragged prefill whose padding rows hold NaN: the cached layer zeroes them
+  before the projections, as multi_head_attention does (x^T dq met 0 * NaN and
+  made w_query, w_key, w_value NaN). Outputs and every gradient equal those
+  with zeros there."""
+  D, T = 8, 3
+  params = init_multi_head_attention(jax.random.key(9), d_model=D, num_heads=4, num_kv_heads=2)
+  params = params._replace(b_key=jnp.full(params.w_key.shape[1:], 0.1))
+  n = jnp.array([3, 1], jnp.int32)
+  real = (jnp.arange(T)[None, :] < n[:, None])[..., None]
+  clean = np.asarray(_normal(98, (2, T, D)), np.float32)
+  clean[1, 1:] = 0.0
+  dirty = clean.copy()
+  dirty[1, 1:] = np.nan
+
+  def loss(p, x):
+    y, cache = multi_head_attention_decode(p, x, dec.init_kv_cache(2, 8, 2, D // 4), seq_lengths=n)
+    return jnp.sum(jnp.where(real, jnp.sin(y), 0.0)), cache.key
+
+  f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  got, want = f(params, jnp.asarray(dirty)), f(params, jnp.asarray(clean))
+  chex.assert_tree_all_finite(got)
+  chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)

@@ -29,6 +29,13 @@ def _query_rows(query, K):
   return query.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
 
 
+def _real_rows_only(q, row_real):
+  """q (B, K, R, H) with the rows that are not real set to 0: their logits are
+  masked, but the logits' transpose (dK = dS^T q) would still meet 0 * NaN
+  where such a row holds garbage (padding past query_seq_lengths)."""
+  return jnp.where(row_real[:, None, :, None], q, jnp.zeros((), q.dtype))
+
+
 def _from_rows(out, lse, T, G):
   """(B, K, T*G, H), (B, K, T*G) -> (B, T, N, H), (B, T, N)."""
   B, K, _, H = out.shape
@@ -187,6 +194,7 @@ def _blocked(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_l
   nb = -(-Lp // Cb)
   q = _query_rows(query, K)                                          # (B, K, R, H)
   row_pos, row_real = _row_positions(lengths, q_lengths, T, G, L)   # (B, R)
+  q = _real_rows_only(q, row_real)
   base = (jnp.arange(P, dtype=jnp.int32) * Lp)[:, None]              # (P, 1)
 
   def read(j):
@@ -238,6 +246,7 @@ def _one_pass(query, key, value, lengths, q_lengths, *, scale, soft_cap, window_
   G = N // K
   q = _query_rows(query, K)                                          # (B, K, R, H)
   row_pos, row_real = _row_positions(lengths, q_lengths, T, G, L)   # (B, R)
+  q = _real_rows_only(q, row_real)
   kv_pos = jnp.arange(L, dtype=jnp.int32)
   stored = kv_pos[None, :] < jnp.clip(lengths, 0, L)[:, None]        # (B, L)
   ok = _allowed(kv_pos[None, :, None], row_pos[:, None, :], row_real[:, None, :],
@@ -348,6 +357,7 @@ def _paged(query, key_pages, value_pages, page_table, lengths, q_lengths, *, sca
   q = _query_rows(query, K)
   num_pages = key_pages.shape[0]
   row_pos, row_real = _row_positions(lengths, q_lengths, T, G, M * S)
+  q = _real_rows_only(q, row_real)
   nb = -(-M // W)
   first, end = _visible_span(row_pos, row_real, window_left)
   hi = jnp.clip((end + W * S - 1) // (W * S), 0, nb)
