@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from jaxattn import _checks
 from jaxattn import masks as _masks
 from jaxattn._impl import common
 
@@ -231,6 +232,7 @@ class _Lifted(NamedTuple):
   leaves: list  # the pytree's arrays
   consts: list  # arrays its functions close over
   jaxpr: Any  # set when consts is non-empty: the function traced on (leaves, *args)
+  loads: bool = False  # its functions compute with every leaf (a `_checks.Hoisted`): load them
 
 
 def _lift(obj, example_args) -> _Lifted | None:
@@ -242,14 +244,18 @@ def _lift(obj, example_args) -> _Lifted | None:
   leaves = [jnp.asarray(x) for x in leaves]
   closed = jax.make_jaxpr(lambda ls, *a: jax.tree_util.tree_unflatten(treedef, ls)(*a))(leaves, *example_args)
   consts = [jnp.asarray(c) for c in closed.consts]
-  return _Lifted(treedef, leaves, consts, closed.jaxpr if consts else None)
+  # A function whose traced constants were hoisted by tracing it evaluates a
+  # jaxpr of its arguments: array leaves must arrive as values, not Refs.
+  hoisted = lambda m: isinstance(getattr(m, "fn", None), _checks.Hoisted)
+  loads = any(hoisted(m) for m in jax.tree_util.tree_leaves(obj, is_leaf=hoisted))
+  return _Lifted(treedef, leaves, consts, closed.jaxpr if consts else None, loads)
 
 
 def _call_lifted(lifted: _Lifted, leaves, const_refs, args, leaves_are_refs: bool):
   """Calls a lifted mask or modifier inside a kernel on `args`."""
   if lifted.jaxpr is None:
     if leaves_are_refs:  # scalars as values (a Ref is indexed, not computed with); arrays stay Refs
-      leaves = [x[...] if x.shape == () else x for x in leaves]
+      leaves = [x[...] if x.shape == () or lifted.loads else x for x in leaves]
     return lifted.treedef.unflatten(list(leaves))(*args)
   vals = [x[...] for x in leaves] if leaves_are_refs else list(leaves)
   flat = jax.tree_util.tree_leaves((vals, args))
