@@ -133,7 +133,7 @@ def canonical_lengths(fn: str, name: str, x, B: int, L: int, rank3: bool):
       x = np.clip(wide, 0, L).astype(np.int32)
   x = _integer_array(fn, name, x)
   if x.shape != (B,):
-    want = f"(B,) = ({B},)" if not rank3 else "(1,) for the 3D (T, N, H) layout"
+    want = "(B,) = " + _fmt((B,)) if not rank3 else "(1,) for the 3D (T, N, H) layout"
     raise _err(fn, name, f"must have shape {want}; got {_fmt(x.shape)}.")
   # Clipped to [0, L] before the cast: a length past the sequence means all of it
   # (2**32 would wrap to 0 in int32), a negative one none of it. Narrow types

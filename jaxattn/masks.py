@@ -494,11 +494,13 @@ def check_index_function(fn, arg, f, lead, B, N, T, S, *, score, name=None):
       ok = False
     if score:
       ok = ok and got == shape and jnp.issubdtype(out.dtype, jnp.floating)
+    else:  # an int or float result (a typo for a comparison) would pass as `!= 0`
+      ok = ok and getattr(out, "dtype", None) == jnp.bool_
     if not ok:
       what = ("a floating point score of its score argument's shape"
               if score else "a bool array that broadcasts to its index arguments' shape")
       shown = f"{None if got is None else _checks.fmt(got)}"
-      if score and got is not None:
+      if got is not None:
         shown += f" {out.dtype}"
       where = label + _checks.fmt(shape)
       raise ValueError(

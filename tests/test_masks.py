@@ -276,6 +276,10 @@ def test_user_functions_of_the_wrong_shape_are_named():
     jaxattn.dot_product_attention(q, k, v, mask_fn=jm.causal() & jm.from_function(row_mask))
   with pytest.raises(ValueError, match=r"score_fn summed_score must return a floating point score .*\(2, 4, 9, 11\).* got \(2, 4, 9\) float32"):
     jaxattn.dot_product_attention(q, k, v, score_fn=summed_score)
+  # A number instead of a comparison (qi - ki for qi >= ki) passed as `!= 0` before.
+  for result in (lambda qi, ki: qi - ki, lambda qi, ki: 0.5 * (qi >= ki)):
+    with pytest.raises(ValueError, match=r"mask_fn <lambda> must return a bool array .* got \(1, 1, 9, 11\) (int32|float32)"):
+      jaxattn.dot_product_attention(q, k, v, mask_fn=lambda b, h, qi, ki, r=result: r(qi, ki))
   # A learned modifier is probed with its parameters, also under jit.
   ok = js.from_function(lambda p, s, b, h, qi, ki: s * p, jnp.float32(2.0))
   chex.assert_shape(jax.jit(lambda m: jaxattn.dot_product_attention(q, k, v, score_fn=m))(ok), q.shape)

@@ -298,12 +298,16 @@ def _second_order(impl, q, k, v):
   return jax.grad(lambda q: jnp.sum(jax.grad(inner)(q) ** 2))(q)
 
 
+@pytest.mark.parametrize("mode", ["grad_of_grad", "hessian"])
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])
-def test_second_order_reverse_mode_is_a_clear_error_naming_the_paths_that_have_it(impl):
+def test_second_order_is_a_clear_error_naming_the_paths_that_have_it(impl, mode):
+  """Reverse over reverse, and forward over reverse (jax.hessian; "chunked" gave
+  JAX's bare "can't apply forward-mode autodiff (jvp) to a custom_vjp function")."""
   q, k, v = testing.random_qkv(jax.random.key(7))
+  f = lambda q: jnp.sum(jnp.sin(jaxattn.dot_product_attention(q, k, v, implementation=impl)))
   with pytest.raises(NotImplementedError, match=f"implementation='{impl}' does not support "
                      r"second-order.*use implementation='chunked_jvp'.* or 'xla'"):
-    _second_order(impl, q, k, v)
+    _second_order(impl, q, k, v) if mode == "grad_of_grad" else jax.hessian(f)(q)
 
 
 @pytest.mark.parametrize("impl", ["xla", "chunked_jvp"])

@@ -658,14 +658,17 @@ def backward(inputs: common.AttentionInputs, config: common.AttentionConfig, out
 
 
 _SECOND_ORDER = ("dot_product_attention: implementation='chunked' does not support "
-                 "second-order reverse-mode differentiation (jax.grad of a function of its "
-                 "jax.grad): its backward skips empty blocks with data-dependent loop bounds, "
-                 "which JAX cannot differentiate in reverse mode; use "
+                 "second-order differentiation (jax.grad of a function of its jax.grad, "
+                 "jax.hessian, jax.jvp of jax.grad): its backward skips empty blocks with "
+                 "data-dependent loop bounds and has no derivative rule of its own; use "
                  "implementation='chunked_jvp' (every second-order derivative, O(T) memory) "
                  "or 'xla'.")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+# A custom JVP whose rule refuses: differentiating the backward in either mode
+# (grad of grad, or forward over reverse as in jax.hessian) names the paths
+# that support it, instead of JAX's while-loop or custom_vjp errors.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _backward_once(config, block_sizes, inputs, out, lse, lse_lo, d_out, d_lse):
   st = _static(inputs, config, block_sizes)
   p = _prepare(inputs, st)
@@ -691,15 +694,9 @@ def _backward_once(config, block_sizes, inputs, out, lse, lse_lo, d_out, d_lse):
   return dq, dk, dv, dbias, dscore
 
 
-def _backward_once_fwd(config, block_sizes, *args):
-  return _backward_once(config, block_sizes, *args), None
-
-
-def _backward_once_bwd(config, block_sizes, res, cts):
+@_backward_once.defjvp
+def _backward_once_jvp(config, block_sizes, primals, tangents):
   raise NotImplementedError(_SECOND_ORDER)
-
-
-_backward_once.defvjp(_backward_once_fwd, _backward_once_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
