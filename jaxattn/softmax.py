@@ -182,12 +182,15 @@ def log_softmax(x, axis: Axis = -1, where=None) -> jax.Array:
     where: optional boolean mask; unselected entries come out as -inf.
 
   Returns:
-    An array of `x`'s shape and dtype.
+    An array of `x`'s shape and dtype; a slice with nothing selected (every
+    entry -inf or masked) is all -inf, with zero gradients.
   """
   x, where = _check("log_softmax", x, where)
   axes = _normalize_axis("log_softmax", axis, x.shape)
   lse = _logsumexp(x, axes, where)
-  out = x.astype(lse.dtype) - lse
+  # A slice with nothing selected (lse -inf: all -inf or masked) gives -inf,
+  # the log of its softmax 0, not -inf - -inf = NaN.
+  out = jnp.where(jnp.isneginf(lse), -jnp.inf, x.astype(lse.dtype) - lse)
   if where is not None:
     out = jnp.where(where, out, -jnp.inf)
   return out.astype(x.dtype)

@@ -57,6 +57,25 @@ def test_empty_rows_give_zero_and_zero_gradient(data):
     assert np.all(np.asarray(g)[~np.asarray(where)] == 0)
 
 
+def test_all_negative_infinity_slices_are_empty_rows_too(data):
+  """A slice that is -inf everywhere selects nothing, like a masked one:
+  softmax 0, logsumexp -inf, log_softmax -inf (was NaN: -inf - -inf), zero gradients."""
+  x, where = data
+  x = x.at[1, 2].set(-jnp.inf)
+  ls = jaxattn.log_softmax(x)
+  assert np.all(np.asarray(ls[1, 2]) == -np.inf)
+  np.testing.assert_array_equal(ls[1, 2], jaxattn.log_softmax(x, where=where)[1, 2])
+  assert np.all(np.asarray(jaxattn.softmax(x)[1, 2]) == 0) and jaxattn.logsumexp(x)[1, 2] == -np.inf
+  rest = np.ones(x.shape, bool)
+  rest[1, 2] = False
+  np.testing.assert_allclose(np.asarray(ls)[rest], np.asarray(jax.nn.log_softmax(x))[rest], atol=1e-5)
+  w = testing.random_normal(jax.random.key(1), x.shape)
+  g = jax.grad(lambda x: jnp.sum(jnp.where(jnp.isfinite(jaxattn.log_softmax(x)),
+                                           jaxattn.log_softmax(x), 0.0) * w))(x)
+  chex.assert_tree_all_finite(g)
+  assert np.all(np.asarray(g[1, 2]) == 0)
+
+
 def test_gradients_match_jax_nn_where_defined(data):
   x, _ = data
   w = testing.random_normal(jax.random.key(2), x.shape)
