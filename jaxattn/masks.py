@@ -227,7 +227,7 @@ class Lengths(Mask):
 
   def __call__(self, b, h, q_idx, kv_idx):
     # A scalar length applies to every batch element.
-    per_b = lambda x: x if x.ndim == 0 else x[b]
+    per_b = lambda x: x if x.ndim == 0 else _by_batch(x, b)
     out = True
     if self.q_lengths is not None:
       out = q_idx < per_b(self.q_lengths)
@@ -396,7 +396,23 @@ def documents(q_segment_ids, kv_segment_ids=None) -> Mask:
 def _gather(ids, b, idx, fill):
   """ids[b, idx] for broadcastable index arrays; positions past the end give `fill`."""
   L = ids.shape[1]
-  return jnp.where(idx < L, ids[b, jnp.clip(idx, 0, L - 1)], fill)
+  return jnp.where(idx < L, _by_batch(ids, b, jnp.clip(idx, 0, L - 1)), fill)
+
+
+def _by_batch(x, b, *rest):
+  """x[b, *rest]; where x's batch axis is sharded over an explicit mesh axis and
+  b runs over the whole batch (the kernels' b), the result keeps that sharding.
+
+  (With explicit axes jax refuses a gather whose output sharding it cannot
+  infer: batch-sharded lengths or segment ids failed in every implementation.)
+  """
+  index = (b, *rest)
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  axis = spec[0] if spec is not None and len(spec) else None
+  if axis is None or jnp.ndim(b) == 0 or jnp.shape(b)[0] != x.shape[0]:
+    return x[index]
+  ndim = len(jnp.broadcast_shapes(*(jnp.shape(i) for i in index)))
+  return x.at[index].get(out_sharding=jax.sharding.PartitionSpec(axis, *([None] * (ndim - 1))))
 
 
 def _block_min_max(ids, block):

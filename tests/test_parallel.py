@@ -481,6 +481,30 @@ def test_sharded_attention_with_segment_ids_moves_no_qkv(implementation, sharded
   _check_results(compiled, args, want, sh)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "chunked", "chunked_jvp"])
+def test_batch_sharded_lengths_and_segment_ids_on_explicit_mesh_axes(implementation):
+  """jax.make_mesh's default (explicit axes) with lengths and segment ids sharded
+  over the batch like q/k/v: every implementation raised ShardingTypeError
+  (the masks' per-batch gather had no inferable output sharding); jax.nn works.
+  Values and gradients equal one device's; the outputs keep the sharding."""
+  mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:4])
+  sh = NamedSharding(mesh, PartitionSpec("d"))
+  q, k, v = testing.random_qkv(jax.random.key(16), B=4, T=24, S=24, N=2, K=1, H=5)
+  kv_len, q_len = jnp.array([24, 17, 9, 3]), jnp.array([20, 24, 5, 24])
+  seg = jnp.asarray(np.repeat([[0, 1, 2], [0, 0, 1], [1, 1, 1], [2, 3, 3]], 8, axis=1))
+  loss = lambda impl: lambda q, k, v, kv_len, q_len, seg: jnp.sum(jnp.sin(jaxattn.dot_product_attention(
+      q, k, v, is_causal=True, key_value_seq_lengths=kv_len, query_seq_lengths=q_len,
+      query_segment_ids=seg, implementation=impl,
+      block_sizes=(8, 8) if impl != "xla" else None)))
+  args = (q, k, v, kv_len, q_len, seg)
+  with jax.set_mesh(mesh):
+    got = jax.jit(jax.value_and_grad(loss(implementation), argnums=(0, 1, 2)))(
+        *(jax.device_put(x, sh) for x in args))
+  assert got[1][0].sharding.is_equivalent_to(sh, 4), got[1][0].sharding
+  want = jax.value_and_grad(loss("xla"), argnums=(0, 1, 2))(*args)
+  chex.assert_trees_all_close(got, want, atol=ATOL, rtol=ATOL)
+
+
 @pytest.mark.parametrize("bias_batch", [4, 1])
 def test_explicitly_sharded_bias_gradient_inside_a_mesh_context(bias_batch):
   """The chunked backward with a bias under explicit mesh axes and `jax.set_mesh`:
