@@ -177,6 +177,8 @@ def canonical_window(fn: str, w):
     return None
   if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
     w = (int(w), int(w))
+  if isinstance(w, list):  # [left, right], as from a JSON config (jax.nn accepts it)
+    w = tuple(w)
   if not (isinstance(w, tuple) and len(w) == 2):
     raise _err(fn, "local_window_size", f"must be an int or a (left, right) tuple of "
                f"ints (None for unbounded); got {w!r}.")
@@ -205,8 +207,12 @@ def canonical_scale_and_cap(fn: str, scale, logits_soft_cap, H: int):
 
 def canonical_causal(fn: str, is_causal, causal_alignment, T: int, S: int):
   """(is_causal, q_offset): the offset of bottom-right alignment, S - T, or 0."""
+  if isinstance(is_causal, jax.Array) and is_causal.shape == () and is_causal.dtype == jnp.bool_:
+    value = _checks.concrete(is_causal)  # jnp.bool_(True), as jax.nn accepts; traced: refused
+    is_causal = is_causal if value is None else np.bool_(value)
   if not isinstance(is_causal, (bool, np.bool_)):
-    raise TypeError(f"{fn}: is_causal must be a Python bool; got {type(is_causal).__name__}.")
+    raise TypeError(f"{fn}: is_causal must be a Python bool (static: it picks the block plan); "
+                    f"got {type(is_causal).__name__}.")
   if causal_alignment not in ("top_left", "bottom_right"):
     raise _err(fn, "causal_alignment", f"must be 'top_left' or 'bottom_right'; got {causal_alignment!r}.")
   return bool(is_causal), (S - T) if causal_alignment == "bottom_right" else 0
@@ -350,8 +356,12 @@ def choose_implementation(inputs: common.AttentionInputs,
   arguments. TPU: "splash" (JAX's splash attention kernel) where it serves
   them. Otherwise (CPU, TPU and GPU leftovers) "chunked" from 256 x 256
   logits per head up, "xla" below (measured on CPU: the materialized path
-  wins there).
+  wins there). Symbolic sequence lengths (`jax.export` shape polymorphism)
+  get "xla": the blocked kernels plan their blocks from concrete sizes.
   """
+  T, S = inputs.query.shape[1], inputs.key.shape[1]
+  if not (isinstance(T, (int, np.integer)) and isinstance(S, (int, np.integer))):
+    return "xla"  # symbolic lengths (jax.export shape polymorphism): the kernels plan statically
   backend = common.platform(backend or None)
   if backend == "gpu":
     cc = compute_capability or _compute_capability()
@@ -362,7 +372,6 @@ def choose_implementation(inputs: common.AttentionInputs,
   if backend == "tpu":
     if "splash" in _impl.names() and _impl.unsupported_reason("splash", inputs, config, "tpu") is None:
       return "splash"
-  T, S = inputs.query.shape[1], inputs.key.shape[1]
   if "chunked" in _impl.names() and T * S >= _CHUNKED_MIN_LOGITS:
     return "chunked"
   return "xla"

@@ -5,6 +5,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxattn
@@ -79,7 +80,7 @@ BAD = [
     ("dropout_key_data_shape", (q, k, v), dict(dropout_rate=0.1, dropout_key=jnp.array([0, 1, 2], jnp.uint32)),
      ValueError, r"dropout_key as raw uint32 key data must have shape \(2,\) \(jax.random.PRNGKey\)"),
     ("is_causal_type", (q, k, v), dict(is_causal="yes"), TypeError,
-     r"is_causal must be a Python bool; got str"),
+     r"is_causal must be a Python bool \(static: it picks the block plan\); got str"),
     ("mask_fn_type", (q, k, v), dict(mask_fn=3), TypeError,
      r"mask_fn must be a jaxattn.masks.Mask or a function \(b, h, q_idx, kv_idx\) -> bool; got int"),
     ("score_fn_type", (q, k, v), dict(score_fn=3), TypeError,
@@ -105,3 +106,34 @@ def test_every_argument_has_a_bad_input_case():
   names = set(inspect.signature(jaxattn.dot_product_attention).parameters) - {"return_residual"}
   named = {n for n in names for case in BAD if re.search(rf"\b{n}\b", case[4])}
   assert names - named == set()
+
+
+def test_symbolic_sequence_lengths_export_on_the_default_path():
+  """jax.export shape polymorphism: with symbolic T and S the default picks "xla"
+  (it raised JAX's InconclusiveDimensionOperation from the dispatch's size
+  test), and the blocked implementations say why they cannot, naming it."""
+  from jax import export
+  b, t = export.symbolic_shape("b, t")
+  spec = lambda n: jax.ShapeDtypeStruct((b, t, n, 8), jnp.float32)
+  f = lambda impl: jax.jit(lambda q, k, v: jaxattn.dot_product_attention(
+      q, k, v, is_causal=True, implementation=impl))
+  exported = export.export(f(None))(spec(4), spec(2), spec(2))
+  for T_ in (5, 300):  # both sides of the default's xla/chunked size switch
+    q, k, v = testing.random_qkv(jax.random.key(T_), B=2, T=T_, S=T_, N=4, K=2, H=8)
+    np.testing.assert_allclose(exported.call(q, k, v), f(None)(q, k, v), atol=2e-6, rtol=2e-6)
+  for impl in ("chunked", "chunked_jvp"):
+    with pytest.raises(NotImplementedError, match=r"plan their blocks from concrete sizes; got "
+                       r"T=t, S=t.*use implementation='xla'"):
+      export.export(f(impl))(spec(4), spec(2), spec(2))
+
+
+def test_jax_nn_argument_forms_are_accepted():
+  """A window as a list (a JSON config) and is_causal as a concrete jnp.bool_: jax.nn
+  takes both; they raised here. A traced is_causal is refused, naming why."""
+  q, k, v = testing.random_qkv(jax.random.key(3), B=1, T=8, S=8, N=2, K=2, H=4)
+  got = jaxattn.dot_product_attention(q, k, v, is_causal=jnp.bool_(True), local_window_size=[2, 1])
+  want = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(2, 1))
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=2e-6)
+  with pytest.raises(TypeError, match=r"is_causal must be a Python bool \(static: it picks the "
+                     r"block plan\); got DynamicJaxprTracer"):
+    jax.jit(lambda c: jaxattn.dot_product_attention(q, k, v, is_causal=c))(True)

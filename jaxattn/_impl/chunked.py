@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxattn import masks as _masks
@@ -597,6 +598,13 @@ def _finish(inputs, *padded):
 def _static(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
   B, T, N, H = inputs.query.shape
   S, K = inputs.key.shape[1], inputs.key.shape[2]
+  if not all(isinstance(d, (int, np.integer)) for d in (T, S, N, K, H)):
+    raise NotImplementedError(
+        f"dot_product_attention: the blocked implementations ('chunked', 'chunked_jvp') "
+        f"plan their blocks from concrete "
+        f"sizes; got T={T}, S={S}, N={N}, K={K}, H={H} with symbolic dimensions (jax.export "
+        "shape polymorphism): use implementation='xla', or None, which picks it (a symbolic "
+        "batch works on every implementation).")
   bq, bk = block_sizes or default_block_sizes(T, S, config)
   return _Static(B=B, N=N, T=T, S=S, bq=min(bq, T), bk=min(bk, S), config=config, G=N // K)
 
