@@ -416,11 +416,12 @@ def _update_contiguous(cache: KVCache, key, value, n):
   # Padding and overflow go to position L, which the scatter drops (a negative
   # index would wrap around instead).
   pos = jnp.where(write, pos, L)
-  b = jnp.arange(key.shape[0])[:, None]
-  # Advanced indices (b, pos) around a slice put (B, T) first: updates are (B, T, K, H).
-  k = cache.key.at[b, :, pos].set(key, mode="drop")
-  v = cache.value.at[b, :, pos].set(value, mode="drop")
-  return KVCache(k, v, lengths)
+  # One scatter per example, batched by vmap: the batch is a batching dimension
+  # of the scatter, so a batch-sharded cache is updated where it lives (an
+  # index array over the whole batch made XLA gather every example's new K/V
+  # on every device, and explicit mesh axes refused it).
+  put = jax.vmap(lambda c, p, x: c.at[:, p].set(x.swapaxes(0, 1), mode="drop"))
+  return KVCache(put(cache.key, pos, key), put(cache.value, pos, value), lengths)
 
 
 @jax.jit

@@ -505,6 +505,44 @@ def test_batch_sharded_lengths_and_segment_ids_on_explicit_mesh_axes(implementat
   chex.assert_trees_all_close(got, want, atol=ATOL, rtol=ATOL)
 
 
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+@pytest.mark.parametrize("sharded", ["batch", "heads"])
+def test_decoding_with_a_sharded_cache(axis_type, sharded):
+  """A prefill then a decode step on a cache sharded over the batch or the KV
+  heads: explicit axes raised (the update's whole-batch scatter index; the
+  decode kernels' skip branches built unsharded zeros), and on Auto axes the
+  update gathered every example's new K/V on every device. Results equal one
+  device's; the update moves nothing; the cache keeps its sharding."""
+  from jaxattn import decode as dec
+  mesh = jax.make_mesh((4,), ("d",), axis_types=(axis_type,), devices=jax.devices()[:4])
+  B_, L_, N_, K_, H_ = (4, 32, 4, 2, 8) if sharded == "batch" else (2, 32, 8, 4, 8)
+  spec = PartitionSpec("d") if sharded == "batch" else PartitionSpec(None, "d")  # cache (B, K, L, H)
+  qspec = PartitionSpec("d") if sharded == "batch" else PartitionSpec(None, None, "d")  # (B, T, N, H)
+  q1, k1, v1 = testing.random_qkv(jax.random.key(17), B=B_, T=6, S=6, N=N_, K=K_, H=H_)
+  q2, k2, v2 = testing.random_qkv(jax.random.key(18), B=B_, T=1, S=1, N=N_, K=K_, H=H_)
+  n = jnp.array([6, 3, 5, 1][:B_], jnp.int32)
+
+  def step(cache, q1, k1, v1, q2, k2, v2):
+    cache = dec.update_kv_cache(cache, k1, v1, seq_lengths=n)
+    out1 = dec.decode_attention(q1, cache, query_seq_lengths=n)
+    cache = dec.update_kv_cache(cache, k2, v2)
+    return cache, out1, dec.decode_attention(q2, cache)
+
+  cache = dec.init_kv_cache(B_, L_, K_, H_)
+  want = jax.jit(step)(cache, q1, k1, v1, q2, k2, v2)
+  put = lambda x, sp: jax.device_put(x, NamedSharding(mesh, sp))
+  sharded_cache = dec.KVCache(put(cache.key, spec), put(cache.value, spec),
+                              put(cache.lengths, PartitionSpec("d") if sharded == "batch" else PartitionSpec()))
+  args = [put(x, qspec) for x in (q1, k1, v1, q2, k2, v2)]
+  with jax.set_mesh(mesh):
+    got = jax.jit(step)(sharded_cache, *args)
+    update = jax.jit(lambda c, k, v: dec.update_kv_cache(c, k, v, seq_lengths=n))
+    moved = _collectives(update.lower(sharded_cache, args[1], args[2]).compile().as_text())
+  assert not moved, f"the cache update moved data: {moved}"
+  assert got[0].key.sharding.is_equivalent_to(NamedSharding(mesh, spec), 4), got[0].key.sharding
+  chex.assert_trees_all_close(got, want, atol=ATOL, rtol=ATOL)
+
+
 @pytest.mark.parametrize("bias_batch", [4, 1])
 def test_explicitly_sharded_bias_gradient_inside_a_mesh_context(bias_batch):
   """The chunked backward with a bias under explicit mesh axes and `jax.set_mesh`:

@@ -133,8 +133,10 @@ def _online_softmax(q, read, num_blocks, lo, hi, row_pos, row_real, kv_lengths, 
     skip = common.everywhere((j < lo) | (j >= hi))
     return lax.cond(skip, lambda c: c, lambda c: body(j, c), carry)
 
-  init = softmax_state.init(jnp.zeros((B, K) + lead + (R,), acc),
-                            jnp.zeros((B, K) + lead + (R, H), acc))
+  # zeros_like q: its sharding, which the blocks' results have (explicit mesh
+  # axes need the cond's two branches to agree on it).
+  zero_rows = jnp.zeros_like(q[..., 0], acc)                         # (B, K, [P,] R)
+  init = softmax_state.init(zero_rows, jnp.broadcast_to(zero_rows[..., None], zero_rows.shape + (H,)))
   return lax.fori_loop(0, num_blocks, maybe, init)
 
 
@@ -298,8 +300,9 @@ def _one_pass_or_blocked(query, key, value, lengths, q_lengths, options):
   # Real rows sit before L (`_row_positions`), so end <= L.
   first, end = _visible_span(*_row_positions(lengths, q_lengths, T, N // K, L), one["window_left"])
   wide = common.everywhere((end - first).astype(jnp.float32) >= _ONE_PASS_MIN_SPAN * L)
-  skipped = lambda: (jnp.full(query.shape, jnp.nan, query.dtype),
-                     jnp.full((B, T, N), jnp.nan, common.stat_dtype(query.dtype)))
+  # full_like: the query's sharding (explicit mesh axes need both branches' types equal).
+  skipped = lambda: (jnp.full_like(query, jnp.nan),
+                     jnp.full_like(query[..., 0], jnp.nan, common.stat_dtype(query.dtype)))
   out, lse = lax.cond(wide, lambda: _one_pass(*args, **one), skipped)
   use = common.everywhere(wide & jnp.all(jnp.isfinite(out)))
   return lax.cond(use, lambda: (out, lse), lambda: _blocked(*args, **blocked))
