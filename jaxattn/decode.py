@@ -327,6 +327,8 @@ def _seq_lengths(fn, name, x, B, T):
   Built on the host and cast only when needed: no eager op compiles per T.
   """
   if x is None:
+    if not isinstance(B, (int, np.integer)):  # a symbolic batch (jax.export)
+      return jnp.full((B,), T, jnp.int32)
     return np.full((B,), T, np.int32)
   if not hasattr(x, "dtype"):
     x = np.asarray(x)
@@ -500,6 +502,11 @@ def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | Non
   """
   fn = "decode_attention"
   B, K, H, L, dtype = cache_sizes(fn, cache)
+  if not isinstance(L, (int, np.integer)):
+    raise NotImplementedError(
+        f"{fn}: the cache length must be concrete (the kernels plan their key blocks from "
+        f"it); got L={L}, a symbolic dimension (jax.export shape polymorphism). A symbolic "
+        "batch works.")
   query = jnp.asarray(query)
   if query.ndim != 4 or query.shape[0] != B or query.shape[3] != H:
     raise ValueError(f"{fn}: query must have shape (B, T, N, H) = ({B}, T, N, {H}) to "

@@ -680,3 +680,32 @@ def test_layer_decode_keeps_nan_in_padded_rows_out_of_parameter_gradients():
   got, want = f(params, jnp.asarray(dirty)), f(params, jnp.asarray(clean))
   chex.assert_tree_all_finite(got)
   chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_export_with_a_symbolic_batch():
+  """jax.export of an update + decode step with a symbolic batch: the default
+  queries' counts and the block size no longer need a concrete B (TypeError,
+  InconclusiveDimensionOperation before); the exported step equals the jitted
+  one at two batch sizes. A symbolic cache length is refused, saying why."""
+  from jax import export
+
+  def step(cache, q, k, v):
+    cache = dec.update_kv_cache(cache, k, v)
+    return cache, dec.decode_attention(q, cache)
+
+  b, l = export.symbolic_shape("b, l")
+  sym = lambda x, L=None: jax.ShapeDtypeStruct(
+      (b,) + x.shape[1:2] + ((L,) if L is not None else x.shape[2:3]) + x.shape[3:], x.dtype)
+  cache = dec.init_kv_cache(2, 16, 2, 8)
+  q, k = jnp.ones((2, 1, 4, 8)), jnp.ones((2, 1, 2, 8))
+  specs = (dec.KVCache(sym(cache.key), sym(cache.value), jax.ShapeDtypeStruct((b,), jnp.int32)),
+           sym(q), sym(k), sym(k))
+  exported = export.export(jax.jit(step))(*specs)
+  for B_ in (2, 3):
+    cache = dec.init_kv_cache(B_, 16, 2, 8)._replace(lengths=jnp.arange(B_, dtype=jnp.int32) + 4)
+    cache = dec.update_kv_cache(cache, *(jnp.asarray(_normal(60 + s, (B_, 4, 2, 8))) for s in (0, 1)))
+    args = (cache,) + tuple(jnp.asarray(_normal(70 + s, (B_, 1, n, 8))) for s, n in ((0, 4), (1, 2), (2, 2)))
+    chex.assert_trees_all_close(exported.call(*args), jax.jit(step)(*args), atol=1e-6, rtol=1e-6)
+  long = dec.KVCache(sym(cache.key, l), sym(cache.value, l), jax.ShapeDtypeStruct((b,), jnp.int32))
+  with pytest.raises(NotImplementedError, match=r"cache length must be concrete .* got L=l"):
+    export.export(jax.jit(step))(long, sym(q), sym(k), sym(k))
