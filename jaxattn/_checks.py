@@ -457,6 +457,35 @@ def lift_traced_closure(fn):
   return Rebound(template), tuple(params)
 
 
+class WithLifted:
+  """A function taking its own params first, `fn(params, *args)`, whose closure's
+  traced values were lifted (`lift_traced_closure` gave `rebound`): called as
+  `WithLifted((params, lifted), *args)`. Equal when the Rebounds are."""
+
+  def __init__(self, rebound: Rebound):
+    self.rebound, self.__name__ = rebound, rebound.__name__
+
+  def __eq__(self, other):
+    return isinstance(other, WithLifted) and self.rebound == other.rebound
+
+  def __hash__(self):
+    return hash(self.rebound)
+
+  def __call__(self, params, *args):
+    own, lifted = params
+    return self.rebound(lifted, own, *args)
+
+
+def lift_traced_closure_with_params(fn, params):
+  """`lift_traced_closure` for a function that takes params first: (WithLifted,
+  (params, lifted)) when it holds traced arrays, else None."""
+  lifted = lift_traced_closure(fn)
+  if lifted is None:
+    return None
+  rebound, lifted_params = lifted
+  return WithLifted(rebound), (params, lifted_params)
+
+
 class Hoisted:
   """A user function whose traced constants, found by tracing it, come from params.
 
@@ -472,6 +501,8 @@ class Hoisted:
 
   def __init__(self, fn, takes_params: bool, hoisted, name: str):
     self.fn, self.takes_params, self.__name__ = fn, takes_params, name
+    # The tracers are held, so that their ids stay theirs while this lives.
+    self._hoisted = tuple(hoisted)
     self._slots = {id(x): k for k, x in enumerate(hoisted)}
 
   def __call__(self, params, *args):
@@ -489,8 +520,19 @@ class Hoisted:
           "an object cycle, a deeper nesting), and a custom VJP's backward cannot use it: pass it with "
           "jaxattn.masks.from_function(fn, params=...) or jaxattn.scores.from_function(fn, "
           "params), or use implementation='chunked_jvp' or 'xla'.") from e
-    consts = [values[self._slots[id(c)]]
-              if isinstance(c, jax.core.Tracer) and id(c) in self._slots else c
+    traced = {id(c) for c in closed.consts if isinstance(c, jax.core.Tracer)}
+    if traced != set(self._slots):
+      # Traced again later (a custom VJP's backward is traced after the call
+      # returned), the function reached other values than when it was made:
+      # a global or an object it reads was changed or restored meanwhile.
+      # Using them would give silently wrong gradients.
+      raise TypeError(
+          f"{self.__name__} read other traced values when jaxattn traced it again (as a "
+          "custom VJP's backward does, after the attention call returned) than at the call: "
+          "a global or an object it reads changed in between. Pass those values with "
+          "jaxattn.masks.from_function(fn, params=...) or jaxattn.scores.from_function(fn, "
+          "params), or use implementation='chunked_jvp' or 'xla'.")
+    consts = [values[self._slots[id(c)]] if isinstance(c, jax.core.Tracer) else c
               for c in closed.consts]
     fn = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(closed.jaxpr, consts))
     out = fn(*jax.tree_util.tree_leaves((*lead, *args)))

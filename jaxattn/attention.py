@@ -7,7 +7,6 @@ here, once, from static shapes and dtypes; the chosen implementation (see
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Literal
 
@@ -377,9 +376,26 @@ def choose_implementation(inputs: common.AttentionInputs,
   return "xla"
 
 
-@functools.partial(jax.jit, static_argnames=("name", "config", "options"))
-def _run(inputs, *, name, config, options):
+def _attend(inputs, *, name, config, options):
   return _impl.get(name)(common.zero_padding(inputs), config, **dict(options))
+
+
+_attend_jit = jax.jit(_attend, static_argnames=("name", "config", "options"))
+
+
+def _holds_hoisted(inputs) -> bool:
+  """Whether a mask or score function in `inputs` is a `_checks.Hoisted`."""
+  hoisted = lambda m: isinstance(getattr(m, "fn", None), _checks.Hoisted) or isinstance(
+      getattr(m, "block_fn", None), _checks.Hoisted)
+  return any(hoisted(m) for f in (inputs.mask_fn, inputs.score_fn) if f is not None
+             for m in jax.tree_util.tree_leaves(f, is_leaf=hoisted))
+
+
+def _run(inputs, *, name, config, options):
+  # A Hoisted function holds tracers: traced inline, it stays out of jit's
+  # cache keys (which would keep a finished trace alive, and grow per trace).
+  run = _attend if _holds_hoisted(inputs) else _attend_jit
+  return run(inputs, name=name, config=config, options=options)
 
 
 def dot_product_attention(

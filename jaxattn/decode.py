@@ -502,7 +502,7 @@ def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | Non
   """
   fn = "decode_attention"
   B, K, H, L, dtype = cache_sizes(fn, cache)
-  if not isinstance(L, (int, np.integer)):
+  if not isinstance(L, int):
     raise NotImplementedError(
         f"{fn}: the cache length must be concrete (the kernels plan their key blocks from "
         f"it); got L={L}, a symbolic dimension (jax.export shape polymorphism). A symbolic "

@@ -558,7 +558,9 @@ def lift_traced_closures(mask: Mask | None) -> Mask | None:
       return m
     fn, params, takes = m.fn, m.params, m.takes_params
     name = _checks.callable_name(fn)
-    if not takes and (lifted := _checks.lift_traced_closure(fn)) is not None:
+    lifted = (_checks.lift_traced_closure_with_params(fn, params) if takes
+              else _checks.lift_traced_closure(fn))
+    if lifted is not None:
       (fn, params), takes = lifted, True
     # What the templates cannot reach: found by tracing the function.
     if (hoisted := _checks.hoist_traced_constants(fn, takes, params, (i32,) * 4, name)):

@@ -267,7 +267,9 @@ def lift_traced_closures(mod: ScoreMod | None) -> ScoreMod | None:
     name = _checks.callable_name(m.fn.fn if isinstance(m.fn, _WithoutParams) else m.fn)
     if isinstance(m.fn, _WithoutParams):
       lifted = _checks.lift_traced_closure(m.fn.fn)
-      m = m if lifted is None else FunctionScore(*lifted)
+    else:  # explicit params, and maybe traced values in its closure too
+      lifted = _checks.lift_traced_closure_with_params(m.fn, m.params)
+    m = m if lifted is None else FunctionScore(*lifted)
     # What the templates cannot reach: found by tracing the function.
     hoisted = _checks.hoist_traced_constants(m.fn, True, m.params, example, name)
     return m if hoisted is None else FunctionScore(*hoisted)

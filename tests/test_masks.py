@@ -525,8 +525,13 @@ def _check_hoisted(form, implementation):
     return jnp.sum(out * out)
 
   try:
-    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=3)
     n, slope = jnp.array([7, 20]), jnp.float32(0.2)
+    # Values traced by jit only (the slope a constant): every implementation
+    # and jax version, "chunked"'s later-traced backward included.
+    by_jit = jax.jit(jax.value_and_grad(lambda q, n, impl: loss(q, 0.2, n, impl)), static_argnums=2)
+    chex.assert_trees_all_close(by_jit(q, n, implementation), by_jit(q, n, "xla"), atol=2e-5, rtol=2e-5)
+    # The slope traced by grad as well.
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=3)
     want = grad(q, slope, n, "xla")
     try:
       got = grad(q, slope, n, implementation)
@@ -545,6 +550,56 @@ def _check_hoisted(form, implementation):
                                                    (tq, jnp.float32(1.5))), static_argnums=2)
       chex.assert_trees_all_close(jvp(q, slope, implementation), jvp(q, slope, "xla"),
                                   atol=2e-5, rtol=2e-5)
+  finally:
+    _MODULE_STATE.clear()
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "chunked_jvp"])
+def test_explicit_params_and_traced_closure_cells_together(implementation):
+  """A function given explicit params that also closes over traced values: its
+  closure is lifted by the templates as without params (jax 0.12 raised a
+  TypeError for "chunked", blaming a global or slots, after hoisting)."""
+  q, k, v = testing.random_qkv(jax.random.key(8), B=2, T=16, S=16, N=1, K=1, H=4)
+
+  def loss(q, s, n, impl):
+    score = js.from_function(lambda p, x, b, h, i, j: x * p - s * jnp.abs(i - j).astype(x.dtype),
+                             jnp.float32(1.2))
+    mask = jm.from_function(lambda p, b, h, i, j: (j < n[b]) & (i - j <= p), params=jnp.int32(6))
+    return jnp.sum(jnp.sin(jaxattn.dot_product_attention(
+        q, k, v, score_fn=score, mask_fn=mask, implementation=impl,
+        block_sizes=None if impl == "xla" else (8, 8))))
+
+  grad = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=3)
+  args = (q, jnp.float32(0.3), jnp.array([5, 12]))
+  got, want = grad(*args, implementation), grad(*args, "xla")
+  chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+  assert float(jnp.abs(got[1][1])) > 0
+
+
+def test_a_hoisted_function_whose_state_changed_before_the_backward_is_refused():
+  """A mask reading lengths from a global that a context manager restores after
+  the attention call: "chunked"'s backward, traced later, read the restored
+  value and gave silently wrong gradients (max error 12). Its traced values
+  are checked to be the same ones: a TypeError says what happened; "chunked_jvp"
+  (its tangent is traced at the call) and "xla" are right."""
+  q, k, v = testing.random_qkv(jax.random.key(9), B=2, T=16, S=16, N=1, K=1, H=4)
+
+  def loss(q, n, impl):
+    old = _MODULE_STATE.get("n", jnp.array([16, 16]))
+    _MODULE_STATE["n"] = n
+    try:
+      out = jaxattn.dot_product_attention(q, k, v, mask_fn=lambda b, h, i, j: j < _MODULE_STATE["n"][b],
+                                          implementation=impl, block_sizes=None if impl == "xla" else (8, 8))
+    finally:
+      _MODULE_STATE["n"] = old
+    return jnp.sum(jnp.sin(out))
+
+  try:
+    f = jax.jit(jax.value_and_grad(loss), static_argnums=2)
+    n = jnp.array([3, 9])
+    chex.assert_trees_all_close(f(q, n, "chunked_jvp"), f(q, n, "xla"), atol=2e-5, rtol=2e-5)
+    with pytest.raises(TypeError, match="read other traced values when jaxattn traced it again"):
+      f(q, n, "chunked")
   finally:
     _MODULE_STATE.clear()
 
