@@ -75,7 +75,11 @@ def worker(process_id: int, port: int) -> int:
   from jaxattn.parallel import from_balanced_layout, sharded_ring_attention, to_balanced_layout
 
   P = jax.device_count()
-  say = lambda *a: print(f"[process {process_id}]", *a, flush=True)
+  # One write per line: both processes share the parent's pipe, and print's
+  # separate writes of prefix and text interleaved ("[process 1] [process 0]OK").
+  def say(*a):
+    sys.stdout.write(" ".join([f"[process {process_id}]", *map(str, a)]) + "\n")
+    sys.stdout.flush()
   say(f"{jax.local_device_count()} local of {P} devices in {jax.process_count()} processes")
   B, T, N, K, H = SHAPE
   # Every process draws the same global problem from the same key (cheap at

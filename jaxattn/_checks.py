@@ -290,8 +290,8 @@ def _liftable(value) -> bool:
     return False
   # A callable object whose class defines __call__ in Python: not a class, a
   # module, a builtin or a compiled function object (a jitted function).
-  if isinstance(value, type):
-    return False
+  if isinstance(value, type) or isinstance(value, (Rebound, WithLifted, Hoisted)):
+    return False  # (jaxattn's own: already lifted)
   for cls in type(value).__mro__:
     if "__call__" in vars(cls):
       return isinstance(vars(cls)["__call__"], types.FunctionType)
@@ -547,6 +547,8 @@ def hoist_traced_constants(fn, takes_params: bool, params, example_args, name: s
   A function that cannot be traced at the example shapes is left as it is
   (the caller's shape checks report it).
   """
+  if isinstance(fn, Hoisted):
+    return None
   lead = (params,) if takes_params else ()
   try:
     closed = jax.make_jaxpr(lambda *a: fn(*a))(*lead, *example_args)  # (fn may lack a weakref)
