@@ -515,7 +515,8 @@ class Hoisted:
       # the value ended (newer jax refuses to touch such a tracer, even as a
       # constant to replace): only an explicit argument reaches it there.
       raise TypeError(
-          f"{self.__name__} reaches a value traced by jax.grad/jax.vjp through something "
+          f"{self.__name__} reaches a value traced by an enclosing transformation (jax.grad, "
+          "jax.vmap, ...) through something "
           "jaxattn cannot rebuild (a module global, a recursive function, a __slots__ object, "
           "an object cycle, a deeper nesting), and a custom VJP's backward cannot use it: pass it with "
           "jaxattn.masks.from_function(fn, params=...) or jaxattn.scores.from_function(fn, "

@@ -359,8 +359,8 @@ def choose_implementation(inputs: common.AttentionInputs,
   get "xla": the blocked kernels plan their blocks from concrete sizes.
   """
   T, S = inputs.query.shape[1], inputs.key.shape[1]
-  if not (isinstance(T, (int, np.integer)) and isinstance(S, (int, np.integer))):
-    return "xla"  # symbolic lengths (jax.export shape polymorphism): the kernels plan statically
+  if not all(isinstance(d, (int, np.integer)) for d in inputs.query.shape[1:] + inputs.key.shape[1:]):
+    return "xla"  # symbolic sizes (jax.export shape polymorphism): the kernels plan statically
   backend = common.platform(backend or None)
   if backend == "gpu":
     cc = compute_capability or _compute_capability()

@@ -121,6 +121,12 @@ def test_symbolic_sequence_lengths_export_on_the_default_path():
   for T_ in (5, 300):  # both sides of the default's xla/chunked size switch
     q, k, v = testing.random_qkv(jax.random.key(T_), B=2, T=T_, S=T_, N=4, K=2, H=8)
     np.testing.assert_allclose(exported.call(q, k, v), f(None)(q, k, v), atol=2e-6, rtol=2e-6)
+  # Symbolic heads, at a size where the default would pick "chunked": "xla" too.
+  n, = export.symbolic_shape("n")
+  heads = jax.ShapeDtypeStruct((1, 256, n, 8), jnp.float32)
+  exported = export.export(f(None))(heads, heads, heads)
+  q, k, v = testing.random_qkv(jax.random.key(1), B=1, T=256, S=256, N=3, K=3, H=8)
+  np.testing.assert_allclose(exported.call(q, k, v), f(None)(q, k, v), atol=2e-6, rtol=2e-6)
   for impl in ("chunked", "chunked_jvp"):
     with pytest.raises(NotImplementedError, match=r"plan their blocks from concrete sizes; got "
                        r"T=t, S=t.*use implementation='xla'"):
