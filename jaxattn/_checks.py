@@ -133,24 +133,26 @@ def callable_name(f) -> str:
   return name if isinstance(name, str) else repr(f)
 
 
-def ids_fit_int32(dtype) -> bool:
-  """Whether integer ids of `dtype` keep their meaning cast to int32."""
-  return _fits_int32(dtype)
+def concrete_sizes(*dims) -> bool:
+  """Whether every size is a concrete int (not a `jax.export` symbolic dimension)."""
+  return all(isinstance(d, (int, np.integer)) for d in dims)
 
 
-def segments_as_int32(q_ids, kv_ids):
+def segments_as_int32(q_ids, kv_ids, every=None):
   """int32 ids with the same equalities and order as the caller's.
 
   Ids that do not fit int32 (int64, uint32, uint64) are replaced by their rank
   among all ids of the call, which keeps which documents are equal (the mask)
   and their order (block classification) where a cast would merge
-  documents whose ids differ only above bit 31.
+  documents whose ids differ only above bit 31. `every(ids)`, when given,
+  returns the ids the ranks are taken among (ring attention: every device's).
   """
   if _fits_int32(q_ids.dtype) and _fits_int32(kv_ids.dtype):
     return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
   common_dt = jnp.promote_types(q_ids.dtype, kv_ids.dtype)
   q_ids, kv_ids = q_ids.astype(common_dt), kv_ids.astype(common_dt)
-  table = jnp.sort(jnp.concatenate([q_ids.ravel(), kv_ids.ravel()]))
+  every = every or (lambda x: x)
+  table = jnp.sort(jnp.concatenate([every(q_ids).ravel(), every(kv_ids).ravel()]))
   rank = lambda x: jnp.searchsorted(table, x, side="left").astype(jnp.int32)
   return rank(q_ids), rank(kv_ids)
 
@@ -538,6 +540,13 @@ class Hoisted:
     fn = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(closed.jaxpr, consts))
     out = fn(*jax.tree_util.tree_leaves((*lead, *args)))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), out)
+
+
+def holds_hoisted(tree) -> bool:
+  """Whether a mask or score modifier (a pytree of them) has a `Hoisted` function."""
+  hoisted = lambda m: isinstance(getattr(m, "fn", None), Hoisted) or isinstance(
+      getattr(m, "block_fn", None), Hoisted)
+  return tree is not None and any(hoisted(m) for m in jax.tree_util.tree_leaves(tree, is_leaf=hoisted))
 
 
 def hoist_traced_constants(fn, takes_params: bool, params, example_args, name: str):

@@ -359,7 +359,7 @@ def choose_implementation(inputs: common.AttentionInputs,
   get "xla": the blocked kernels plan their blocks from concrete sizes.
   """
   T, S = inputs.query.shape[1], inputs.key.shape[1]
-  if not all(isinstance(d, (int, np.integer)) for d in inputs.query.shape[1:] + inputs.key.shape[1:]):
+  if not _checks.concrete_sizes(*inputs.query.shape[1:], *inputs.key.shape[1:]):
     return "xla"  # symbolic sizes (jax.export shape polymorphism): the kernels plan statically
   backend = common.platform(backend or None)
   if backend == "gpu":
@@ -383,18 +383,11 @@ def _attend(inputs, *, name, config, options):
 _attend_jit = jax.jit(_attend, static_argnames=("name", "config", "options"))
 
 
-def _holds_hoisted(inputs) -> bool:
-  """Whether a mask or score function in `inputs` is a `_checks.Hoisted`."""
-  hoisted = lambda m: isinstance(getattr(m, "fn", None), _checks.Hoisted) or isinstance(
-      getattr(m, "block_fn", None), _checks.Hoisted)
-  return any(hoisted(m) for f in (inputs.mask_fn, inputs.score_fn) if f is not None
-             for m in jax.tree_util.tree_leaves(f, is_leaf=hoisted))
-
-
 def _run(inputs, *, name, config, options):
   # A Hoisted function holds tracers: traced inline, it stays out of jit's
   # cache keys (which would keep a finished trace alive, and grow per trace).
-  run = _attend if _holds_hoisted(inputs) else _attend_jit
+  holds = _checks.holds_hoisted(inputs.mask_fn) or _checks.holds_hoisted(inputs.score_fn)
+  run = _attend if holds else _attend_jit
   return run(inputs, name=name, config=config, options=options)
 
 

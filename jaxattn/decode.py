@@ -327,7 +327,7 @@ def _seq_lengths(fn, name, x, B, T):
   Built on the host and cast only when needed: no eager op compiles per T.
   """
   if x is None:
-    if not isinstance(B, (int, np.integer)):  # a symbolic batch (jax.export)
+    if not _checks.concrete_sizes(B):  # a symbolic batch (jax.export)
       return jnp.full((B,), T, jnp.int32)
     return np.full((B,), T, np.int32)
   if not hasattr(x, "dtype"):
@@ -502,7 +502,7 @@ def decode_attention(query, cache, *, query_seq_lengths=None, scale: float | Non
   """
   fn = "decode_attention"
   B, K, H, L, dtype = cache_sizes(fn, cache)
-  if not isinstance(L, int):
+  if not _checks.concrete_sizes(L):
     raise NotImplementedError(
         f"{fn}: the cache length must be concrete (the kernels plan their key blocks from "
         f"it); got L={L}, a symbolic dimension (jax.export shape polymorphism). A symbolic "

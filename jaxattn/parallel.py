@@ -467,13 +467,9 @@ def _ids_ranked_over_ring(q_ids, kv_ids, axis_name):
   kv = q if kv_ids is None else jnp.asarray(kv_ids)
   if not (jnp.issubdtype(q.dtype, jnp.integer) and jnp.issubdtype(kv.dtype, jnp.integer)):
     return q_ids, kv_ids  # normalize names the dtype
-  if _checks.ids_fit_int32(q.dtype) and _checks.ids_fit_int32(kv.dtype):
-    return q_ids, kv_ids
-  dt = jnp.promote_types(q.dtype, kv.dtype)
-  every = lambda x: lax.all_gather(x.astype(dt), axis_name, axis=x.ndim - 1, tiled=True).ravel()
-  table = jnp.sort(jnp.concatenate([every(q), every(kv)]))
-  rank = lambda x: jnp.searchsorted(table, x.astype(dt), side="left").astype(jnp.int32)
-  return rank(q), None if kv_ids is None else rank(kv)
+  every = lambda x: lax.all_gather(x, axis_name, axis=x.ndim - 1, tiled=True)
+  q, kv = _checks.segments_as_int32(q, kv, every=every)
+  return q, None if kv_ids is None else kv
 
 
 def ring_attention(

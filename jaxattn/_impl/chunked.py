@@ -22,9 +22,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from jaxattn import _checks
 from jaxattn import masks as _masks
 from jaxattn._impl import common, softmax_state
 
@@ -598,7 +598,7 @@ def _finish(inputs, *padded):
 def _static(inputs: common.AttentionInputs, config: common.AttentionConfig, block_sizes):
   B, T, N, H = inputs.query.shape
   S, K = inputs.key.shape[1], inputs.key.shape[2]
-  if not all(isinstance(d, (int, np.integer)) for d in (T, S, N, K, H)):
+  if not _checks.concrete_sizes(T, S, N, K, H):
     raise NotImplementedError(
         f"dot_product_attention: the blocked implementations ('chunked', 'chunked_jvp') "
         f"plan their blocks from concrete "

@@ -11,9 +11,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from jaxattn import _checks
 from jaxattn._impl import common, softmax_state
 
 # Split-KV: chunks of at least this many keys, at most this many chunks.
@@ -158,7 +158,7 @@ def default_block_size(batch: int, num_kv_heads: int, head_dim: int, dtype) -> i
   stay near the caches, so a larger batch takes shorter blocks (64 keys for
   B=8, K=8, H=128 float32; 256 for B=2). A power of two in [16, 1024].
   """
-  if not isinstance(batch, (int, np.integer)):
+  if not _checks.concrete_sizes(batch):
     batch = 8  # a symbolic batch (jax.export): sized for a typical serving batch
   per_key = 2 * batch * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize
   n = max(1, _STEP_BYTES // per_key)
@@ -280,7 +280,7 @@ def one_pass_fits(B: int, T: int, N: int, L: int, kv_bytes: int, backend: str | 
   temporaries are about three times the logits: with their exponentials and
   the mask).
   """
-  if not all(isinstance(d, (int, np.integer)) for d in (B, T, N, L)):
+  if not _checks.concrete_sizes(B, T, N, L):
     return False  # symbolic sizes (jax.export): the blocked kernel serves any size
   logits = 4 * B * N * T * L
   return common.platform(backend) == "cpu" and logits <= max(kv_bytes // 8, 16 << 20)

@@ -246,9 +246,8 @@ def _lift(obj, example_args) -> _Lifted | None:
   consts = [jnp.asarray(c) for c in closed.consts]
   # A function whose traced constants were hoisted by tracing it evaluates a
   # jaxpr of its arguments: array leaves must arrive as values, not Refs.
-  hoisted = lambda m: isinstance(getattr(m, "fn", None), _checks.Hoisted)
-  loads = any(hoisted(m) for m in jax.tree_util.tree_leaves(obj, is_leaf=hoisted))
-  return _Lifted(treedef, leaves, consts, closed.jaxpr if consts else None, loads)
+  return _Lifted(treedef, leaves, consts, closed.jaxpr if consts else None,
+                 _checks.holds_hoisted(obj))
 
 
 def _call_lifted(lifted: _Lifted, leaves, const_refs, args, leaves_are_refs: bool):
