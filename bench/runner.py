@@ -2,13 +2,17 @@
 
 For each case and implementation, in one process so the ratios are fair:
   JAX      jax.jit(step).lower(...) and .compile() timed separately, temp
-           memory from compiled.memory_analysis(), then one warm-up call and
-           the median of repeats, each ending in jax.block_until_ready.
-  torch    eager; warm-up, median of repeats; temp memory = peak allocation of
-           one extra call (torch.profiler memory events) minus its outputs.
+           memory from compiled.memory_analysis(), then one warm-up call;
+           each timed call ends in jax.block_until_ready.
+  torch    eager; warm-up; temp memory = peak allocation of one extra call
+           (torch.profiler memory events) minus its outputs.
   numpy    as torch, with tracemalloc (numpy reports its buffers to it).
-The first call's outputs are compared with the float64 reference on small
-cases. Failures are recorded and the run goes on.
+A case's implementations are then timed in interleaved rounds (one call of
+each per round; medians), so that load drifting on a shared machine hits
+every one of them alike: timed one after another, the same code measured
+up to 30% apart between neighbouring cases. The first call's outputs are
+compared with the float64 reference on small cases. Failures are recorded
+and the run goes on.
 """
 
 from __future__ import annotations
@@ -89,13 +93,20 @@ def _status(exc: BaseException) -> str:
   return f"error: {type(exc).__name__}: {msg}"
 
 
-def _repeat(call, timing) -> list[float]:
+def _rounds(calls, timing) -> list[list[float]]:
+  """Times `calls` in interleaved rounds (one call of each per round). Each
+  runs at least min_r and at most max_r times, stopping once it has run for
+  `budget` seconds in all (so a slow peer stops early and the rest go on
+  alternating). Returns each call's times."""
   min_r, max_r, budget = timing
-  times = []
-  while len(times) < max_r and (len(times) < min_r or sum(times) < budget):
-    t0 = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - t0)
+  times: list[list[float]] = [[] for _ in calls]
+  more = lambda t: len(t) < max_r and (len(t) < min_r or sum(t) < budget)
+  while any(more(t) for t in times):
+    for call, t in zip(calls, times):
+      if more(t):
+        t0 = time.perf_counter()
+        call()
+        t.append(time.perf_counter() - t0)
   return times
 
 
@@ -131,9 +142,10 @@ def _numpy_temp_bytes(call) -> int:
   return max(0, peak - _nbytes(outs))
 
 
-def measure(impl: peers.Impl, build, case: specs.Case, inputs: specs.Inputs,
-            reference, timing) -> dict:
-  """One record: times, memory and error of `impl` on `case`, or why not."""
+def prepare(impl: peers.Impl, build, case: specs.Case, inputs: specs.Inputs, reference):
+  """(record, call): `impl` built, compiled and run once on `case` (compile
+  time, memory and error in the record), and the call to time; call is None
+  when it cannot run (the record's status says why)."""
   rec = {}
   try:
     runnable = build(case, inputs)
@@ -148,29 +160,33 @@ def measure(impl: peers.Impl, build, case: specs.Case, inputs: specs.Inputs,
       if mem is not None:
         rec["temp_bytes"] = int(mem.temp_size_in_bytes)
       if case.compile_only:
-        return dict(rec, status="compile-only")
+        return dict(rec, status="compile-only"), None
       free = _meminfo("MemAvailable")
       need = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
               if mem is not None else 0)
       if free and need > MEMORY_SHARE * free:
         return dict(rec, status=f"skipped: needs {need / 2**30:.1f} GiB, "
-                    f"{free / 2**30:.1f} GiB available")
+                    f"{free / 2**30:.1f} GiB available"), None
       call = lambda: jax.block_until_ready(compiled(*args))
     else:
       if case.compile_only:
-        return dict(rec, status="skipped: compile-only case")
+        return dict(rec, status="skipped: compile-only case"), None
       call = lambda: runnable.step(*args)
     outs = call()  # warm-up
     if reference is not None:
       rec["max_abs_err"] = _max_error(runnable.to_numpy(outs), reference)
     del outs
-    times = _repeat(call, timing)
     if impl.framework == "torch":
       rec["temp_bytes"] = _torch_temp_bytes(call)
     elif impl.framework == "numpy":
       rec["temp_bytes"] = _numpy_temp_bytes(call)
   except Exception as exc:  # a peer failing must not end the run
-    return dict(rec, status=_status(exc))
+    return dict(rec, status=_status(exc)), None
+  return rec, call
+
+
+def timed(rec: dict, times: list[float], case: specs.Case, inputs: specs.Inputs) -> dict:
+  """`rec` with its median time and rates."""
   median = float(np.median(times))
   fraction = specs.attended_fraction(case, inputs.aux)
   return dict(rec, status="ok", time_s=median, times_s=times,
@@ -239,21 +255,44 @@ def run(preset: str, case_patterns=None, impl_patterns=None) -> list[dict]:
     progress.show(f"{case.name}: inputs and float64 reference")
     inputs = specs.make_inputs(case)
     reference = _reference(case, inputs)
+    case_recs, calls = [], []
     for impl in impls:
       base = dict(case=case.name, family=case.family, impl=impl.name, peer=impl.is_peer,
                   framework=impl.framework, interpreted=impl.interpreted, **{f: getattr(case, f) for f in (
                       "mode", "mask", "B", "T", "S", "N", "K", "H", "dtype")},
                   flops=case.flops)
+      call = None
       if isinstance(loaded[impl.name], str):
         rec = dict(base, status=loaded[impl.name])
       else:
         version, build = loaded[impl.name]
-        progress.show(f"{case.name} {impl.name} ...")
-        rec = dict(base, version=version,
-                   **measure(impl, build, case, inputs, reference, TIMING[preset]))
+        progress.show(f"{case.name} {impl.name}: compiling ...")
+        rec, call = prepare(impl, build, case, inputs, reference)
+        rec = dict(base, version=version, **rec)
+      case_recs.append(rec)
+      calls.append(call)
+    runnable = [i for i, c in enumerate(calls) if c is not None]
+    progress.show(f"{case.name}: timing {len(runnable)} in interleaved rounds ...")
+    errors: dict[int, Exception] = {}
+
+    def guarded(i, f):
+      def call():  # a peer failing in a timed call is recorded; the others go on
+        if i not in errors:
+          try:
+            f()
+          except Exception as exc:
+            errors[i] = exc
+      return call
+
+    times = _rounds([guarded(i, calls[i]) for i in runnable], TIMING[preset])
+    for i, t in zip(runnable, times):
+      rec = case_recs[i]
+      case_recs[i] = (dict(rec, status=_status(errors[i])) if i in errors
+                      else timed(rec, t, case, inputs))
+    for rec in case_recs:
       records.append(rec)
-      progress.show(f"{case.name} {impl.name}: {_describe(rec)}", step=True)
-    del inputs, reference
+      progress.show(f"{case.name} {rec['impl']}: {_describe(rec)}", step=True)
+    del inputs, reference, calls
   progress.close()
   return records
 
