@@ -335,6 +335,25 @@ def _split_float_leaves(tree):
   return [leaves[i] for i in diff], rebuild
 
 
+
+def like_queries(p: _Prepared, xs):
+  """`xs` (a list of arrays or None) made to vary like the queries, and the
+  VJP of that (a function of the cotangents, returning a 1-tuple).
+
+  Inside `shard_map`, a value from outside it (one value on every device: a
+  bias, a score modifier's parameters) meets per-device logits in each tile;
+  JAX marks that by a broadcast whose transpose is a `psum`. Left in a loop
+  over blocks, the backward would run that psum once per tile, and how many
+  tiles run differs per device (block skipping, per-device lengths): the
+  devices would wait for each other forever. Multiplying by a one computed
+  from the queries, before the loop, puts the broadcast (and its psum, in the
+  pull-back) outside: once per call, on every device. Elsewhere it multiplies
+  by 1.
+  """
+  one = 1 + jnp.sum(p.q[..., :0], dtype=common.stat_dtype(p.q.dtype))  # () 1, varying like q
+  return jax.vjp(lambda xs: [None if x is None else x * one.astype(x.dtype) for x in xs], xs)
+
+
 def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta_i, masked: bool,
                 score, lo_i):
   """Gradients from one tile: (dq_tile, dk_tile, dv_tile, dbias_tile, d_score_leaves).
@@ -427,11 +446,25 @@ def _row_lse(lse, lse_lo, st: _Static, i):
   return jnp.where(dead, jnp.inf, lse_i), jnp.where(dead, 0.0, lo_i), dead
 
 
+def _backward_operands(p: _Prepared):
+  """(p with its bias varying like the queries, the score modifier's float
+  leaves likewise as (leaves, rebuild), and `outside(dbias, dscore)`, which
+  takes the loop's gradients back to the operands' own types): see
+  `like_queries`."""
+  leaves, rebuild = _split_float_leaves(p.score_fn)
+  (bias, *leaves), pull = like_queries(p, [p.bias, *leaves])
+
+  def outside(dbias, dscore):
+    (dbias, *dscore), = pull([dbias, *dscore])
+    return dbias, dscore
+
+  return p._replace(bias=bias), (leaves, rebuild), outside
+
+
 def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
   nk = p.k.shape[1] // st.bk
   delta, d_out = _backward_prologue(out, lse, d_out, d_lse)
-  score = _split_float_leaves(p.score_fn)
-  score_leaves = score[0]
+  p, score, outside = _backward_operands(p)
 
   def kv_block(j, carry):
     dq, dk_all, dv_all, dbias, dscore = carry
@@ -475,8 +508,9 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
 
   dq0, dk0, dv0 = _zeros_like(p.q), _zeros_like(p.k), _zeros_like(p.v)
   dbias0 = None if p.bias is None else _zeros_like(p.bias)
-  dscore0 = [jnp.zeros_like(x) for x in score_leaves]
+  dscore0 = [_zeros_like(x).astype(x.dtype) for x in score[0]]
   dq, dk, dv, dbias, dscore = lax.fori_loop(0, nk, kv_block, (dq0, dk0, dv0, dbias0, dscore0))
+  dbias, dscore = outside(dbias, dscore)
   d_score_fn = None if p.score_fn is None else _score_cotangent(p.score_fn, dscore)
   return dq, dk, dv, dbias, d_score_fn
 
@@ -544,8 +578,7 @@ def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
 def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_lo, d_out, d_lse):
   Sp = p.k.shape[1]
   delta, d_out = _backward_prologue(out, lse, d_out, d_lse)
-  score = _split_float_leaves(p.score_fn)
-  score_leaves = score[0]
+  p, score, outside = _backward_operands(p)
 
   def q_block(i, carry):
     dq, dk, dv, dbias, dscore = carry
@@ -565,8 +598,9 @@ def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_l
     return dq, dk, dv, dbias, [a + b for a, b in zip(dscore, d_leaves)]
 
   init = (_zeros_like(p.q), _zeros_like(p.k), _zeros_like(p.v),
-          None if p.bias is None else _zeros_like(p.bias), [jnp.zeros_like(x) for x in score_leaves])
+          None if p.bias is None else _zeros_like(p.bias), [_zeros_like(x).astype(x.dtype) for x in score[0]])
   dq, dk, dv, dbias, dscore = lax.fori_loop(0, st.nq, q_block, init)
+  dbias, dscore = outside(dbias, dscore)
   d_score_fn = None if p.score_fn is None else _score_cotangent(p.score_fn, dscore)
   return dq, dk, dv, dbias, d_score_fn
 
