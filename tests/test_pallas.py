@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 import jaxattn
 from jaxattn import masks as jm
@@ -188,6 +189,41 @@ def test_per_query_bias_and_scalar_mask_params_lower_for_gpu_at_non_power_of_two
   with _abstract_gpu():
     text = jax.jit(f).trace(q, k, v, bias, prefix).lower(lowering_platforms=("cuda",)).as_text()
   assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3
+
+
+def _abstract_gpus(n):
+  """An abstract mesh of n NVIDIA GPUs, one Auto axis "d" (for shard_map lowered on CPU)."""
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
+  return jax.sharding.AbstractMesh((n,), ("d",), axis_types=(jax.sharding.AxisType.Auto,),
+                                   abstract_device=device)
+
+
+@pytest.mark.skipif(not hasattr(jax.sharding, "AbstractDevice"), reason="needs jax.sharding.AbstractDevice")
+def test_compiled_kernels_lower_inside_shard_map_with_a_bias_from_outside():
+  """Inside `shard_map` (check_vma on, its default) pallas_call needs its
+  outputs' varying mesh axes stated (it raised ValueError: "manual_axis_type
+  ... must not be None"), and a bias from outside the shard_map gets
+  per-device gradients from the kernels, which the custom VJP must sum over
+  the devices (it raised a manual-axis type mismatch). Forward and backward
+  lower for 4 GPUs on this CPU; the bias gradient's psum is outside the kernels."""
+  mesh = _abstract_gpus(4)
+  q, k, v = testing.random_qkv(jax.random.key(0), B=4, T=128, S=128, N=4, K=2, H=64, dtype=jnp.bfloat16)
+  bias = testing.random_normal(jax.random.key(1), (1, 4, 128, 128)).astype(jnp.bfloat16)
+  lengths = jnp.array([128, 100, 60, 7], jnp.int32)
+
+  def loss(bias, q, k, v, lengths):
+    def per_device(q, k, v, lengths):
+      inputs, config = _normalized(q, k, v, bias, is_causal=True, key_value_seq_lengths=lengths)
+      return pallas.pallas_attention(inputs, config, interpret=False, backend="gpu")[0]
+    out = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec("d"),) * 4,
+                        out_specs=PartitionSpec("d"))(q, k, v, lengths)
+    return jnp.sum(out.astype(jnp.float32))
+
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(bias, q, k, v, lengths).lower(
+        lowering_platforms=("cuda",)).as_text()
+  assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3
+  assert "all_reduce" in text  # the bias gradient, summed over the devices once
 
 
 def test_block_map_skips_and_spares_mask_work():

@@ -336,23 +336,6 @@ def _split_float_leaves(tree):
 
 
 
-def like_queries(p: _Prepared, xs):
-  """`xs` (a list of arrays or None) made to vary like the queries, and the
-  VJP of that (a function of the cotangents, returning a 1-tuple).
-
-  Inside `shard_map`, a value from outside it (one value on every device: a
-  bias, a score modifier's parameters) meets per-device logits in each tile;
-  JAX marks that by a broadcast whose transpose is a `psum`. Left in a loop
-  over blocks, the backward would run that psum once per tile, and how many
-  tiles run differs per device (block skipping, per-device lengths): the
-  devices would wait for each other forever. Multiplying by a one computed
-  from the queries, before the loop, puts the broadcast (and its psum, in the
-  pull-back) outside: once per call, on every device. Elsewhere it multiplies
-  by 1.
-  """
-  one = 1 + jnp.sum(p.q[..., :0], dtype=common.stat_dtype(p.q.dtype))  # () 1, varying like q
-  return jax.vjp(lambda xs: [None if x is None else x * one.astype(x.dtype) for x in xs], xs)
-
 
 def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta_i, masked: bool,
                 score, lo_i):
@@ -450,9 +433,9 @@ def _backward_operands(p: _Prepared):
   """(p with its bias varying like the queries, the score modifier's float
   leaves likewise as (leaves, rebuild), and `outside(dbias, dscore)`, which
   takes the loop's gradients back to the operands' own types): see
-  `like_queries`."""
+  `common.vary_like`."""
   leaves, rebuild = _split_float_leaves(p.score_fn)
-  (bias, *leaves), pull = like_queries(p, [p.bias, *leaves])
+  (bias, *leaves), pull = common.vary_like(p.q, [p.bias, *leaves])
 
   def outside(dbias, dscore):
     (dbias, *dscore), = pull([dbias, *dscore])

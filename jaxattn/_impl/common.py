@@ -284,3 +284,22 @@ def uniform_kind(kind):
 def _uniform_kind_vmap(axis_size, in_batched, kind):
   del axis_size, in_batched
   return jnp.where(jnp.all(kind == 0), 0, jnp.where(jnp.all(kind == 2), 2, 1)).astype(kind.dtype), False
+
+
+def vary_like(x, xs):
+  """`xs` (a list of arrays or None) made to vary like `x`, and the VJP of
+  that (a function of their cotangents, returning a 1-tuple).
+
+  Inside `shard_map`, a value from outside it (one value on every device: a
+  bias, a score modifier's parameters) meets per-device logits in each tile;
+  JAX marks that by a broadcast whose transpose is a `psum`. Left in a loop
+  over blocks, the backward would run that psum once per tile, and how many
+  tiles run differs per device (block skipping, per-device lengths): the
+  devices would wait for each other forever; a kernel's gradients would have
+  the wrong type for a custom VJP. Multiplying by a one computed from `x`,
+  before the loop or kernel, puts the broadcast (and its psum, in the
+  pull-back) outside: once per call, on every device. Elsewhere it
+  multiplies by 1, which XLA folds away.
+  """
+  one = 1 + jnp.sum(x[..., :0], dtype=stat_dtype(x.dtype))  # () 1, varying like x
+  return jax.vjp(lambda xs: [None if y is None else y * one.astype(y.dtype) for y in xs], xs)

@@ -378,11 +378,14 @@ def _call(kernel, p: _Plan, name: str, grid, inputs: dict, in_specs: dict, outpu
     named = dict(zip(in_names + out_names, refs))
     kernel(named)
 
+  # Inside shard_map (check_vma), the outputs vary over the mesh axes the
+  # queries vary over (pallas_call needs that stated on its output types).
+  varying = jax.ShapeDtypeStruct.like(inputs["q"]).manual_axis_type
   results = pl.pallas_call(
       body, grid=grid,
       in_specs=[in_specs[n] for n in in_names],
       out_specs=[outputs[n][1] for n in out_names],
-      out_shape=[outputs[n][0] for n in out_names],
+      out_shape=[outputs[n][0].update(manual_axis_type=varying) for n in out_names],
       interpret=p.interpret, compiler_params=_compiler_params(p),
       name=f"jaxattn_{name}")(*[inputs[n] for n in in_names])
   return dict(zip(out_names, results))
