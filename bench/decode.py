@@ -12,7 +12,8 @@ recorded separately.
     python -m bench.decode --batch 2 --json out.jsonl
 
 Rows: the read bound; `decode_attention` (automatic choice, and split-KV
-with --splits chunks); the full decode step (append one token + attend, jitted
+with --splits chunks); the step's two matmuls alone (q K^T, then P V, as
+XLA's dot computes them: a floor for any XLA formulation); the full decode step (append one token + attend, jitted
 with the cache donated so the append writes in place); `jax.nn.
 dot_product_attention` and `jaxattn.dot_product_attention` on the same
 cache in their (B, S, K, H) layout (in rounds of their own: their GiB-sized
@@ -48,8 +49,8 @@ def _meminfo_available() -> int | None:
 class Row:
   """A jitted callable on fixed arguments, compiled up front."""
 
-  def __init__(self, name, fn, args, donate=False):
-    self.name, self.fn = name, fn
+  def __init__(self, name, fn, args, donate=False, compare=True):
+    self.name, self.fn, self.compare = name, fn, compare
     t0 = time.perf_counter()
     jitted = jax.jit(fn, donate_argnums=(0,) if donate else ())
     self.compiled = jitted.lower(*args).compile()
@@ -129,6 +130,19 @@ def main(argv=None) -> int:
   rows.append(Row("jaxattn step: update_kv_cache + decode_attention (donated)", step,
                   (step_cache, query, new_kv, new_kv), donate=True))
   del step_cache
+  # What any XLA formulation pays: the two matmuls of one step alone, in the
+  # one-pass kernel's layout (queries grouped by K/V head, keys before rows).
+  G = N // K
+  rows_q = query.reshape(B, K, G, H)
+  weights = draw(kk, (B, K, S, G)).astype(jnp.float32)
+  rows.append(Row("floor: logits matmul q K^T alone (XLA dot)",
+                  lambda q, c: jnp.einsum("bkrh,bklh->bklr", q, c.key,
+                                          preferred_element_type=jnp.float32),
+                  (rows_q, cache), compare=False))
+  rows.append(Row("floor: weighted sum P V alone (XLA dot)",
+                  lambda w, c: jnp.einsum("bklr,bklh->bkrh", w.astype(dtype), c.value,
+                                          preferred_element_type=jnp.float32),
+                  (weights, cache), compare=False))
   if a.paged:
     P = a.paged
     M = -(-S // P)
@@ -182,7 +196,7 @@ def main(argv=None) -> int:
     for i, row in enumerate(phase):
       med, best = float(np.median(row.times)), float(np.min(row.times))
       # The step attends to one more token than the others: no common reference.
-      diff = "" if i == 0 or row.donate else (
+      diff = "" if i == 0 or row.donate or not row.compare else (
           f"{float(np.max(np.abs(np.asarray(row.out, np.float64) - ref))):.1e}")
       temp = "" if row.temp_bytes is None else f"{row.temp_bytes / 2**20:.0f}"
       print(f"| {row.name} | {med * 1e3:.1f} | {best * 1e3:.1f} | {med / bound:.2f}x | "
@@ -194,6 +208,10 @@ def main(argv=None) -> int:
   ratio, ratio_min = records[1]["ratio_to_read"], records[1]["ratio_to_read_min"]
   print(f"\ndecode_attention / read K+V once = {ratio:.2f}x (medians), {ratio_min:.2f}x (minima); "
         f"target <= 1.25x: {'met' if ratio <= 1.25 else 'not met'}")
+  floor = sum(r["time_s"] for r in records if r["name"].startswith("floor:"))
+  if floor:
+    print(f"the two matmuls alone take {floor / records[0]['time_s']:.2f}x the read: no XLA "
+          f"formulation of the step is faster than that on this machine")
   if a.json:
     with open(a.json, "a") as f:
       f.write(json.dumps(dict(B=B, S=S, N=N, K=K, H=H, dtype=dtype.name, num_splits=auto,
