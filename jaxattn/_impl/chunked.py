@@ -438,7 +438,8 @@ def _backward_operands(p: _Prepared):
   (bias, *leaves), pull = common.vary_like(p.q, [p.bias, *leaves])
 
   def outside(dbias, dscore):
-    (dbias, *dscore), = pull([dbias, *dscore])
+    dbias = None if dbias is None else dbias.astype(bias.dtype)  # accumulated in float32
+    (dbias, *dscore), = pull([dbias, *(d.astype(x.dtype) for d, x in zip(dscore, leaves))])
     return dbias, dscore
 
   return p._replace(bias=bias), (leaves, rebuild), outside

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.extend.backend
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from jaxattn import masks as _masks
@@ -286,20 +287,33 @@ def _uniform_kind_vmap(axis_size, in_batched, kind):
   return jnp.where(jnp.all(kind == 0), 0, jnp.where(jnp.all(kind == 2), 2, 1)).astype(kind.dtype), False
 
 
+
+def varying_axes(x) -> frozenset:
+  """The manual mesh axes (inside `shard_map`) that `x` varies over; empty elsewhere."""
+  mat = jax.ShapeDtypeStruct.like(x).manual_axis_type
+  return frozenset() if mat is None else frozenset(mat.varying)
+
+
+def vary_over(y, axes: frozenset):
+  """`y` made to vary over `axes` as well (`lax.pcast`); `y` itself where it already does."""
+  missing = axes - varying_axes(y)
+  return y if not missing else lax.pcast(y, tuple(sorted(missing, key=str)), to="varying")
+
+
 def vary_like(x, xs):
   """`xs` (a list of arrays or None) made to vary like `x`, and the VJP of
   that (a function of their cotangents, returning a 1-tuple).
 
   Inside `shard_map`, a value from outside it (one value on every device: a
   bias, a score modifier's parameters) meets per-device logits in each tile;
-  JAX marks that by a broadcast whose transpose is a `psum`. Left in a loop
-  over blocks, the backward would run that psum once per tile, and how many
-  tiles run differs per device (block skipping, per-device lengths): the
-  devices would wait for each other forever; a kernel's gradients would have
-  the wrong type for a custom VJP. Multiplying by a one computed from `x`,
-  before the loop or kernel, puts the broadcast (and its psum, in the
-  pull-back) outside: once per call, on every device. Elsewhere it
-  multiplies by 1, which XLA folds away.
+  JAX marks that by a cast whose transpose is a `psum`. Left in a loop over
+  blocks, the backward would run that psum once per tile, and how many tiles
+  run differs per device (block skipping, per-device lengths): the devices
+  would wait for each other forever; a kernel's gradients would have the
+  wrong type for a custom VJP. Casting them here, before the loop or kernel,
+  puts the psum (in the pull-back) outside: once per call, on every device.
+  Elsewhere (no shard_map, or already varying) nothing is cast: dtypes, weak
+  types and vmap's batching stay as they are.
   """
-  one = 1 + jnp.sum(x[..., :0], dtype=stat_dtype(x.dtype))  # () 1, varying like x
-  return jax.vjp(lambda xs: [None if y is None else y * one.astype(y.dtype) for y in xs], xs)
+  axes = varying_axes(x)
+  return jax.vjp(lambda xs: [None if y is None else vary_over(y, axes) for y in xs], xs)

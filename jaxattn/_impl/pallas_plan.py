@@ -378,9 +378,13 @@ def _call(kernel, p: _Plan, name: str, grid, inputs: dict, in_specs: dict, outpu
     named = dict(zip(in_names + out_names, refs))
     kernel(named)
 
-  # Inside shard_map (check_vma), the outputs vary over the mesh axes the
-  # queries vary over (pallas_call needs that stated on its output types).
-  varying = jax.ShapeDtypeStruct.like(inputs["q"]).manual_axis_type
+  # Inside shard_map (check_vma), every input is cast to vary over the mesh
+  # axes any of them varies over, and so do the outputs (pallas_call needs
+  # that stated on its output types; the queries' axes alone would claim an
+  # output the same on devices where a bias or the keys differ).
+  axes = frozenset().union(*(common.varying_axes(x) for x in inputs.values()))
+  inputs = {n: common.vary_over(x, axes) for n, x in inputs.items()}
+  varying = jax.ShapeDtypeStruct.like(inputs[in_names[0]]).manual_axis_type
   results = pl.pallas_call(
       body, grid=grid,
       in_specs=[in_specs[n] for n in in_names],
