@@ -9,8 +9,9 @@ For each case and implementation, in one process so the ratios are fair:
   numpy    as torch, with tracemalloc (numpy reports its buffers to it).
 A case's implementations are then timed in interleaved rounds (one call of
 each per round; medians), so that load drifting on a shared machine hits
-every one of them alike: timed one after another, the same code measured
-up to 30% apart between neighbouring cases. The first call's outputs are
+every one of them alike, with a pause before each call as long as the
+previous one (at most SETTLE_S): a call right after one that freed GiBs ran
+up to 1.7x slower. The first call's outputs are
 compared with the float64 reference on small cases. Failures are recorded
 and the run goes on.
 """
@@ -36,6 +37,8 @@ from jaxattn import testing
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (min repeats, max repeats, seconds of repeats to aim for) per preset.
 TIMING = {"quick": (3, 10, 0.2), "default": (3, 10, 1.0), "long": (2, 5, 5.0)}
+# Longest pause before a timed call (see `_rounds`).
+SETTLE_S = 0.5
 # Don't run a compiled function whose buffers exceed this share of free memory.
 MEMORY_SHARE = 0.8
 
@@ -101,12 +104,18 @@ def _rounds(calls, timing) -> list[list[float]]:
   min_r, max_r, budget = timing
   times: list[list[float]] = [[] for _ in calls]
   more = lambda t: len(t) < max_r and (len(t) < min_r or sum(t) < budget)
+  last = 0.0
   while any(more(t) for t in times):
     for call, t in zip(calls, times):
       if more(t):
+        # A pause as long as the previous call (at most SETTLE_S): right after a call
+        # that freed GiBs (a materializing peer), torch measured 1.5-1.7x slower; 0.3 s
+        # later within 10% of its time alone.
+        time.sleep(min(SETTLE_S, last))
         t0 = time.perf_counter()
         call()
-        t.append(time.perf_counter() - t0)
+        last = time.perf_counter() - t0
+        t.append(last)
   return times
 
 
