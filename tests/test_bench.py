@@ -116,3 +116,17 @@ def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys):
   written = report.write([_record("jax.nn", 0.008, peer=True)], machine, str(tmp_path))
   assert not any(p.endswith(".png") for p in written)
   assert "pip install -e '.[bench]'" in capsys.readouterr().err
+
+
+def test_compile_time_reports_both_sides_and_their_ratio(capsys):
+  """`python -m bench.compile_time` at a tiny length: fresh processes for each side, a row
+  per implementation with the trace/lower/compile split, and the ratio of medians."""
+  from bench import compile_time
+  assert compile_time.main(["--runs", "1", "--length", "64"]) == 0
+  out = capsys.readouterr().out
+  assert "| jax.nn |" in out and "| chunked |" in out
+  rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:6]]
+          for line in out.splitlines() if line.startswith("| jax.nn") or line.startswith("| chunked")}
+  for trace, lower, compile_, total in rows.values():
+    assert 0 < compile_ < total and abs(trace + lower + compile_ - total) < 1e-2
+  assert "chunked / jax.nn = " in out
