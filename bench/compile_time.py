@@ -1,6 +1,7 @@
 """`python -m bench.compile_time`: compile time of a forward + backward jit, against jax.nn.
 
-Each measurement runs in a fresh process with JAX's compilation cache off:
+Each measurement runs in a fresh process (this checkout's jaxattn, the
+caller's XLA_FLAGS and JAX_* variables dropped) with JAX's compilation cache off:
 `jax.jit(jax.grad(sum of attention))` traced, lowered and compiled for
 B=1, T=4096, N=8, H=64 float32, causal. Processes alternate between the
 implementations, so drifting load hits both; the ratio of medians is printed.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -38,9 +40,18 @@ print(json.dumps(dict(trace_s=t1 - t0, lower_s=t2 - t1, compile_s=t3 - t2, total
 """
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def measure(impl: str, T: int) -> dict:
+  # This checkout's jaxattn, and no XLA_FLAGS/JAX_* from the caller (a test's
+  # optimization level or a dump directory would change what is measured).
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAX_")}
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   out = subprocess.run([sys.executable, "-c", _CHILD, impl, str(T)], capture_output=True,
-                       text=True, check=True)
+                       text=True, cwd=ROOT, env=env)
+  if out.returncode:
+    raise RuntimeError(f"measuring {impl} failed:\n{out.stderr[-2000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 

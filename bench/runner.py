@@ -9,9 +9,8 @@ For each case and implementation, in one process so the ratios are fair:
   numpy    as torch, with tracemalloc (numpy reports its buffers to it).
 A case's implementations are then timed in interleaved rounds (one call of
 each per round; medians), so that load drifting on a shared machine hits
-every one of them alike, with a pause before each call as long as the
-previous one (at most SETTLE_S): a call right after one that freed GiBs ran
-up to 1.7x slower. The first call's outputs are
+every one of them alike; each timed call follows an untimed call of the
+same implementation (see `_rounds`). The first call's outputs are
 compared with the float64 reference on small cases. Failures are recorded
 and the run goes on.
 """
@@ -37,8 +36,6 @@ from jaxattn import testing
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (min repeats, max repeats, seconds of repeats to aim for) per preset.
 TIMING = {"quick": (3, 10, 0.2), "default": (3, 10, 1.0), "long": (2, 5, 5.0)}
-# Longest pause before a timed call (see `_rounds`).
-SETTLE_S = 0.5
 # Don't run a compiled function whose buffers exceed this share of free memory.
 MEMORY_SHARE = 0.8
 
@@ -97,25 +94,24 @@ def _status(exc: BaseException) -> str:
 
 
 def _rounds(calls, timing) -> list[list[float]]:
-  """Times `calls` in interleaved rounds (one call of each per round). Each
-  runs at least min_r and at most max_r times, stopping once it has run for
-  `budget` seconds in all (so a slow peer stops early and the rest go on
-  alternating). Returns each call's times."""
+  """Times `calls` in interleaved rounds (one timed call of each per round).
+  Each runs at least min_r and at most max_r times, stopping once it has run
+  for `budget` seconds in all (so a slow peer stops early and the rest go on
+  alternating). Each timed call comes right after an untimed call of the same
+  implementation: a call that follows another implementation's measured
+  1.5-1.7x slower (torch right after jax.nn freed its GiBs of logits), and a
+  pause instead made short multithreaded calls ~1.7x slower (threads parked).
+  Returns each call's times."""
   min_r, max_r, budget = timing
   times: list[list[float]] = [[] for _ in calls]
   more = lambda t: len(t) < max_r and (len(t) < min_r or sum(t) < budget)
-  last = 0.0
   while any(more(t) for t in times):
     for call, t in zip(calls, times):
       if more(t):
-        # A pause as long as the previous call (at most SETTLE_S): right after a call
-        # that freed GiBs (a materializing peer), torch measured 1.5-1.7x slower; 0.3 s
-        # later within 10% of its time alone.
-        time.sleep(min(SETTLE_S, last))
+        call()  # settles what the previous implementation left behind
         t0 = time.perf_counter()
         call()
-        last = time.perf_counter() - t0
-        t.append(last)
+        t.append(time.perf_counter() - t0)
   return times
 
 
