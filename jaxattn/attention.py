@@ -377,7 +377,7 @@ def choose_implementation(inputs: common.AttentionInputs,
 
 
 def _attend(inputs, *, name, config, options):
-  return _impl.get(name)(common.zero_padding(inputs), config, **dict(options))
+  return _impl.get(name)(common.vary_alike(common.zero_padding(inputs)), config, **dict(options))
 
 
 _attend_jit = jax.jit(_attend, static_argnames=("name", "config", "options"))

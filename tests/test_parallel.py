@@ -635,6 +635,43 @@ def test_gradients_of_operands_from_outside_a_shard_map_sum_once_after_the_loops
   chex.assert_trees_all_close(grad(*args), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("implementation", ["chunked", "chunked_jvp"])
+@pytest.mark.parametrize("inside", ["queries", "keys"])
+def test_queries_or_keys_replicated_inside_a_shard_map(implementation, inside):
+  """Inside a shard_map over 4 devices, either the queries are sharded and the
+  keys/values come from outside it (one copy on every device), or the other
+  way round: the blocked kernels' loop branches met operands of different
+  varying types (switch-branch TypeError in "chunked"'s gradient, and in both
+  forwards when the keys varied and the queries did not). All operands are
+  now cast to vary alike before the kernels; values and gradients equal
+  "xla"'s in the same shard_map, and no collective runs inside a loop."""
+  mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
+  q, k, v = testing.random_qkv(jax.random.key(41), B=4, T=24, S=24, N=2, K=1, H=5)
+  if inside == "queries":
+    k, v = k[:1], v[:1]
+  else:
+    q = q[:1]
+
+  def loss(impl):
+    def per_device(q, k, v):
+      kw = {} if impl == "xla" else dict(block_sizes=(8, 8))
+      return jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation=impl, **kw)
+    def f(q, k, v):
+      sharded = (q,) if inside == "queries" else (k, v)
+      def g(*args):
+        return per_device(*args, k, v) if inside == "queries" else per_device(q, *args)
+      out = jax.shard_map(g, mesh=mesh, in_specs=(PartitionSpec("d"),) * len(sharded),
+                          out_specs=PartitionSpec("d"))(*sharded)
+      return jnp.sum(jnp.sin(out))
+    return f
+
+  grad = jax.jit(jax.value_and_grad(loss(implementation), argnums=(0, 1, 2)))
+  looped = _collectives_in_loops(grad.lower(q, k, v).compile().as_text())
+  assert not looped, f"collectives inside loops: {looped}"
+  want = jax.value_and_grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  chex.assert_trees_all_close(grad(q, k, v), want, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------
 # Errors.
 

@@ -317,3 +317,25 @@ def vary_like(x, xs):
   """
   axes = varying_axes(x)
   return jax.vjp(lambda xs: [None if y is None else vary_over(y, axes) for y in xs], xs)
+
+
+def vary_alike(tree):
+  """`tree` with every array leaf (but PRNG keys) cast to vary over the manual
+  mesh axes (inside `shard_map`) that any of them varies over.
+
+  The blocked kernels combine queries, keys, values, a bias and function
+  parameters in one loop body, whose branches must agree on their types:
+  keys sharded where the queries are replicated, or a bias varying over a
+  mesh axis the queries do not, raised switch-branch type errors. Cast once
+  here, outside the kernels' custom derivatives, the casts' transposes (the
+  psums of the gradients of what was replicated) run once, outside every
+  loop. Outside a shard_map nothing is cast.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  arrays = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)
+            and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+  axes = frozenset().union(*(varying_axes(leaves[i]) for i in arrays))
+  if axes:
+    for i in arrays:
+      leaves[i] = vary_over(leaves[i], axes)
+  return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -385,6 +385,8 @@ def _call(kernel, p: _Plan, name: str, grid, inputs: dict, in_specs: dict, outpu
   axes = frozenset().union(*(common.varying_axes(x) for x in inputs.values()))
   inputs = {n: common.vary_over(x, axes) for n, x in inputs.items()}
   varying = jax.ShapeDtypeStruct.like(inputs[in_names[0]]).manual_axis_type
+  if varying is None and jax.sharding.get_abstract_mesh().manual_axes:
+    varying = jax.sharding.ManualAxisType(varying=axes)  # inside a shard_map, replicated
   results = pl.pallas_call(
       body, grid=grid,
       in_specs=[in_specs[n] for n in in_names],
