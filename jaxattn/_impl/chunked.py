@@ -50,10 +50,10 @@ def default_block_sizes(T: int, S: int, config: common.AttentionConfig | None = 
   """Block sizes for a shape and its static masks.
 
   512 x 256 amortizes XLA's per-iteration loop cost on CPU and keeps each
-  tile's temporaries small (measured with `python -m bench`); sequences shorter than a block use one block. A sliding
-  window of `w` keys back wants blocks of about w / 4 (at least 64), so the
-  key blocks a query block touches cover little more than its window
-  (`python -m bench.masks`).
+  tile's temporaries small (measured with `python -m bench`); sequences
+  shorter than a block use one block. A sliding window of `w` keys back
+  wants blocks of about w / 4 (at least 64), so the key blocks a query block
+  touches cover little more than its window (`python -m bench.masks`).
   """
   bq, bk = DEFAULT_BLOCK_Q, DEFAULT_BLOCK_KV
   if config is not None and config.window is not None and config.window[0] is not None:
@@ -333,8 +333,6 @@ def _split_float_leaves(tree):
     return jax.tree_util.tree_unflatten(treedef, new)
 
   return [leaves[i] for i in diff], rebuild
-
-
 
 
 def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta_i, masked: bool,

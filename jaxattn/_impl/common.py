@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.extend.backend
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
 from jaxattn import masks as _masks
 from jaxattn import scores as _scores
@@ -285,7 +285,6 @@ def uniform_kind(kind):
 def _uniform_kind_vmap(axis_size, in_batched, kind):
   del axis_size, in_batched
   return jnp.where(jnp.all(kind == 0), 0, jnp.where(jnp.all(kind == 2), 2, 1)).astype(kind.dtype), False
-
 
 
 def varying_axes(x) -> frozenset:
