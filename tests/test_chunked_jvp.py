@@ -296,8 +296,9 @@ def test_bfloat16_tangents_and_gradients_as_accurate_as_xla(scale, T_, S_, block
 
 @pytest.mark.parametrize("implementation", ["chunked", "chunked_jvp", "pallas"])
 def test_bias_and_score_parameter_types_survive_the_backward(implementation):
-  """The backward casts a bias and score parameters to vary like the queries
-  (for shard_map); that must leave everything else as it was: a bfloat16 bias
+  """Operands are cast to vary alike before the implementation (for shard_map;
+  a first version cast a bias and score parameters in the backwards, by a
+  multiply); that must leave everything else as it was: a bfloat16 bias
   gets a bfloat16 gradient ("chunked" raised: its float32 accumulator reached
   the cast's pull-back), a weakly typed Python-float parameter under x64
   keeps float32 logits (a multiply by a strong one made them float64 in some

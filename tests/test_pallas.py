@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec
 import jaxattn
 from jaxattn import masks as jm
 from jaxattn import scores, testing
-from jaxattn._impl import pallas
+from jaxattn._impl import common, pallas
 
 from attention_base import (check_against_reference, B, GRID_NAMES, N, S, AttentionTestBase, jax_nn_cases, option_grid,
                             slow_unless)
@@ -204,7 +204,8 @@ def test_compiled_kernels_lower_inside_shard_map_with_a_bias_from_outside():
   outputs' varying mesh axes stated (it raised ValueError: "manual_axis_type
   ... must not be None"), and a bias from outside the shard_map gets
   per-device gradients from the kernels, which the custom VJP must sum over
-  the devices (it raised a manual-axis type mismatch). Forward and backward
+  the devices (it raised a manual-axis type mismatch; the operands are cast
+  alike first, `common.vary_alike`, as `dot_product_attention` does). Forward and backward
   lower for 4 GPUs on this CPU; the bias gradient's psum is outside the kernels."""
   mesh = _abstract_gpus(4)
   q, k, v = testing.random_qkv(jax.random.key(0), B=4, T=128, S=128, N=4, K=2, H=64, dtype=jnp.bfloat16)
@@ -214,6 +215,7 @@ def test_compiled_kernels_lower_inside_shard_map_with_a_bias_from_outside():
   def loss(bias, q, k, v, lengths):
     def per_device(q, k, v, lengths):
       inputs, config = _normalized(q, k, v, bias, is_causal=True, key_value_seq_lengths=lengths)
+      inputs = common.vary_alike(inputs)  # as dot_product_attention does before any implementation
       return pallas.pallas_attention(inputs, config, interpret=False, backend="gpu")[0]
     out = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec("d"),) * 4,
                         out_specs=PartitionSpec("d"))(q, k, v, lengths)

@@ -427,26 +427,10 @@ def _row_lse(lse, lse_lo, st: _Static, i):
   return jnp.where(dead, jnp.inf, lse_i), jnp.where(dead, 0.0, lo_i), dead
 
 
-def _backward_operands(p: _Prepared):
-  """(p with its bias varying like the queries, the score modifier's float
-  leaves likewise as (leaves, rebuild), and `outside(dbias, dscore)`, which
-  takes the loop's gradients back to the operands' own types): see
-  `common.vary_like`."""
-  leaves, rebuild = _split_float_leaves(p.score_fn)
-  (bias, *leaves), pull = common.vary_like(p.q, [p.bias, *leaves])
-
-  def outside(dbias, dscore):
-    dbias = None if dbias is None else dbias.astype(bias.dtype)  # accumulated in float32
-    (dbias, *dscore), = pull([dbias, *(d.astype(x.dtype) for d, x in zip(dscore, leaves))])
-    return dbias, dscore
-
-  return p._replace(bias=bias), (leaves, rebuild), outside
-
-
 def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
   nk = p.k.shape[1] // st.bk
   delta, d_out = _backward_prologue(out, lse, d_out, d_lse)
-  p, score, outside = _backward_operands(p)
+  score = _split_float_leaves(p.score_fn)
 
   def kv_block(j, carry):
     dq, dk_all, dv_all, dbias, dscore = carry
@@ -490,9 +474,8 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
 
   dq0, dk0, dv0 = _zeros_like(p.q), _zeros_like(p.k), _zeros_like(p.v)
   dbias0 = None if p.bias is None else _zeros_like(p.bias)
-  dscore0 = [_zeros_like(x).astype(x.dtype) for x in score[0]]
+  dscore0 = [jnp.zeros_like(x) for x in score[0]]
   dq, dk, dv, dbias, dscore = lax.fori_loop(0, nk, kv_block, (dq0, dk0, dv0, dbias0, dscore0))
-  dbias, dscore = outside(dbias, dscore)
   d_score_fn = None if p.score_fn is None else _score_cotangent(p.score_fn, dscore)
   return dq, dk, dv, dbias, d_score_fn
 
@@ -560,7 +543,7 @@ def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
 def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_lo, d_out, d_lse):
   Sp = p.k.shape[1]
   delta, d_out = _backward_prologue(out, lse, d_out, d_lse)
-  p, score, outside = _backward_operands(p)
+  score = _split_float_leaves(p.score_fn)
 
   def q_block(i, carry):
     dq, dk, dv, dbias, dscore = carry
@@ -580,9 +563,8 @@ def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_l
     return dq, dk, dv, dbias, [a + b for a, b in zip(dscore, d_leaves)]
 
   init = (_zeros_like(p.q), _zeros_like(p.k), _zeros_like(p.v),
-          None if p.bias is None else _zeros_like(p.bias), [_zeros_like(x).astype(x.dtype) for x in score[0]])
+          None if p.bias is None else _zeros_like(p.bias), [jnp.zeros_like(x) for x in score[0]])
   dq, dk, dv, dbias, dscore = lax.fori_loop(0, st.nq, q_block, init)
-  dbias, dscore = outside(dbias, dscore)
   d_score_fn = None if p.score_fn is None else _score_cotangent(p.score_fn, dscore)
   return dq, dk, dv, dbias, d_score_fn
 

@@ -64,12 +64,6 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p):
   pv = lambda x, y: jnp.einsum("bkrc,bkch->bkrh", x.astype(acc), y.astype(acc),
                                preferred_element_type=acc)
   score_leaves, rebuild = chunked._split_float_leaves(p.score_fn)
-  # Varying like the queries before the loops (see `common.vary_like`):
-  # transposed, the broadcast of a value from outside a shard_map is a psum,
-  # which must not run per tile.
-  n = len(score_leaves)
-  (bias, tbias, *leaves), _ = common.vary_like(p.q, [p.bias, tbias, *score_leaves, *t_score])
-  p, score_leaves, t_score = p._replace(bias=bias), leaves[:n], leaves[n:]
 
   def logits(q0, k0, masked, qi, kj, bias, leaves):
     pb = p._replace(bias=bias)

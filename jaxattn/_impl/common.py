@@ -299,25 +299,6 @@ def vary_over(y, axes: frozenset):
   return y if not missing else lax.pcast(y, tuple(sorted(missing, key=str)), to="varying")
 
 
-def vary_like(x, xs):
-  """`xs` (a list of arrays or None) made to vary like `x`, and the VJP of
-  that (a function of their cotangents, returning a 1-tuple).
-
-  Inside `shard_map`, a value from outside it (one value on every device: a
-  bias, a score modifier's parameters) meets per-device logits in each tile;
-  JAX marks that by a cast whose transpose is a `psum`. Left in a loop over
-  blocks, the backward would run that psum once per tile, and how many tiles
-  run differs per device (block skipping, per-device lengths): the devices
-  would wait for each other forever; a kernel's gradients would have the
-  wrong type for a custom VJP. Casting them here, before the loop or kernel,
-  puts the psum (in the pull-back) outside: once per call, on every device.
-  Elsewhere (no shard_map, or already varying) nothing is cast: dtypes, weak
-  types and vmap's batching stay as they are.
-  """
-  axes = varying_axes(x)
-  return jax.vjp(lambda xs: [None if y is None else vary_over(y, axes) for y in xs], xs)
-
-
 def vary_alike(tree):
   """`tree` with every array leaf (but PRNG keys) cast to vary over the manual
   mesh axes (inside `shard_map`) that any of them varies over.
@@ -325,10 +306,13 @@ def vary_alike(tree):
   The blocked kernels combine queries, keys, values, a bias and function
   parameters in one loop body, whose branches must agree on their types:
   keys sharded where the queries are replicated, or a bias varying over a
-  mesh axis the queries do not, raised switch-branch type errors. Cast once
-  here, outside the kernels' custom derivatives, the casts' transposes (the
-  psums of the gradients of what was replicated) run once, outside every
-  loop. Outside a shard_map nothing is cast.
+  mesh axis the queries do not, raised switch-branch type errors. And where
+  a value from outside the shard_map meets per-device logits inside a loop,
+  JAX casts it there, and the cast's transpose (the psum of its gradient)
+  would run once per tile; with per-device block counts the devices waited
+  for each other forever. Cast once here, outside the kernels' custom
+  derivatives, the transposes run once, outside every loop. Outside a
+  shard_map nothing is cast: dtypes, weak types and vmap's batching stay.
   """
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   arrays = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)

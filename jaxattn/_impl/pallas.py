@@ -493,22 +493,11 @@ def _flash_fwd(p: _Plan, inputs):
 def _flash_bwd(p: _Plan, res, cts):
   inputs, out_rows, lse_rows, lo_rows = res
   d_out, d_lse = cts
-  # The bias and the score modifier's float leaves vary like the queries in the
-  # kernels, whose gradients for them are per device; the pull-back sums them
-  # over a shard_map's devices, once (`common.vary_like`).
-  leaves, treedef = jax.tree_util.tree_flatten(inputs.score_fn)
-  fl = common.inexact_leaves(leaves)
-  (bias, *varied), outside = common.vary_like(inputs.query, [inputs.bias] + [leaves[n] for n in fl])
-  for n, x in zip(fl, varied):
-    leaves[n] = x
-  inputs = inputs._replace(bias=bias, score_fn=None if inputs.score_fn is None
-                           else jax.tree_util.tree_unflatten(treedef, leaves))
   dq, dk, dv, dbias, dleaves = _backward(p, inputs, out_rows, lse_rows, lo_rows, d_out, d_lse)
-  (dbias, *d_fl), = outside([dbias] + [dleaves[n].astype(leaves[n].dtype) for n in fl])
   d_score = None
   if inputs.score_fn is not None:
     # The soft-cap holds no arrays, so the combined modifier's leaves are the caller's.
-    d_score = common.leaf_cotangents(inputs.score_fn, dict(zip(fl, d_fl)))
+    d_score = common.leaf_cotangents(inputs.score_fn, dleaves)
   return (common.AttentionInputs(query=dq, key=dk, value=dv, bias=dbias, score_fn=d_score),)
 
 
