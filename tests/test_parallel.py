@@ -669,7 +669,7 @@ def test_queries_or_keys_replicated_inside_a_shard_map(implementation, inside):
   looped = _collectives_in_loops(grad.lower(q, k, v).compile().as_text())
   assert not looped, f"collectives inside loops: {looped}"
   want = jax.value_and_grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
-  chex.assert_trees_all_close(grad(q, k, v), want, atol=1e-4, rtol=1e-4)
+  chex.assert_trees_all_close(grad(q, k, v), want, atol=ATOL, rtol=ATOL)
 
 
 # ---------------------------------------------------------------------------
