@@ -234,3 +234,21 @@ def test_narrow_band_path_values_and_gradients(name, blocks):
   testing.assert_attention_close(grads[:3], (rg["query"], rg["key"], rg["value"]))
   if bias is not None:
     testing.assert_attention_close(grads[3], rg["bias"])
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "chunked_jvp"])
+@pytest.mark.parametrize("argnums", [0, (0, 1)], ids=["without_dbias", "with_dbias"])
+def test_bias_gradient_takes_no_bias_sized_temporary(implementation, argnums):
+  """memory_analysis: with a (B, N, T, S) bias, jax.grad holds no temporary the
+  size of the bias, whether or not the bias's gradient is taken. Before:
+  "chunked" carried a full dbias through both loops even when it was not
+  asked for (XLA could not drop it: 80 MiB temp with a 64 MiB bias), and
+  "chunked_jvp"'s transposed tangent sent full-size bias cotangents through its
+  switch and key loop (149 MiB, and 6x the time)."""
+  T, N = 1024, 2
+  q = jax.ShapeDtypeStruct((1, T, N, 32), jnp.float32)
+  bias = jax.ShapeDtypeStruct((1, N, T, T), jnp.float32)  # 8 MiB
+  loss = lambda q, b: jnp.sum(jaxattn.dot_product_attention(
+      q, q, q, bias=b, is_causal=True, implementation=implementation, block_sizes=(256, 128)))
+  temp = _temp_bytes(jax.grad(loss, argnums=argnums), q, bias)
+  assert temp < 4 * T * T * N, (temp / 2**20, implementation, argnums)

@@ -191,13 +191,31 @@ def _raw_logits(st: _Static, qi, kj):
           * jnp.asarray(st.config.scale, acc))
 
 
-def _post(p: _Prepared, st: _Static, q0, k0, raw, score_fn, masked: bool):
-  """Score modifiers, bias and (for partial blocks) the mask: raw -> logits."""
+def _bias_at(bias, st: _Static, q0, k0, w):
+  """The bias tile (B|1, N|1, bq|1, w|1) of queries [q0, q0 + bq) and keys
+  [k0, k0 + w), or None without a bias."""
+  return None if bias is None else _tile(bias, q0, st.bq, k0, w)
+
+
+def _bias_rows(bias, st: _Static, q0):
+  """The bias's query rows [q0, q0 + bq): (B|1, N|1, bq|1, Sp|1), or None."""
+  if bias is None or bias.shape[2] == 1:
+    return bias
+  return lax.dynamic_slice_in_dim(bias, q0, st.bq, axis=2)
+
+
+def _post(p: _Prepared, st: _Static, q0, k0, raw, bias, score_fn, masked: bool):
+  """Score modifiers, bias and (for partial blocks) the mask: raw -> logits.
+
+  `bias` is the tile's bias (`_bias_at`), sliced by the caller: where the
+  tile is differentiated inside a switch (`chunked_jvp`'s reverse mode), a
+  slice taken outside it keeps the branches' cotangents tile-sized.
+  """
   K, w = p.k.shape[2], raw.shape[-1]
   idx = _tile_index(p, st, q0, k0, w)
   s = raw if score_fn is None else score_fn(raw, *idx)
-  if p.bias is not None:
-    s = s + _to_rows(_tile(p.bias, q0, st.bq, k0, w), K, st.G, st.bq).astype(s.dtype)
+  if bias is not None:
+    s = s + _to_rows(bias, K, st.G, st.bq).astype(s.dtype)
   if masked:
     mask = None if p.mask_fn is None else p.mask_fn(*idx)
     if p.mask is not None:
@@ -297,7 +315,8 @@ def _forward(p: _Prepared, st: _Static):
 
     def kv_step(j, state, masked):
       kj, vj = _keys(p.k, j * st.bk, st.bk), _keys(p.v, j * st.bk, st.bk)
-      s = _post(p, st, i * st.bq, j * st.bk, _raw_logits(st, qi, kj), p.score_fn, masked)
+      s = _post(p, st, i * st.bq, j * st.bk, _raw_logits(st, qi, kj),
+                _bias_at(p.bias, st, i * st.bq, j * st.bk, st.bk), p.score_fn, masked)
       drop = _dropout_scale(p, st, i * st.bq, j * st.bk, st.bk)
 
       def weighted_values(e):
@@ -350,7 +369,8 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   leaves, rebuild = score
   w = kj.shape[2]
   raw = _raw_logits(st, qi, kj)
-  post = lambda raw, leaves: _post(p, st, q0, k0, raw, rebuild(leaves), masked)
+  bias = _bias_at(p.bias, st, q0, k0, w)
+  post = lambda raw, leaves: _post(p, st, q0, k0, raw, bias, rebuild(leaves), masked)
   if p.score_fn is not None:
     s, pull = jax.vjp(post, raw, leaves)
   else:
@@ -368,7 +388,7 @@ def _tile_grads(p: _Prepared, st: _Static, q0, k0, qi, kj, vj, doi, lse_i, delta
   # (+ zeros like the bias tile: the tile keeps the bias's sharding, as the
   # empty branch's tile does, so the switch's branches agree under explicit mesh axes.)
   dbias_tile = None if p.bias is None else (
-      _bias_tile(p.bias.shape, ds, st) + _zeros_like(_tile(p.bias, q0, st.bq, k0, w)))
+      _bias_tile(p.bias.shape, ds, st) + _zeros_like(bias))
   d_leaves = []
   if p.score_fn is not None:
     ds, d_leaves = pull(ds)
@@ -455,17 +475,24 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
       return small, (dq_tile, dbias_tile)
 
     def body(i, state):
-      dk, dv, dq, dbias, dscore = state
+      dk, dv, dq, dbias_j, dscore = state
       (dk, dv, dscore), (dqi, dbias_tile) = _by_kind(
           kinds[i], functools.partial(q_step, i), (dk, dv, dscore), empty)
       dq_block = lax.dynamic_slice_in_dim(dq, i * st.bq, st.bq, axis=1) + _unrows(dqi, st)
       dq = lax.dynamic_update_slice_in_dim(dq, dq_block, i * st.bq, axis=1)
-      if dbias is not None:
-        dbias = _add_bias_tile(dbias, dbias_tile, i * st.bq, j * st.bk)
-      return dk, dv, dq, dbias, dscore
+      if dbias_j is not None:
+        dbias_j = _add_bias_tile(dbias_j, dbias_tile, i * st.bq, 0)
+      return dk, dv, dq, dbias_j, dscore
 
+    # The bias gradient of key block j is summed in its own (Tp, bk) strip and
+    # added into dbias after the loop: when the bias's gradient is not used,
+    # XLA then drops the whole computation (a full-size dbias carried through
+    # both loops was kept: 64 MiB more temp at B=1, N=4, T=2048).
     dk0, dv0 = _zeros_like(kj), _zeros_like(vj)
-    dk, dv, dq, dbias, dscore = lax.fori_loop(lo, hi, body, (dk0, dv0, dq, dbias, dscore))
+    dbias_j = None if dbias is None else _zeros_like(_bias_cols(dbias, st, 0))
+    dk, dv, dq, dbias_j, dscore = lax.fori_loop(lo, hi, body, (dk0, dv0, dq, dbias_j, dscore))
+    if dbias is not None:
+      dbias = _add_bias_tile(dbias, dbias_j, 0, j * st.bk)
     # Key block j's dK/dV are final: written in place into the results (stacked
     # scan outputs were reshaped after the loop, and XLA copied them whole
     # for some layouts).
@@ -525,7 +552,8 @@ def _forward_band(p: _Prepared, st: _Static, w: int, left: int):
     k0 = _band_start(st, q0, w, left, Sp)
     qi = _rows(p.q, st, i)
     kj, vj = _keys(p.k, k0, w), _keys(p.v, k0, w)
-    s = _post(p, st, q0, k0, _raw_logits(st, qi, kj), p.score_fn, True)
+    s = _post(p, st, q0, k0, _raw_logits(st, qi, kj), _bias_at(p.bias, st, q0, k0, w), p.score_fn,
+              True)
     # One tile holds every key of the block: the softmax needs no running state.
     m = lax.stop_gradient(jnp.max(s, axis=-1))  # a constant to autodiff, as in softmax_state.update
     e = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[..., None])
@@ -576,6 +604,13 @@ def _bias_tile(dbias_shape, ds, st: _Static):
   g = ds.reshape(B, K, st.bq, st.G, w).transpose(0, 1, 3, 2, 4).reshape(B, K * st.G, st.bq, w)
   axes = tuple(a for a, d in enumerate(dbias_shape) if d == 1)
   return jnp.sum(g, axis=axes, keepdims=True)
+
+
+def _bias_cols(bias, st: _Static, k0):
+  """The bias's keys [k0, k0 + bk): (B|1, N|1, Tp|1, bk|1)."""
+  if bias.shape[3] == 1:
+    return bias
+  return lax.dynamic_slice_in_dim(bias, k0, st.bk, axis=3)
 
 
 def _add_bias_tile(dbias, g, q0, k0):
