@@ -252,3 +252,16 @@ def test_bias_gradient_takes_no_bias_sized_temporary(implementation, argnums):
       q, q, q, bias=b, is_causal=True, implementation=implementation, block_sizes=(256, 128)))
   temp = _temp_bytes(jax.grad(loss, argnums=argnums), q, bias)
   assert temp < 4 * T * T * N, (temp / 2**20, implementation, argnums)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "dense"])
+def test_gradient_of_the_queries_alone_skips_the_key_and_value_matmuls(causal):
+  """jax.grad w.r.t. the queries alone: XLA drops dK and dV and their two
+  matmuls per tile (the backward's tile gradients leave its switch and are
+  summed outside it; carried through it, they were kept: 14 dots either way,
+  now 10, and 105 -> 70 ms at T = 2048, N = 8)."""
+  sds = jax.ShapeDtypeStruct((1, 256, 2, 32), jnp.float32)
+  loss = lambda q, k, v: jnp.sum(jnp.sin(jaxattn.dot_product_attention(
+      q, k, v, is_causal=causal, implementation="chunked", block_sizes=(64, 64))))
+  dots = lambda argnums: jax.jit(jax.grad(loss, argnums)).lower(sds, sds, sds).compile().as_text().count(" dot(")
+  assert dots(0) + 4 <= dots((0, 1, 2)), (dots(0), dots((0, 1, 2)))

@@ -458,39 +458,42 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
     kinds = _kinds(p, st, jnp.arange(st.nq), j)
     lo, hi = _ranges(kinds > 0)
 
-    # The switch carries only this key block's dK/dV and the score leaves'
-    # gradients; it returns the query block's dQ (and dbias) tile, which is
-    # added into the full carries outside it, in place.
-    def q_step(i, small, masked):
-      dk, dv, dscore = small
+    # The switch returns the tile's gradients, added into the carries outside
+    # it (dQ and dbias in place). Each carry is then used only to update itself,
+    # so XLA drops every gradient that is not asked for: dK and dV (and their
+    # two matmuls per tile) for jax.grad w.r.t. the queries alone, a bias's or
+    # score parameters' gradients. (A carry passed through the switch, or a
+    # full-size one through both loops, was kept.)
+    def q_step(i, masked):
       lse_i, lo_i, dead = _row_lse(lse, lse_lo, st, i)
-      dqi, dkj, dvj, dbias_tile, d_leaves = _tile_grads(
+      return _tile_grads(
           p, st, i * st.bq, j * st.bk, _rows(p.q, st, i), kj, vj, _row_cotangent(d_out, dead, st, i),
           lse_i, _rows(delta, st, i), masked, score, lo_i)
-      return (dk + dkj, dv + dvj, [a + b for a, b in zip(dscore, d_leaves)]), (dqi, dbias_tile)
 
-    def empty(small):
-      dq_tile = _zeros_like(_rows(p.q, st, 0))
+    def empty():
       dbias_tile = None if p.bias is None else _zeros_like(_tile(p.bias, 0, st.bq, 0, st.bk))
-      return small, (dq_tile, dbias_tile)
+      return (_zeros_like(_rows(p.q, st, 0)), _zeros_like(kj), _zeros_like(vj), dbias_tile,
+              [jnp.zeros_like(x) for x in score[0]])
 
     def body(i, state):
       dk, dv, dq, dbias_j, dscore = state
-      (dk, dv, dscore), (dqi, dbias_tile) = _by_kind(
-          kinds[i], functools.partial(q_step, i), (dk, dv, dscore), empty)
+      dqi, dkj, dvj, dbias_tile, d_leaves = _by_kind(
+          kinds[i], lambda _, masked: q_step(i, masked), None, lambda _: empty())
       dq_block = lax.dynamic_slice_in_dim(dq, i * st.bq, st.bq, axis=1) + _unrows(dqi, st)
       dq = lax.dynamic_update_slice_in_dim(dq, dq_block, i * st.bq, axis=1)
       if dbias_j is not None:
         dbias_j = _add_bias_tile(dbias_j, dbias_tile, i * st.bq, 0)
-      return dk, dv, dq, dbias_j, dscore
+      return dk + dkj, dv + dvj, dq, dbias_j, [a + b for a, b in zip(dscore, d_leaves)]
 
-    # The bias gradient of key block j is summed in its own (Tp, bk) strip and
-    # added into dbias after the loop: when the bias's gradient is not used,
-    # XLA then drops the whole computation (a full-size dbias carried through
-    # both loops was kept: 64 MiB more temp at B=1, N=4, T=2048).
+    # Key block j's bias and score-parameter gradients are summed from zero
+    # here and added into the totals after the loop (a bias's in a (Tp, bk)
+    # strip): a total passed through this loop would stay live even when
+    # unused (64 MiB more temp for a (1, 4, 2048, 2048) bias).
     dk0, dv0 = _zeros_like(kj), _zeros_like(vj)
     dbias_j = None if dbias is None else _zeros_like(_bias_cols(dbias, st, 0))
-    dk, dv, dq, dbias_j, dscore = lax.fori_loop(lo, hi, body, (dk0, dv0, dq, dbias_j, dscore))
+    dscore_j = [jnp.zeros_like(x) for x in dscore]
+    dk, dv, dq, dbias_j, dscore_j = lax.fori_loop(lo, hi, body, (dk0, dv0, dq, dbias_j, dscore_j))
+    dscore = [a + b for a, b in zip(dscore, dscore_j)]
     if dbias is not None:
       dbias = _add_bias_tile(dbias, dbias_j, 0, j * st.bk)
     # Key block j's dK/dV are final: written in place into the results (stacked
