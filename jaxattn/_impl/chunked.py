@@ -459,11 +459,14 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
     lo, hi = _ranges(kinds > 0)
 
     # The switch returns the tile's gradients, added into the carries outside
-    # it (dQ and dbias in place). Each carry is then used only to update itself,
-    # so XLA drops every gradient that is not asked for: dK and dV (and their
-    # two matmuls per tile) for jax.grad w.r.t. the queries alone, a bias's or
-    # score parameters' gradients. (A carry passed through the switch, or a
-    # full-size one through both loops, was kept.)
+    # it (dQ in place, dbias into this key block's strip). Each of these
+    # carries is then used only to update itself, so XLA drops dK and dV (and
+    # their two matmuls per tile) for jax.grad w.r.t. the queries alone, and a
+    # bias's or score parameters' gradients when they are not asked for (a
+    # carry passed through the switch, or a full-size one through both loops,
+    # was kept). dQ is still a full-size carry through both loops, so grad
+    # w.r.t. keys or values alone still computes it: summing it per key block
+    # instead would cost one more (B, T, N, H) buffer.
     def q_step(i, masked):
       lse_i, lo_i, dead = _row_lse(lse, lse_lo, st, i)
       return _tile_grads(
@@ -488,7 +491,10 @@ def _backward(p: _Prepared, st: _Static, out, lse, lse_lo, d_out, d_lse):
     # Key block j's bias and score-parameter gradients are summed from zero
     # here and added into the totals after the loop (a bias's in a (Tp, bk)
     # strip): a total passed through this loop would stay live even when
-    # unused (64 MiB more temp for a (1, 4, 2048, 2048) bias).
+    # unused (64 MiB more temp for a (1, 4, 2048, 2048) bias). When the bias's
+    # gradient is asked for, the strip is that much more temp (1/nk of the
+    # bias; 16.1 -> 22.1 MiB there). The score parameters' totals round
+    # differently than when summed tile by tile (~1e-6 relative in float32).
     dk0, dv0 = _zeros_like(kj), _zeros_like(vj)
     dbias_j = None if dbias is None else _zeros_like(_bias_cols(dbias, st, 0))
     dscore_j = [jnp.zeros_like(x) for x in dscore]

@@ -78,9 +78,11 @@ def _tangent_rows(p, st, tq, tk, tv, tbias, t_score, out_p, lse_p, lo_p):
     qi, tqi = chunked._rows(p.q, st, i), chunked._rows(tq, st, i)
     lse_i, lo_i, dead = chunked._row_lse(lse_p, lo_p, st, i)  # rows with no key: P = 0
     kinds = chunked._kinds(p, st, i, jnp.arange(st.nk))
-    # The block's rows of the bias tangent, sliced once outside the key loop:
-    # transposed, the key loop then accumulates a (bq, Sp) cotangent, not a
-    # second full-size one.
+    # The block's rows of the bias tangent, sliced once outside the key loop
+    # (its tiles below are then sliced at query 0 of these rows): transposed,
+    # the key loop accumulates a (bq, Sp) cotangent, not a second full-size
+    # one. In forward mode the slice is a (bq, Sp) copy per query block, a
+    # little more temp than tiles sliced from the whole tangent.
     tbias_i = chunked._bias_rows(tbias, st, q0)
 
     def tile(j, blocks, state, masked):
