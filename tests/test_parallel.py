@@ -756,3 +756,31 @@ def test_sharded_errors_show_global_shapes_and_uneven_lengths_are_refused(mesh):
     parallel.sharded_ring_attention(q, k, v, mesh=mesh, axis_name="seq", logits_soft_cap=-1.0)
   with pytest.raises(ValueError, match=r"sharded_ring_attention: is_causal needs .* T=16, S=8"):
     parallel.sharded_ring_attention(q, k[:, :8], v[:, :8], mesh=mesh, axis_name="seq", is_causal=True)
+
+
+def test_head_sharding_with_fewer_kv_heads_than_devices_keeps_the_queries_sharded():
+  """N=8 query heads sharded over 4 devices with K=2 key/value heads (Auto
+  axes): a device holds half of a K/V head's query heads. "chunked" folds
+  them into its rows head-major ((g, t)), so its loops gather no queries
+  (rows ordered (t, g) made GSPMD all-gather query blocks in every step: 13
+  all-gathers in the loops); what moves inside them are partial dK/dV sums,
+  which "xla" sums too. Values and gradients equal one device's."""
+  mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
+  host = testing.random_qkv(jax.random.key(16), B=2, T=64, S=64, N=8, K=2, H=8)
+  q_sh = NamedSharding(mesh, PartitionSpec(None, None, "d"))
+  args = (jax.device_put(host[0], q_sh),) + tuple(
+      jax.device_put(x, NamedSharding(mesh, PartitionSpec())) for x in host[1:])
+
+  def fwd_bwd(q, k, v):
+    f = lambda q, k, v: jaxattn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="chunked", block_sizes=(16, 16))
+    out, vjp = jax.vjp(f, q, k, v)
+    return (out,) + vjp(out)
+
+  hlo = jax.jit(fwd_bwd).lower(*args).compile().as_text()
+  bodies = dict(re.findall(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo, re.S | re.M))
+  gathers = [n for n in _collectives_in_loops(hlo) if "all-gather" in _collectives(bodies[n])]
+  assert not gathers, gathers
+  got = jax.jit(fwd_bwd)(*args)
+  assert got[0].sharding.is_equivalent_to(q_sh, 4), got[0].sharding
+  chex.assert_trees_all_close(got, jax.jit(fwd_bwd)(*host), atol=ATOL, rtol=ATOL)

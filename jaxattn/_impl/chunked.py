@@ -122,15 +122,15 @@ def _tile(x, q_start, bq, k_start, bk):
 
 
 def _to_rows(x, K, G, bq):
-  """(b, N|1, bq|1, tk) -> (b, K|1, bq*G|1, tk), rows ordered (t, g)."""
+  """(b, N|1, bq|1, tk) -> (b, K|1, G*bq|1, tk), rows ordered (g, t)."""
   b, n, tq, tk = x.shape
   if n == 1:
     if tq == 1:
       return x
-    x = jnp.broadcast_to(x[:, :, :, None, :], (b, 1, tq, G, tk))
-    return x.reshape(b, 1, tq * G, tk)
-  x = jnp.broadcast_to(x.reshape(b, K, G, tq, tk), (b, K, G, bq, tk)).transpose(0, 1, 3, 2, 4)
-  return x.reshape(b, K, bq * G, tk)
+    x = jnp.broadcast_to(x[:, :, None], (b, 1, G, tq, tk))
+    return x.reshape(b, 1, G * tq, tk)
+  x = jnp.broadcast_to(x.reshape(b, K, G, tq, tk), (b, K, G, bq, tk))
+  return x.reshape(b, K, G * bq, tk)
 
 
 class _Prepared(NamedTuple):
@@ -179,8 +179,8 @@ def _tile_index(p: _Prepared, st: _Static, q0, k0, w):
   if st.G == 1:
     h = jnp.arange(K).reshape(1, K, 1, 1)
   else:
-    h = (jnp.arange(K)[:, None] * st.G + (r % st.G)[None, :])[None, :, :, None]
-  q_idx = (q0 + r // st.G)[None, None, :, None]
+    h = (jnp.arange(K)[:, None] * st.G + (r // st.bq)[None, :])[None, :, :, None]
+  q_idx = (q0 + r % st.bq)[None, None, :, None]
   kv_idx = (k0 + jnp.arange(w))[None, None, None, :]
   return b, h, q_idx, kv_idx
 
@@ -252,21 +252,23 @@ def _zeros_like(x):
 
 
 def _rows(x, st: _Static, i):
-  """Query block i of x (B, Tp, N, ...) in the matmuls' row layout (B, K, bq * G,
-  ...): the G query heads of each K/V head folded into its rows, ordered (t, g)."""
+  """Query block i of x (B, Tp, N, ...) in the matmuls' row layout (B, K, G * bq,
+  ...): the G query heads of each K/V head folded into its rows, ordered (g, t).
+  Head-major, so heads sharded over devices stay so in the rows (with fewer
+  K/V heads than devices, (t, g) rows made GSPMD gather the queries per block)."""
   x = lax.dynamic_slice_in_dim(x, i * st.bq, st.bq, axis=1)
   B, _, N = x.shape[:3]
   rest = x.shape[3:]
   K = N // st.G
-  x = jnp.moveaxis(x.reshape((B, st.bq, K, st.G) + rest), 1, 2)
-  return x.reshape((B, K, st.bq * st.G) + rest)
+  x = jnp.moveaxis(x.reshape((B, st.bq, K, st.G) + rest), 1, 3)
+  return x.reshape((B, K, st.G * st.bq) + rest)
 
 
 def _unrows(x, st: _Static):
-  """One block from the row layout (B, K, bq * G, ...) back to (B, bq, N, ...)."""
+  """One block from the row layout (B, K, G * bq, ...) back to (B, bq, N, ...)."""
   B, K = x.shape[:2]
   rest = x.shape[3:]
-  x = jnp.moveaxis(x.reshape((B, K, st.bq, st.G) + rest), 2, 1)
+  x = jnp.moveaxis(x.reshape((B, K, st.G, st.bq) + rest), 3, 1)
   return x.reshape((B, st.bq, K * st.G) + rest)
 
 
@@ -607,10 +609,10 @@ def _backward_band(p: _Prepared, st: _Static, w: int, left: int, out, lse, lse_l
 
 
 def _bias_tile(dbias_shape, ds, st: _Static):
-  """Tile gradient ds (B, K, bq*G, w) as a bias tile: (B, N, bq, w), summed
+  """Tile gradient ds (B, K, G*bq, w) as a bias tile: (B, N, bq, w), summed
   over the axes where the bias (B|1, N|1, Tp|1, Sp|1) broadcasts."""
   B, K, _, w = ds.shape
-  g = ds.reshape(B, K, st.bq, st.G, w).transpose(0, 1, 3, 2, 4).reshape(B, K * st.G, st.bq, w)
+  g = ds.reshape(B, K * st.G, st.bq, w)
   axes = tuple(a for a, d in enumerate(dbias_shape) if d == 1)
   return jnp.sum(g, axis=axes, keepdims=True)
 
