@@ -566,9 +566,10 @@ _CALLED = re.compile(r"\b(body|condition|to_apply|calls|true_computation|false_c
                      r"%?([\w.\-]+)|\bbranch_computations=\{([^}]*)\}")
 
 
-def _collectives_in_loops(hlo: str) -> set[str]:
+def _collectives_in_loops(hlo: str, op: str | None = None) -> set[str]:
   """Names of the computations run by a `while` or `conditional` (directly or
-  through calls) that hold a collective, in compiled HLO text."""
+  through calls) that hold a collective (an `op` one if given), in compiled
+  HLO text."""
   bodies = dict(re.findall(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo, re.S | re.M))
 
   def callees(text, loops_only):
@@ -586,7 +587,8 @@ def _collectives_in_loops(hlo: str) -> set[str]:
     for name in callees(bodies.get(todo.pop(), ""), False) - inside:
       inside.add(name)
       todo.append(name)
-  return {n for n in inside if _COLLECTIVE.search(bodies.get(n, ""))}
+  return {n for n in inside if op in _collectives(bodies.get(n, ""))} if op else {
+      n for n in inside if _COLLECTIVE.search(bodies.get(n, ""))}
 
 
 @pytest.mark.parametrize("implementation,operand", [
@@ -758,28 +760,32 @@ def test_sharded_errors_show_global_shapes_and_uneven_lengths_are_refused(mesh):
     parallel.sharded_ring_attention(q, k[:, :8], v[:, :8], mesh=mesh, axis_name="seq", is_causal=True)
 
 
-def test_head_sharding_with_fewer_kv_heads_than_devices_keeps_the_queries_sharded():
+@pytest.mark.parametrize("implementation,with_bias", [
+    ("chunked", False), ("chunked", True), ("chunked_jvp", True)])
+def test_head_sharding_with_fewer_kv_heads_than_devices_keeps_the_queries_sharded(
+    implementation, with_bias):
   """N=8 query heads sharded over 4 devices with K=2 key/value heads (Auto
-  axes): a device holds half of a K/V head's query heads. "chunked" folds
-  them into its rows head-major ((g, t)), so its loops gather no queries
-  (rows ordered (t, g) made GSPMD all-gather query blocks in every step: 13
-  all-gathers in the loops); what moves inside them are partial dK/dV sums,
-  which "xla" sums too. Values and gradients equal one device's."""
+  axes): a device holds half of a K/V head's query heads. The blocked
+  implementations fold them into their rows head-major ((g, t)), so their
+  loops gather no queries (rows ordered (t, g) made GSPMD all-gather query
+  blocks in every step: 13 all-gathers in "chunked"'s loops, 10 in
+  "chunked_jvp"'s with a bias); what moves inside them are partial dK/dV
+  sums. Values and gradients (a head-sharded bias's too) equal one device's."""
   mesh = jax.make_mesh((4,), ("d",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
   host = testing.random_qkv(jax.random.key(16), B=2, T=64, S=64, N=8, K=2, H=8)
+  host += (testing.random_normal(jax.random.key(17), (1, 8, 64, 64)) if with_bias else None,)
   q_sh = NamedSharding(mesh, PartitionSpec(None, None, "d"))
-  args = (jax.device_put(host[0], q_sh),) + tuple(
-      jax.device_put(x, NamedSharding(mesh, PartitionSpec())) for x in host[1:])
+  put = lambda x, spec: None if x is None else jax.device_put(x, NamedSharding(mesh, spec))
+  args = (put(host[0], q_sh.spec), put(host[1], PartitionSpec()), put(host[2], PartitionSpec()),
+          put(host[3], PartitionSpec(None, "d")))
 
-  def fwd_bwd(q, k, v):
-    f = lambda q, k, v: jaxattn.dot_product_attention(
-        q, k, v, is_causal=True, implementation="chunked", block_sizes=(16, 16))
-    out, vjp = jax.vjp(f, q, k, v)
+  def fwd_bwd(q, k, v, bias):
+    f = lambda q, k, v, bias: jaxattn.dot_product_attention(
+        q, k, v, bias, is_causal=True, implementation=implementation, block_sizes=(16, 16))
+    out, vjp = jax.vjp(f, q, k, v, bias)
     return (out,) + vjp(out)
 
-  hlo = jax.jit(fwd_bwd).lower(*args).compile().as_text()
-  bodies = dict(re.findall(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo, re.S | re.M))
-  gathers = [n for n in _collectives_in_loops(hlo) if "all-gather" in _collectives(bodies[n])]
+  gathers = _collectives_in_loops(jax.jit(fwd_bwd).lower(*args).compile().as_text(), "all-gather")
   assert not gathers, gathers
   got = jax.jit(fwd_bwd)(*args)
   assert got[0].sharding.is_equivalent_to(q_sh, 4), got[0].sharding
