@@ -382,11 +382,10 @@ def _call(kernel, p: _Plan, name: str, grid, inputs: dict, in_specs: dict, outpu
   # axes any of them varies over, and so do the outputs (pallas_call needs
   # that stated on its output types; the queries' axes alone would claim an
   # output the same on devices where a bias or the keys differ).
-  axes = frozenset().union(*(common.varying_axes(x) for x in inputs.values()))
-  inputs = {n: common.vary_over(x, axes) for n, x in inputs.items()}
+  inputs = common.vary_alike(inputs)
   varying = jax.ShapeDtypeStruct.like(inputs[in_names[0]]).manual_axis_type
   if varying is None and jax.sharding.get_abstract_mesh().manual_axes:
-    varying = jax.sharding.ManualAxisType(varying=axes)  # inside a shard_map, replicated
+    varying = jax.sharding.ManualAxisType(varying=frozenset())  # inside a shard_map, replicated
   results = pl.pallas_call(
       body, grid=grid,
       in_specs=[in_specs[n] for n in in_names],
